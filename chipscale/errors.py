@@ -1,0 +1,56 @@
+"""Exceptions, split by what the caller should do next.
+
+A *permanent* failure (bad tile, bad message, unreadable source, wrong model file) can never
+succeed on retry: the worker records it as an ``error`` result with the reason and moves on.
+A *transient* failure (model server, database, throttling) is raised so the queue delivers
+the message again; nothing is dropped.
+"""
+
+
+class ChipscaleError(Exception):
+    """Base class for every error chipscale raises on purpose."""
+
+    #: Whether retrying can never help. The worker records permanent errors as results.
+    permanent: bool = True
+
+
+class InvalidTileError(ChipscaleError, ValueError):
+    """A tile index is malformed or outside the web-mercator grid."""
+
+
+class TileListError(ChipscaleError):
+    """A tile-list file cannot be read or has a malformed line."""
+
+
+class InvalidMessageError(ChipscaleError):
+    """A queue message does not follow the message schema."""
+
+
+class SourceError(ChipscaleError):
+    """A raster source is missing, unreadable or not a raster."""
+
+
+class AOIError(ChipscaleError):
+    """An area of interest is unreadable, empty, or misses the source."""
+
+
+class ModelFormatError(ChipscaleError):
+    """A model file does not follow the model contract (e.g. a bare state_dict)."""
+
+
+class StoreError(ChipscaleError):
+    """A results store URL or file is unusable."""
+
+
+class TransientError(ChipscaleError):
+    """A failure that a retry may fix: the message must go back to the queue."""
+
+    permanent = False
+
+
+class PredictorUnavailable(TransientError):
+    """The model server could not be reached or answered with a server error."""
+
+
+class StoreUnavailable(TransientError):
+    """The results database could not be reached."""

@@ -1,0 +1,129 @@
+"""Tile values and the tile-list file formats.
+
+Parse, don't validate: text becomes a frozen :class:`mercantile.Tile` once, here, and an
+out-of-range value is rejected here (mercantile itself only warns).
+
+Three line formats are read, one tile a line: ``x-y-z`` (chip-n-scale's), ``z/x/y`` and
+``[x, y, z]`` JSON. Blank lines and lines starting with ``#`` are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Literal
+
+import mercantile
+from mercantile import Tile
+
+from chipscale.errors import InvalidTileError, TileListError
+
+MAX_ZOOM = 30
+
+TileFormat = Literal["x-y-z", "z/x/y", "json"]
+
+_DASHED = re.compile(r"^\s*(-?\d+)\s*-\s*(-?\d+)\s*-\s*(-?\d+)\s*$")
+_SLASHED = re.compile(r"^\s*(-?\d+)\s*/\s*(-?\d+)\s*/\s*(-?\d+)\s*$")
+
+
+def make_tile(x: int, y: int, z: int) -> Tile:
+    """Return ``Tile(x, y, z)`` or raise :class:`InvalidTileError` if it is off the grid.
+
+    >>> make_tile(1, 2, 3)
+    Tile(x=1, y=2, z=3)
+    """
+    for name, value in (("x", x), ("y", y), ("z", z)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidTileError(f"Tile {name}={value!r} is not an integer")
+    if not 0 <= z <= MAX_ZOOM:
+        raise InvalidTileError(f"Tile(x={x}, y={y}, z={z}): zoom must be within 0..{MAX_ZOOM}")
+    n = 1 << z
+    if not (0 <= x < n and 0 <= y < n):
+        raise InvalidTileError(
+            f"Tile(x={x}, y={y}, z={z}) is outside the grid: x and y must be within 0..{n - 1}"
+        )
+    return Tile(x, y, z)
+
+
+def parse_tile(text: str, *, order: Literal["auto", "zxy"] = "auto") -> Tile:
+    """Parse one tile written ``x-y-z``, ``z/x/y`` or ``[x, y, z]``.
+
+    ``order="zxy"`` only accepts ``Z/X/Y`` (the command-line form of one tile).
+
+    >>> parse_tile("17-44-6")
+    Tile(x=17, y=44, z=6)
+    >>> parse_tile("6/17/44")
+    Tile(x=17, y=44, z=6)
+    >>> parse_tile("[17, 44, 6]")
+    Tile(x=17, y=44, z=6)
+    """
+    if match := _SLASHED.match(text):
+        z, x, y = (int(v) for v in match.groups())
+        return make_tile(x, y, z)
+    if order == "zxy":
+        raise InvalidTileError(f"{text.strip()!r} is not a tile written Z/X/Y")
+    if match := _DASHED.match(text):
+        x, y, z = (int(v) for v in match.groups())
+        return make_tile(x, y, z)
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            values = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise InvalidTileError(f"{stripped!r} is not a JSON [x, y, z] tile: {exc}") from None
+        if isinstance(values, list) and len(values) == 3:
+            return make_tile(*values)
+    raise InvalidTileError(f"{stripped!r} is not a tile (expected x-y-z, z/x/y or [x, y, z])")
+
+
+def iter_tile_lines(lines: Iterable[str], *, name: str = "<tiles>") -> Iterator[Tile]:
+    """Yield the tiles of a tile list, naming the file and line of a bad entry."""
+    for number, line in enumerate(lines, start=1):
+        text = line.strip().rstrip(",")
+        if not text or text.startswith("#"):
+            continue
+        try:
+            yield parse_tile(text)
+        except InvalidTileError as exc:
+            raise TileListError(f"{name}, line {number}: {exc}") from None
+
+
+def read_tile_list(path: str | Path) -> Iterator[Tile]:
+    """Stream the tiles of a tile-list file in any of the three formats."""
+    path = Path(path)
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise TileListError(f"Cannot read tile list {str(path)!r}: {exc.strerror}") from None
+    with handle:
+        yield from iter_tile_lines(handle, name=str(path))
+
+
+def format_tile(tile: Tile, fmt: TileFormat = "x-y-z") -> str:
+    """Write one tile in a tile-list format.
+
+    >>> format_tile(Tile(17, 44, 6), "z/x/y")
+    '6/17/44'
+    """
+    x, y, z = tile
+    if fmt == "x-y-z":
+        return f"{x}-{y}-{z}"
+    if fmt == "z/x/y":
+        return f"{z}/{x}/{y}"
+    return f"[{x}, {y}, {z}]"
+
+
+def write_tile_list(tiles: Iterable[Tile], out: IO[str], fmt: TileFormat = "x-y-z") -> int:
+    """Write tiles one a line; return how many were written."""
+    count = 0
+    for tile in tiles:
+        out.write(format_tile(tile, fmt) + "\n")
+        count += 1
+    return count
+
+
+def quadkey(tile: Tile) -> str:
+    """The Bing quadkey of a tile (``""`` at zoom 0)."""
+    return mercantile.quadkey(tile)

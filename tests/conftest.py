@@ -1,0 +1,107 @@
+"""Shared fixtures: real imagery, real services.
+
+Under ``CI=true`` a missing service is an error, never a skip: a skipped test in CI is a
+failed promise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+if not SHARED_DATA.is_dir():  # CI checks main out beside shared/
+    SHARED_DATA = Path(os.environ.get("CHIPSCALE_SHARED_DATA", "/work/shared/data"))
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally, fail in CI: a service the suite needs must be there."""
+    if IN_CI:
+        pytest.fail(f"required for CI: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real test rasters of ../shared/data (see its SOURCES.md)."""
+    if not (SHARED_DATA / "rasterio_cogeo.tif").exists():
+        unavailable(f"shared test imagery not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def aerial(shared_data: Path) -> Path:
+    """Real 0.6 m RGB aerial COG, EPSG:3857, with an internal mask."""
+    return shared_data / "rasterio_cogeo.tif"
+
+
+@pytest.fixture(scope="session")
+def naip(shared_data: Path) -> Path:
+    """Real NAIP RGBN COG in UTM 14N with nodata=0."""
+    return shared_data / "naip_m_4709963_se_14_1_20200831.tif"
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real ``moto_server`` on loopback for S3, SQS and CloudWatch; yields its endpoint URL.
+
+    Credentials and region are dummies set in the environment, where both boto3 and GDAL's
+    ``/vsis3/`` read them.
+    """
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which(
+        "moto_server"
+    )
+    if exe is None:
+        unavailable("moto_server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        if not wait_for_port(port):
+            unavailable("moto_server did not start")
+        env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        yield f"http://127.0.0.1:{port}"
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -38,6 +38,8 @@ class ModelInfo:
     classes: tuple[str, ...]
     bands: int
     tile_size: int
+    #: Every band count the model accepts (e.g. RGB or RGB+NIR); empty means just ``bands``.
+    band_counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

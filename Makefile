@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv from scratch.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_ZOOM ?= 18
+
+.PHONY: demo test lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# One stamp per extra set: a change to pyproject.toml reinstalls.
+$(VENV)/.installed-local: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[local]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed-local
+
+demo: $(VENV)/.installed-local
+	$(BIN)/python examples/build_demo_model.py -o examples/demo-model.pt
+	$(BIN)/chipscale run --source examples/rasterio_cogeo.tif --zoom $(DEMO_ZOOM) \
+		--model examples/demo-model.pt --out demo-out
+
+test: $(VENV)/.installed-dev lint
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/tile_read.py
+	$(BIN)/python bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) demo-out chipscale-out .pytest_cache examples/demo-model.pt

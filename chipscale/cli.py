@@ -1,0 +1,442 @@
+"""The ``chipscale`` command line.
+
+Conventions of rasterio's ``rio``: data to stdout, diagnostics to stderr; exit 0 on success,
+1 for a failed operation (one line saying why, no traceback), 2 for bad usage. ``-v`` shows
+debug logs and tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import click
+from rasterio.errors import RasterioError
+
+from chipscale.errors import ChipscaleError
+from chipscale.tilelist import MAX_ZOOM, TileFormat, parse_tile, read_tile_list, write_tile_list
+
+log = logging.getLogger("chipscale")
+
+DEFAULT_OUT = "chipscale-out"
+
+
+class ChipscaleGroup(click.Group):
+    """Turns expected failures into one-line errors and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ChipscaleError, RasterioError, OSError) as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                log.exception("failed")
+            click.echo(f"Error: {_one_line(exc)}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _parse_bands(_ctx: click.Context, _param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    try:
+        bands = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of band numbers"
+        ) from None
+    if not bands or min(bands) < 1:
+        raise click.BadParameter("band numbers start at 1")
+    return bands
+
+
+def _parse_bbox(_ctx: click.Context, _param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    from chipscale.cover import parse_bbox
+
+    try:
+        return parse_bbox(value)
+    except ChipscaleError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+zoom_option = click.option(
+    "--zoom", "-z", type=click.IntRange(0, MAX_ZOOM), required=True, help="Tile zoom level."
+)
+aoi_option = click.option(
+    "--aoi",
+    type=click.Path(dir_okay=False),
+    help="GeoJSON Polygon/MultiPolygon area (EPSG:4326 unless its crs member says otherwise).",
+)
+bbox_option = click.option(
+    "--bbox", callback=_parse_bbox, help="Area as W,S,E,N degrees; W > E crosses the antimeridian."
+)
+bands_option = click.option(
+    "--bands", callback=_parse_bands, help="Source bands to read, 1-based, e.g. 1,2,3."
+)
+class_option = click.option("--class", "class_name", help="Keep rows scoring this class...")
+min_score_option = click.option(
+    "--min-score", type=click.FloatRange(0, 1), help="...at least this much (with --class)."
+)
+
+
+def _db_option(required: bool = False):
+    return click.option(
+        "--db",
+        envvar="DATABASE_URL",
+        required=required,
+        help="Results store: sqlite:///path.db or postgresql://... (env DATABASE_URL).",
+    )
+
+
+@contextmanager
+def _atomic_output(path: str | None, mode: str = "w") -> Iterator[IO[Any]]:
+    """Write to ``path`` through a temporary file, so a failure leaves nothing half written."""
+    if path is None or path == "-":
+        yield sys.stdout
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- group
+
+
+@click.group(cls=ChipscaleGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for GDAL too).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.version_option(package_name="chipscale")
+def cli(verbose: int, quiet: bool) -> None:
+    """Run a machine-learning model over every web-mercator tile of an area.
+
+    \b
+    Start here:  chipscale run --source image.tif --zoom 18
+    Tiles are XYZ (x, y, z); one tile on the command line is written Z/X/Y.
+    """
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        logging.getLogger("rasterio").setLevel(max(level, logging.INFO))
+
+
+# ----------------------------------------------------------------------------- cover
+
+
+@cli.command()
+@click.option("--source", help="Raster (path, http(s) or s3:// URL) whose footprint to cover.")
+@aoi_option
+@bbox_option
+@zoom_option
+@click.option("-o", "--output", help="Tile-list file to write (default stdout).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["x-y-z", "z/x/y", "json"]),
+    default="x-y-z",
+    show_default=True,
+    help="Line format of the tile list.",
+)
+def cover(
+    source: str | None,
+    aoi: str | None,
+    bbox: tuple[float, float, float, float] | None,
+    zoom: int,
+    output: str | None,
+    fmt: TileFormat,
+) -> None:
+    """Write the tiles at ZOOM that touch a source, an AOI or a bbox.
+
+    Given together, the areas are intersected (e.g. the part of an AOI the image covers).
+    """
+    from chipscale.cover import cover as cover_tiles
+
+    if source is None and aoi is None and bbox is None:
+        raise click.UsageError("give --source, --aoi or --bbox")
+    tiles = cover_tiles(zoom, source=source, aoi=aoi, bbox=bbox)
+    with _atomic_output(output) as handle:
+        count = write_tile_list(tiles, handle, fmt)
+    click.echo(f"{count} tiles at zoom {zoom}", err=True)
+
+
+# ----------------------------------------------------------------------------- tile
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("tile")
+@click.option("-o", "--output", required=True, help="out.npz (data and mask) or out.png.")
+@click.option("--size", type=click.IntRange(1, 4096), default=256, show_default=True)
+@bands_option
+def tile(source: str, tile: str, output: str, size: int, bands: tuple[int, ...] | None) -> None:
+    """Write one tile (TILE written Z/X/Y) of SOURCE, for debugging."""
+    import numpy as np
+
+    from chipscale.tile_images import to_png
+    from chipscale.tiles import read_tile
+
+    try:
+        parsed = parse_tile(tile, order="zxy")
+    except ChipscaleError as exc:
+        raise click.BadParameter(str(exc), param_hint="TILE") from None
+    suffix = Path(output).suffix.lower()
+    if suffix not in (".npz", ".png"):
+        raise click.BadParameter("output must end with .npz or .png", param_hint="-o")
+    image = read_tile(source, parsed, size=size, bands=bands)
+    with _atomic_output(output, "wb") as handle:
+        if suffix == ".npz":
+            np.savez_compressed(handle, data=image.data, mask=image.mask)
+        else:
+            handle.write(to_png(image))
+    valid = float(image.mask.mean()) * 100
+    click.echo(
+        f"{parsed.z}/{parsed.x}/{parsed.y}: {image.data.shape[0]} bands {image.data.dtype}, "
+        f"{valid:.1f}% valid -> {output}",
+        err=True,
+    )
+
+
+# ----------------------------------------------------------------------------- run
+
+
+@cli.command()
+@click.option("--source", required=True, help="Raster to run over: path, http(s) or s3:// URL.")
+@zoom_option
+@aoi_option
+@click.option(
+    "--tiles",
+    "tiles_file",
+    type=click.Path(dir_okay=False),
+    help="Tile-list file (x-y-z, z/x/y or [x, y, z] lines) instead of the source's cover.",
+)
+@click.option(
+    "--model",
+    help="Model file (TorchScript .pt or torch.export .pt2 with chipscale metadata); "
+    "default: the bundled demo land-cover model.",
+)
+@bands_option
+@click.option("--job", help="Job name (default: SOURCE-NAME-zZOOM). Re-running a job resumes it.")
+@_db_option()
+@click.option(
+    "--out",
+    "out_dir",
+    default=DEFAULT_OUT,
+    show_default=True,
+    help="Directory for results.csv, results.geojson and preview.png.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=3,
+    show_default=True,
+    help="Worker threads; two or more overlap tile reads with inference.",
+)
+@click.option("--no-preview", is_flag=True, help="Skip preview.png.")
+def run(
+    source: str,
+    zoom: int,
+    aoi: str | None,
+    tiles_file: str | None,
+    model: str | None,
+    bands: tuple[int, ...] | None,
+    job: str | None,
+    db: str | None,
+    out_dir: str,
+    workers: int,
+    no_preview: bool,
+) -> None:
+    """Run a model over every tile of SOURCE at ZOOM and export the results.
+
+    Covers the source (or --aoi within it, or the tiles of --tiles), reads packs of adjacent
+    tiles, predicts, stores each tile's result, then writes OUT/results.csv,
+    OUT/results.geojson and OUT/preview.png. Interrupt at will: re-running resumes.
+    """
+    from chipscale.cover import cover as cover_tiles
+    from chipscale.export import export_results
+    from chipscale.predictors import open_predictor
+    from chipscale.progress import tile_progress
+    from chipscale.runner import run_local
+    from chipscale.stores import open_store
+
+    if aoi and tiles_file:
+        raise click.UsageError("give --aoi or --tiles, not both")
+    out = Path(out_dir)
+    job = job or default_job_name(source, zoom)
+    db = db or f"sqlite:///{out / 'results.db'}"
+
+    if tiles_file:
+        tiles = [t for t in read_tile_list(tiles_file)]
+        other = {t.z for t in tiles} - {zoom}
+        if other:
+            raise click.BadParameter(
+                f"{tiles_file} has tiles at zoom {sorted(other)}, not {zoom}", param_hint="--tiles"
+            )
+    else:
+        tiles = list(cover_tiles(zoom, source=source, aoi=aoi))
+    predictor = open_predictor(model)
+    with open_store(db) as store, tile_progress(f"job {job}") as progress:
+        summary = run_local(
+            job=job,
+            source=source,
+            tiles=tiles,
+            zoom=zoom,
+            predictor=predictor,
+            store=store,
+            bands=bands,
+            workers=workers,
+            on_start=progress.start,
+            on_progress=progress.advance,
+        )
+        progress.stop()
+        _print_summary(summary, predictor.info.name, db)
+        if summary.interrupted:
+            click.echo("Interrupted: finished packs are stored; re-run to resume.", err=True)
+            sys.exit(130)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("results.csv", "results.geojson"):
+            export_results(store, job, out / name)
+        if not no_preview:
+            from chipscale.preview import render_preview
+
+            classes = list(predictor.info.classes)
+            render_preview(
+                source,
+                store.iter_results(job),
+                classes,
+                out / "preview.png",
+                title=f"{job} - {predictor.info.name}",
+            )
+    written = ["results.csv", "results.geojson"] + ([] if no_preview else ["preview.png"])
+    click.echo(f"Wrote {', '.join(str(out / n) for n in written)}", err=True)
+
+
+def default_job_name(source: str, zoom: int) -> str:
+    """A stable job name from the source's file name, so a re-run resumes the same job.
+
+    >>> default_job_name("s3://bucket/dir/scene.tif", 18)
+    'scene-z18'
+    """
+    stem = Path(source.rstrip("/").rsplit("/", 1)[-1]).stem or "job"
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}-z{zoom}"
+
+
+def _print_summary(summary: Any, model_name: str, db: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"job {summary.job} ({model_name})", title_justify="left")
+    for column in ("tiles", "ok", "empty", "error", "skipped (done before)", "tiles/s"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(summary.total),
+        str(summary.ok),
+        str(summary.empty),
+        str(summary.error),
+        str(summary.skipped),
+        f"{summary.tiles_per_second:.0f}",
+    )
+    Console().print(table)
+    if summary.processed:
+        click.echo(
+            f"time: {summary.seconds:.1f} s (worker time read {summary.read_seconds:.1f} s, "
+            f"predict {summary.predict_seconds:.1f} s, write {summary.write_seconds:.1f} s); "
+            f"results in {db}",
+            err=True,
+        )
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@cli.command()
+@_db_option(required=True)
+@click.option("--job", help="Job to export (default: every job).")
+@click.option("-o", "--output", required=True, help="results.csv or results.geojson.")
+@class_option
+@min_score_option
+def download(
+    db: str, job: str | None, output: str, class_name: str | None, min_score: float | None
+) -> None:
+    """Export results as CSV (one column per class) or GeoJSON tile polygons, streamed."""
+    from chipscale.export import export_results
+    from chipscale.stores import open_store
+
+    _check_filter(class_name, min_score)
+    with open_store(db) as store:
+        if job is not None and store.get_job(job) is None:
+            known = ", ".join(j.job for j in store.jobs()) or "none"
+            raise ChipscaleError(f"job {job!r} is not in {db} (jobs: {known})")
+        count = export_results(store, job, output, class_name=class_name, min_score=min_score)
+    click.echo(f"{count} rows -> {output}", err=True)
+
+
+@cli.command("convert-geojson")
+@click.argument("csv_file", type=click.Path(dir_okay=False))
+@click.argument("geojson_file", type=click.Path(dir_okay=False))
+@class_option
+@min_score_option
+def convert_geojson(
+    csv_file: str, geojson_file: str, class_name: str | None, min_score: float | None
+) -> None:
+    """Turn a downloaded results CSV into GeoJSON tile polygons (chip-n-scale's command)."""
+    from chipscale.export import csv_to_geojson
+
+    _check_filter(class_name, min_score)
+    count = csv_to_geojson(csv_file, geojson_file, class_name=class_name, min_score=min_score)
+    click.echo(f"{count} features -> {geojson_file}", err=True)
+
+
+def _check_filter(class_name: str | None, min_score: float | None) -> None:
+    if (class_name is None) != (min_score is None):
+        raise click.UsageError("--class and --min-score go together")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@cli.group()
+def model() -> None:
+    """Inspect model files."""
+
+
+@model.command("info")
+@click.argument("path", type=click.Path(dir_okay=False))
+def model_info(path: str) -> None:
+    """Print the metadata a model file carries (name, version, classes, bands, scaling)."""
+    from chipscale.predictors import open_predictor
+
+    predictor = open_predictor(path)
+    click.echo(json.dumps(predictor.metadata, indent=2))
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="chipscale")

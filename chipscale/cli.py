@@ -440,3 +440,7 @@ def model_info(path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=list(argv) if argv is not None else None, prog_name="chipscale")
+
+
+if __name__ == "__main__":
+    main()

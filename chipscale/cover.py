@@ -1,9 +1,10 @@
 """Which tiles an area touches.
 
 The cover walks the grid hierarchically: parent tiles a few zooms up are tested against the
-area first, so a parent wholly inside yields all its children without a test each, and the
-tiles come out in quadkey (Z-curve) order, grouped by ancestor at every level. That order is what :mod:`chipscale.packs` needs to stream
-adjacent tiles into packs without holding the whole cover in memory.
+area first, so a parent wholly inside yields all its children without a test each, and
+the tiles come out in quadkey (Z-curve) order, grouped by ancestor at every level. That
+order is what :mod:`chipscale.packs` needs to stream adjacent tiles into packs without
+holding the whole cover in memory.
 
 Areas are shapely geometries in lon/lat (EPSG:4326). One that crosses the antimeridian is
 cut at +-180 (RFC 7946), so each piece covers its own side of the grid.

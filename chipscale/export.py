@@ -1,0 +1,503 @@
+"""Result export: CSV and GeoJSON, streamed in constant memory, with score thresholds.
+
+What ``chipscale download`` and ``convert-geojson`` run. Rows come from
+:meth:`ResultStore.iter_results` (a stream) and are written one at a time; a GeoJSON
+FeatureCollection is written feature by feature, never built as one dict.
+
+Columns (CSV) and properties (GeoJSON), in this order::
+
+    job, z, x, y, quadkey, status, <one per class: its score>, model_name, model_version, error
+
+A class column holds that class's score from the row's output, blank (null) for ``empty`` and
+``error`` rows. A model output is read as ``{"scores": {class: score}}``, ``{class: score}``,
+or a list of scores in class order (``{"scores": [...]}`` or chip-n-scale's bare list).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import mercantile
+
+from chipscale.errors import ChipscaleError
+from chipscale.stores.base import ResultStore
+from chipscale.tilelist import make_tile, quadkey
+from chipscale.types import ResultRow
+
+__all__ = [
+    "FIXED_HEAD",
+    "FIXED_TAIL",
+    "ExportError",
+    "classes_for",
+    "csv_to_geojson",
+    "export_results",
+    "filter_rows",
+    "format_for",
+    "read_csv_rows",
+    "scores_of",
+    "write_csv",
+    "write_geojson",
+]
+
+FIXED_HEAD = ("job", "z", "x", "y", "quadkey", "status")
+FIXED_TAIL = ("model_name", "model_version", "error")
+FORMATS = {".csv": "csv", ".geojson": "geojson", ".json": "geojson"}
+#: Decimal places of GeoJSON coordinates: 1e-7 degrees is about 1 cm.
+COORD_PRECISION = 7
+
+PathLike = str | os.PathLike[str]
+
+
+class ExportError(ChipscaleError, ValueError):
+    """An export cannot be made as asked (bad format, unknown class or job, unreadable CSV)."""
+
+
+# -- scores --------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def scores_of(output: Any, classes: Sequence[str] = ()) -> dict[str, float]:
+    """The class scores in a model output, ``{}`` when there are none.
+
+    >>> scores_of({"scores": {"road": 0.9, "field": 0.1}})
+    {'road': 0.9, 'field': 0.1}
+    >>> scores_of({"road": 0.9, "label": "road"})
+    {'road': 0.9}
+    >>> scores_of([0.2, 0.8], ["no", "yes"])
+    {'no': 0.2, 'yes': 0.8}
+    """
+    if isinstance(output, dict) and "scores" in output:
+        output = output["scores"]
+    if isinstance(output, dict):
+        return {str(k): float(v) for k, v in output.items() if _is_number(v)}
+    if isinstance(output, list):
+        names = list(classes) + [f"p{i}" for i in range(len(classes), len(output))]
+        return {name: float(v) for name, v in zip(names, output, strict=False) if _is_number(v)}
+    return {}
+
+
+def _top(scores: dict[str, float]) -> tuple[str, float] | None:
+    finite = [(name, s) for name, s in scores.items() if math.isfinite(s)]
+    return max(finite, key=lambda item: item[1]) if finite else None
+
+
+def classes_for(store: ResultStore, job: str | None = None) -> list[str]:
+    """The class columns of an export: the job's classes (all jobs: their union in first-seen
+    order), or, when no job records any, the score keys seen in the outputs."""
+    jobs = [store.get_job(job)] if job is not None else store.jobs()
+    names: dict[str, None] = {}
+    for info in jobs:
+        if info is not None:
+            names.update(dict.fromkeys(info.classes))
+    if not names:  # a second streamed pass, only when the jobs do not say
+        for row in store.iter_results(job, status="ok"):
+            names.update(dict.fromkeys(scores_of(row.output)))
+    return list(names)
+
+
+def filter_rows(
+    rows: Iterable[ResultRow],
+    class_name: str | None = None,
+    min_score: float | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+) -> Iterator[ResultRow]:
+    """Keep the rows that pass a threshold; streams.
+
+    - ``class_name`` and ``min_score``: rows whose score for that class is ``>= min_score``;
+    - ``class_name`` alone: rows whose top class is ``class_name``;
+    - ``min_score`` alone: rows whose top score is ``>= min_score``;
+    - neither: every row (``empty`` and ``error`` ones included).
+
+    With any filter, rows without scores (``empty``, ``error``) are dropped. An unknown
+    ``class_name`` raises :class:`ExportError` listing the known classes: at once when
+    ``classes`` is given, else at the first scored row that lacks it.
+    """
+    if class_name is not None and classes is not None and class_name not in classes:
+        raise _unknown_class(class_name, classes)
+    if min_score is not None and not math.isfinite(min_score):
+        raise ExportError(f"min_score must be a finite number, not {min_score!r}")
+    if class_name is None and min_score is None:
+        return iter(rows)
+    return _filter(rows, class_name, min_score, classes or ())
+
+
+def _unknown_class(class_name: str, known: Iterable[str]) -> ExportError:
+    listed = ", ".join(repr(name) for name in known) or "(none recorded)"
+    return ExportError(f"Unknown class {class_name!r}: the known classes are {listed}")
+
+
+def _filter(
+    rows: Iterable[ResultRow],
+    class_name: str | None,
+    min_score: float | None,
+    classes: Sequence[str],
+) -> Iterator[ResultRow]:
+    for row in rows:
+        if row.status != "ok":
+            continue
+        scores = scores_of(row.output, classes)
+        if not scores:
+            continue
+        if class_name is not None:
+            if class_name not in scores:
+                raise _unknown_class(class_name, classes or scores)
+            if min_score is None:
+                top = _top(scores)
+                keep = top is not None and top[0] == class_name
+            else:
+                keep = scores[class_name] >= min_score
+        else:
+            top = _top(scores)
+            keep = top is not None and top[1] >= min_score
+        if keep:
+            yield row
+
+
+# -- writers -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _text_out(out: TextIO | PathLike) -> Iterator[TextIO]:
+    if isinstance(out, str | os.PathLike):
+        with open(out, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+    else:
+        yield out
+
+
+def _row_values(row: ResultRow, classes: Sequence[str]) -> tuple[list[Any], list[float | None]]:
+    tile = mercantile.Tile(row.x, row.y, row.z)
+    scores = scores_of(row.output, classes) if row.status == "ok" else {}
+    class_values = []
+    for name in classes:
+        value = scores.get(name)
+        class_values.append(value if value is not None and math.isfinite(value) else None)
+    head = [row.job, row.z, row.x, row.y, quadkey(tile), row.status]
+    return head, class_values
+
+
+def _check_classes(classes: Sequence[str]) -> list[str]:
+    classes = list(classes)
+    clash = [name for name in classes if name in FIXED_HEAD + FIXED_TAIL]
+    if clash:
+        raise ExportError(f"Class names {clash} clash with the export's fixed columns")
+    if len(set(classes)) != len(classes):
+        raise ExportError(f"Class names repeat: {classes}")
+    return classes
+
+
+def write_csv(rows: Iterable[ResultRow], out: TextIO | PathLike, classes: Sequence[str]) -> int:
+    """Write rows as CSV (header first); return how many rows were written."""
+    classes = _check_classes(classes)
+    count = 0
+    with _text_out(out) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow([*FIXED_HEAD, *classes, *FIXED_TAIL])
+        for row in rows:
+            head, class_values = _row_values(row, classes)
+            scores = ["" if v is None else repr(v) for v in class_values]
+            tail = [row.model_name or "", row.model_version or "", row.error or ""]
+            writer.writerow([*head, *scores, *tail])
+            count += 1
+    return count
+
+
+def tile_polygon(z: int, x: int, y: int) -> dict[str, Any]:
+    """A tile's footprint as a GeoJSON Polygon in lon/lat, exterior ring counter-clockwise
+    (RFC 7946), coordinates rounded to :data:`COORD_PRECISION` decimals."""
+    west, south, east, north = (
+        round(v, COORD_PRECISION) for v in mercantile.bounds(mercantile.Tile(x, y, z))
+    )
+    ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
+    return {"type": "Polygon", "coordinates": [ring]}
+
+
+def write_geojson(rows: Iterable[ResultRow], out: TextIO | PathLike, classes: Sequence[str]) -> int:
+    """Write rows as an RFC 7946 FeatureCollection, one feature a line, streamed; return how
+    many features were written."""
+    classes = _check_classes(classes)
+    count = 0
+    with _text_out(out) as handle:
+        handle.write('{"type": "FeatureCollection", "features": [\n')
+        for row in rows:
+            head, class_values = _row_values(row, classes)
+            properties = dict(zip(FIXED_HEAD, head, strict=True))
+            properties.update(zip(classes, class_values, strict=True))
+            properties.update(
+                model_name=row.model_name, model_version=row.model_version, error=row.error
+            )
+            feature = {
+                "type": "Feature",
+                "geometry": tile_polygon(row.z, row.x, row.y),
+                "properties": properties,
+            }
+            if count:
+                handle.write(",\n")
+            handle.write(json.dumps(feature, separators=(",", ":"), allow_nan=False))
+            count += 1
+        handle.write("\n]}\n")
+    return count
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def format_for(path: PathLike) -> str:
+    """``"csv"`` or ``"geojson"`` from a file name's suffix, else :class:`ExportError`."""
+    suffix = Path(path).suffix.lower()
+    try:
+        return FORMATS[suffix]
+    except KeyError:
+        raise ExportError(
+            f"Cannot tell the export format of {os.fspath(path)!r}: name it "
+            f"{', '.join('*' + s for s in FORMATS)}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _atomic_text(path: PathLike) -> Iterator[TextIO]:
+    """A temp file beside ``path``, moved over it only when the block succeeds."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise ExportError(f"Cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def export_results(
+    store: ResultStore,
+    job: str | None,
+    path: PathLike,
+    *,
+    class_name: str | None = None,
+    min_score: float | None = None,
+) -> int:
+    """Write a job's results (``job=None``: every job's) to ``path``, CSV or GeoJSON by its
+    suffix, keeping the rows that pass the threshold (see :func:`filter_rows`).
+
+    Writes a temp file in the same folder and renames it, so a failure leaves no partial
+    file. Returns how many rows were written.
+    """
+    fmt = format_for(path)
+    if job is not None and store.get_job(job) is None and store.counts(job)["total"] == 0:
+        known = ", ".join(repr(info.job) for info in store.jobs()) or "(none)"
+        raise ExportError(f"No job {job!r} in {store.url}: the jobs are {known}")
+    classes = classes_for(store, job)
+    status = "ok" if class_name is not None or min_score is not None else None
+    rows = filter_rows(
+        store.iter_results(job, status=status), class_name, min_score, classes=classes
+    )
+    writer = write_csv if fmt == "csv" else write_geojson
+    with _atomic_text(path) as handle:
+        return writer(rows, handle, classes)
+
+
+# -- reading CSV back (convert-geojson) ------------------------------------------------------
+
+
+def _parse_float(text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ExportError(f"{text!r} is not a score") from None
+
+
+def read_csv_rows(
+    csv_in: TextIO | PathLike, *, tms: bool = False, classes: Sequence[str] = ()
+) -> tuple[list[str], Iterator[ResultRow]]:
+    """Read a results CSV: this project's format or chip-n-scale's ``tile,output``.
+
+    Returns the class names and a stream of rows. In chip-n-scale's format the tile is
+    ``x-y-z`` (``tms=True`` flips y from TMS numbering, as its convert script assumed) and the
+    output a JSON list of scores (named by ``classes``, else ``p0, p1, ...``) or object.
+    """
+    if isinstance(csv_in, str | os.PathLike):
+        name = os.fspath(csv_in)
+        try:
+            # Closed by the row generator when it ends (the rows outlive this call).
+            handle: TextIO = open(csv_in, encoding="utf-8", newline="")  # noqa: SIM115
+        except OSError as exc:
+            raise ExportError(f"Cannot read {name!r}: {exc.strerror}") from None
+        owned = True
+    else:
+        name, handle, owned = getattr(csv_in, "name", "<csv>"), csv_in, False
+    reader = csv.reader(handle)
+    try:
+        header = next(reader)
+    except StopIteration:
+        if owned:
+            handle.close()
+        raise ExportError(f"{name!r} is empty: expected a results CSV") from None
+    except csv.Error as exc:
+        if owned:
+            handle.close()
+        raise ExportError(f"{name!r} is not a CSV: {exc}") from None
+    header = [h.strip() for h in header]
+    if all(col in header for col in (*FIXED_HEAD, *FIXED_TAIL)):
+        start, end = header.index("status") + 1, header.index("model_name")
+        found = header[start:end]
+        return found, _ours(reader, header, found, name, handle if owned else None)
+    if header[:1] == ["tile"] or (header and _looks_like_tile(header[0])):
+        first = None if header[:1] == ["tile"] else header
+        rows = _chip_n_scale(reader, first, tms, classes, name, handle if owned else None)
+        peeked = next(rows, None)
+        found = list(classes)
+        if peeked is not None:
+            found += [n for n in scores_of(peeked.output, classes) if n not in found]
+
+        def chained() -> Iterator[ResultRow]:
+            if peeked is not None:
+                yield peeked
+                yield from rows
+
+        return found, chained()
+    if owned:
+        handle.close()
+    raise ExportError(
+        f"{name!r} is not a results CSV: expected a header with "
+        f"{', '.join(FIXED_HEAD)} or chip-n-scale's tile,output"
+    )
+
+
+def _looks_like_tile(text: str) -> bool:
+    parts = text.split("-")
+    return len(parts) == 3 and all(p.strip().isdigit() for p in parts)
+
+
+def _ours(
+    reader: Iterator[list[str]],
+    header: list[str],
+    classes: list[str],
+    name: str,
+    owned: TextIO | None,
+) -> Iterator[ResultRow]:
+    index = {col: i for i, col in enumerate(header)}
+    try:
+        for number, values in enumerate(reader, start=2):
+            if not values:
+                continue
+            try:
+                scores = {}
+                for cls in classes:
+                    value = _parse_float(values[index[cls]])
+                    if value is not None:
+                        scores[cls] = value
+                status = values[index["status"]]
+                tile = make_tile(
+                    int(values[index["x"]]), int(values[index["y"]]), int(values[index["z"]])
+                )
+                yield ResultRow(
+                    job=values[index["job"]],
+                    z=tile.z,
+                    x=tile.x,
+                    y=tile.y,
+                    status=status,  # type: ignore[arg-type]
+                    output=scores if status == "ok" else None,
+                    error=values[index["error"]] or None,
+                    model_name=values[index["model_name"]] or None,
+                    model_version=values[index["model_version"]] or None,
+                    attempts=0,
+                    created_at="",
+                    updated_at="",
+                )
+            except (IndexError, ValueError) as exc:
+                raise ExportError(f"{name}, line {number}: {exc}") from None
+    finally:
+        if owned is not None:
+            owned.close()
+
+
+def _chip_n_scale(
+    reader: Iterator[list[str]],
+    first: list[str] | None,
+    tms: bool,
+    classes: Sequence[str],
+    name: str,
+    owned: TextIO | None,
+) -> Iterator[ResultRow]:
+    def lines() -> Iterator[tuple[int, list[str]]]:
+        if first is not None:
+            yield 1, first
+        yield from enumerate(reader, start=2)
+
+    try:
+        for number, values in lines():
+            if not values:
+                continue
+            try:
+                x, y, z = (int(v) for v in values[0].strip().split("-"))
+                if tms:
+                    y = (1 << z) - 1 - y
+                tile = make_tile(x, y, z)
+                # chip-n-scale's download wrote the JSON unquoted: its commas split columns.
+                output = json.loads(",".join(values[1:]))
+            except (ValueError, IndexError) as exc:
+                raise ExportError(f"{name}, line {number}: {exc}") from None
+            scores = scores_of(output, classes)
+            yield ResultRow(
+                job="",
+                z=tile.z,
+                x=tile.x,
+                y=tile.y,
+                status="ok",
+                output=scores,
+                error=None,
+                model_name=None,
+                model_version=None,
+                attempts=0,
+                created_at="",
+                updated_at="",
+            )
+    finally:
+        if owned is not None:
+            owned.close()
+
+
+def csv_to_geojson(
+    csv_in: TextIO | PathLike,
+    geojson_out: TextIO | PathLike,
+    *,
+    class_name: str | None = None,
+    min_score: float | None = None,
+    tms: bool = False,
+    classes: Sequence[str] = (),
+) -> int:
+    """chip-n-scale's convert-geojson: a downloaded results CSV to GeoJSON, streamed, with the
+    threshold of :func:`filter_rows`. Returns the number of features written.
+
+    A path for ``geojson_out`` is written atomically (temp file, then rename).
+    """
+    found, rows = read_csv_rows(csv_in, tms=tms, classes=classes)
+    try:
+        kept = filter_rows(rows, class_name, min_score, classes=found)
+        if isinstance(geojson_out, str | os.PathLike):
+            with _atomic_text(geojson_out) as handle:
+                return write_geojson(kept, handle, found)
+        return write_geojson(kept, geojson_out, found)
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,141 @@
+"""The ResultStore port: what the worker, the runner and the exporters need from a results
+database, and the helpers every adapter shares (status values, timestamps, JSON encoding).
+
+Adapters: :mod:`chipscale.stores.sqlite` (the embedded default); PostgreSQL comes with the
+cloud data plane. Every adapter keeps one row per ``(job, z, x, y)`` and writes with
+idempotent upserts, so a tile delivered twice is stored once, with ``attempts`` counting the
+writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol, Self, runtime_checkable
+
+from mercantile import Tile
+
+from chipscale.errors import StoreError
+from chipscale.types import JobInfo, ResultRow, TileResult
+
+#: The values of ``results.status``, in the order counts and legends show them.
+STATUSES: tuple[str, ...] = ("ok", "empty", "error")
+
+#: Statuses that count as done for resume: ``error`` tiles are tried again.
+DONE_STATUSES: tuple[str, ...] = ("ok", "empty")
+
+
+@runtime_checkable
+class ResultStore(Protocol):
+    """Where results go: one row per ``(job, z, x, y)``, written by idempotent upserts.
+
+    ``write`` may be called from several threads at once; each call is one transaction, so a
+    crash leaves either all of a call's rows or none. ``iter_results`` streams (constant
+    memory) in ``(job, z, x, y)`` order.
+    """
+
+    url: str
+
+    def start_job(self, job: JobInfo) -> None:
+        """Record a job, or update it in place (its ``created_at`` is kept)."""
+        ...
+
+    def write(self, results: Sequence[TileResult]) -> None:
+        """Upsert results in one transaction; a re-written tile gets ``attempts + 1``."""
+        ...
+
+    def done_tiles(self, job: str) -> set[Tile]:
+        """The tiles of a job with status ``ok`` or ``empty``: what a resume skips."""
+        ...
+
+    def counts(self, job: str | None = None) -> dict[str, int]:
+        """Rows per status, keys ``ok``, ``empty``, ``error`` and ``total`` always present."""
+        ...
+
+    def get_job(self, job: str) -> JobInfo | None:
+        """The recorded job, or None."""
+        ...
+
+    def jobs(self) -> list[JobInfo]:
+        """Every recorded job, oldest first."""
+        ...
+
+    def iter_results(
+        self, job: str | None = None, *, status: str | None = None
+    ) -> Iterator[ResultRow]:
+        """Stream result rows ordered by ``(job, z, x, y)``, optionally of one status."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection(s); the store cannot be used afterwards."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+
+def utc_now() -> str:
+    """Now as ISO-8601 UTC with milliseconds, e.g. ``2025-01-31T12:00:00.000Z``.
+
+    The fixed width keeps text comparison equal to time order.
+    """
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def check_status(status: str | None) -> None:
+    """Raise :class:`StoreError` unless ``status`` is None or one of :data:`STATUSES`."""
+    if status is not None and status not in STATUSES:
+        raise StoreError(f"Unknown result status {status!r}: expected one of {', '.join(STATUSES)}")
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and arrays (a model's scores) without importing numpy here.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become None: they are not JSON (PostgreSQL's jsonb refuses them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def dump_json(value: Any) -> str | None:
+    """Encode a model output (or job extra) as strict JSON text; None stays None."""
+    if value is None:
+        return None
+    try:
+        plain = json.loads(json.dumps(value, default=_json_default))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"Model output is not JSON serialisable: {exc}") from None
+    return json.dumps(_finite(plain), separators=(",", ":"), allow_nan=False)
+
+
+def load_json(text: str | None) -> Any:
+    """Decode JSON text written by :func:`dump_json`; None stays None."""
+    return None if text is None else json.loads(text)
+
+
+def validate_results(results: Sequence[TileResult]) -> None:
+    """Check statuses and tiles before a write, naming the offending result."""
+    for result in results:
+        if result.status not in STATUSES:
+            raise StoreError(
+                f"Result for job {result.job!r} tile {tuple(result.tile)} has unknown status "
+                f"{result.status!r}: expected one of {', '.join(STATUSES)}"
+            )
+        if not isinstance(result.job, str) or not result.job:
+            raise StoreError(f"Result for tile {tuple(result.tile)} has no job id")

@@ -1,0 +1,238 @@
+"""The SQLite result store: idempotent upserts, threads, resume, streaming, crash safety."""
+
+from __future__ import annotations
+
+import inspect
+import sqlite3
+import subprocess
+import sys
+import threading
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from mercantile import Tile
+
+from chipscale.errors import StoreError, StoreUnavailable
+from chipscale.stores import ResultStore, SQLiteStore, open_store, sqlite_path
+from chipscale.types import JobInfo, TileResult
+
+
+def ok(job: str, x: int, y: int, z: int = 18, score: float = 0.5) -> TileResult:
+    return TileResult(
+        job, Tile(x, y, z), "ok", {"scores": {"a": score, "b": 1 - score}}, None, "m", "1"
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with open_store(f"sqlite:///{tmp_path}/sub/results.db") as s:
+        yield s
+
+
+def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_path("sqlite:///rel/a.db") == Path("rel/a.db")
+    assert sqlite_path("sqlite:////abs/a.db") == Path("/abs/a.db")
+    with open_store("sqlite:///rel/a.db") as s:
+        assert isinstance(s, ResultStore)
+    assert (tmp_path / "rel" / "a.db").is_file()
+    with open_store(str(tmp_path / "deep" / "b.sqlite")):
+        pass
+    assert (tmp_path / "deep" / "b.sqlite").is_file()
+    with pytest.raises(StoreError, match="PostgreSQL arrives with the cloud data plane"):
+        open_store("postgresql://u:p@localhost/db")
+    with pytest.raises(StoreError, match="mysql://x"):
+        open_store("mysql://x")
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.db"
+    bad.write_text("hello, I am not SQLite " * 100)
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        open_store(str(bad))
+
+
+def test_schema_idempotent_and_versioned(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    for _ in range(2):
+        open_store(str(path)).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.execute("PRAGMA user_version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        open_store(str(path))
+
+
+def test_upsert_is_idempotent(store: SQLiteStore) -> None:
+    store.write([ok("j", 1, 2)])
+    first = next(store.iter_results("j"))
+    store.write([ok("j", 1, 2, score=0.9)])
+    rows = list(store.iter_results("j"))
+    assert len(rows) == 1
+    assert rows[0].attempts == 2
+    assert rows[0].output == {"scores": {"a": 0.9, "b": pytest.approx(0.1)}}
+    assert rows[0].created_at == first.created_at
+    assert rows[0].updated_at >= first.updated_at
+    assert rows[0].created_at.endswith("Z")
+    assert store.counts("j") == {"ok": 1, "empty": 0, "error": 0, "total": 1}
+
+
+def test_bad_status_rejected(store: SQLiteStore) -> None:
+    with pytest.raises(StoreError, match="unknown status 'maybe'"):
+        store.write([TileResult("j", Tile(0, 0, 1), "maybe")])  # type: ignore[arg-type]
+    assert store.counts()["total"] == 0
+
+
+def test_injection_looking_names_stored_verbatim(store: SQLiteStore) -> None:
+    name = "x'); DROP TABLE results; --\"; SELECT 1"
+    store.start_job(JobInfo(name, source="a'; b", classes=("it's", 'q"')))
+    store.write([ok(name, 3, 4)])
+    assert [r.job for r in store.iter_results(name)] == [name]
+    info = store.get_job(name)
+    assert info is not None
+    assert info.source == "a'; b"
+    assert info.classes == ("it's", 'q"')
+    assert store.counts()["total"] == 1
+
+
+def test_jobs_keep_created_at(store: SQLiteStore) -> None:
+    store.start_job(JobInfo("j", "s.tif", zoom=18, classes=("a", "b"), extra={"k": 1}))
+    store.start_job(JobInfo("j", "s.tif", zoom=18, tiles_total=10, classes=("a", "b")))
+    store.start_job(JobInfo("k", "t.tif"))
+    jobs = store.jobs()
+    assert [j.job for j in jobs] == ["j", "k"]
+    assert jobs[0].tiles_total == 10
+    assert jobs[0].classes == ("a", "b")
+    assert store.get_job("missing") is None
+
+
+def test_done_tiles_and_counts(store: SQLiteStore) -> None:
+    store.write(
+        [
+            ok("j", 1, 1),
+            TileResult("j", Tile(2, 1, 18), "empty"),
+            TileResult("j", Tile(3, 1, 18), "error", error="boom"),
+            ok("other", 9, 9),
+        ]
+    )
+    assert store.done_tiles("j") == {Tile(1, 1, 18), Tile(2, 1, 18)}
+    assert store.counts("j") == {"ok": 1, "empty": 1, "error": 1, "total": 3}
+    assert store.counts() == {"ok": 2, "empty": 1, "error": 1, "total": 4}
+    assert [r.error for r in store.iter_results("j", status="error")] == ["boom"]
+    with pytest.raises(StoreError, match="Unknown result status"):
+        store.iter_results("j", status="bad")
+
+
+def test_iter_results_order(store: SQLiteStore) -> None:
+    store.write([ok("b", 2, 1, 17), ok("a", 5, 5, 18), ok("a", 1, 9, 17), ok("a", 1, 2, 17)])
+    keys = [(r.job, r.z, r.x, r.y) for r in store.iter_results()]
+    assert keys == sorted(keys)
+
+
+def test_concurrent_writes_and_reads(store: SQLiteStore) -> None:
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for batch in range(20):
+                # every thread writes tiles 0..9 of row 0 (shared) and its own row
+                store.write(
+                    [ok("j", x, 0) for x in range(10)]
+                    + [ok("j", x, 1 + n * 100 + batch) for x in range(10)]
+                )
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):  # read from this thread meanwhile
+        store.counts("j")
+        sum(1 for _ in store.iter_results("j"))
+    for t in threads:
+        t.join()
+    assert not errors
+    assert store.counts("j")["total"] == 10 + 8 * 20 * 10
+    shared = [r for r in store.iter_results("j") if r.y == 0]
+    assert {r.attempts for r in shared} == {8 * 20}
+
+
+def test_iter_results_streams(store: SQLiteStore) -> None:
+    n = 50_000
+    batch = [ok("big", x % 1000, x // 1000) for x in range(n)]
+    for i in range(0, n, 10_000):
+        store.write(batch[i : i + 10_000])
+    del batch
+    rows = store.iter_results("big")
+    assert inspect.isgenerator(rows)
+    tracemalloc.start()
+    count = 0
+    for _ in rows:
+        count += 1
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert count == n
+    # 50k rows materialised would take tens of MB; streamed, the peak is one row and the cursor
+    assert peak < 2_000_000, peak
+
+
+def test_locked_database_is_transient(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    with SQLiteStore(path, busy_timeout=0.1) as s:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StoreUnavailable, match="locked"):
+                s.write([ok("j", 0, 0)])
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        s.write([ok("j", 0, 0)])
+        assert s.counts()["total"] == 1
+
+
+def test_closed_store(tmp_path: Path) -> None:
+    s = open_store(str(tmp_path / "r.db"))
+    s.close()
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.write([ok("j", 0, 0)])
+
+
+KILLED_WRITER = """
+import sys
+from mercantile import Tile
+from chipscale.stores import open_store
+from chipscale.types import TileResult
+store = open_store(sys.argv[1])
+n = 0
+while True:
+    store.write([TileResult("j", Tile(x, n, 20), "ok", {"a": 1.0}) for x in range(100)])
+    n += 1
+    if n == 5:
+        print("ready", flush=True)
+"""
+
+
+def test_kill_mid_run_leaves_consistent_db(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    with open_store(str(path)) as s:
+        total = s.counts("j")["total"]
+    assert total >= 500
+    assert total % 100 == 0  # every write() landed whole or not at all

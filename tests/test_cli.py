@@ -1,0 +1,148 @@
+"""The command line, run as a user runs it: real files in, files and exit codes out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from chipscale.cli import cli
+from chipscale.cover import cover
+
+EXE = [sys.executable, "-m", "chipscale.cli"]
+
+
+def chipscale(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def demo_run(aerial, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    result = chipscale("run", "--source", str(aerial), "--zoom", "18", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout and "empty" in result.stdout  # the summary table
+    return out
+
+
+def test_run_writes_csv_geojson_and_preview(demo_run, aerial) -> None:
+    tiles = set(cover(18, source=str(aerial)))
+    with (demo_run / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(int(r["x"]), int(r["y"]), int(r["z"])) for r in rows} == tiles
+    header = rows[0].keys()
+    assert {"job", "z", "x", "y", "quadkey", "status"} <= set(header)
+    assert {"snow", "forest"} & set(header)
+    geojson = json.loads((demo_run / "results.geojson").read_text())
+    assert geojson["type"] == "FeatureCollection" and len(geojson["features"]) == len(tiles)
+    png = (demo_run / "preview.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_download_and_convert_geojson_with_a_class_filter(demo_run, tmp_path) -> None:
+    db = f"sqlite:///{demo_run / 'results.db'}"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["download", "--db", db, "-o", str(tmp_path / "all.csv")])
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "all.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    classes = [
+        c
+        for c in rows[0]
+        if c
+        not in {"job", "z", "x", "y", "quadkey", "status", "model_name", "model_version", "error"}
+    ]
+    top = classes[0]
+    expected = sum(1 for r in rows if r[top] and float(r[top]) >= 0.3)
+    result = runner.invoke(
+        cli,
+        [
+            "convert-geojson",
+            str(tmp_path / "all.csv"),
+            str(tmp_path / "top.geojson"),
+            "--class",
+            top,
+            "--min-score",
+            "0.3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    features = json.loads((tmp_path / "top.geojson").read_text())["features"]
+    assert len(features) == expected
+    script = subprocess.run(
+        [sys.executable, "scripts/download", "--db", db, "-o", str(tmp_path / "s.geojson")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert script.returncode == 0, script.stderr
+    unknown = runner.invoke(cli, ["download", "--db", db, "--job", "nope", "-o", "x.csv"])
+    assert unknown.exit_code == 1 and "nope" in unknown.output
+
+
+def test_cover_writes_a_tile_list(aerial, tmp_path) -> None:
+    out = tmp_path / "tiles.txt"
+    result = CliRunner().invoke(
+        cli, ["cover", "--source", str(aerial), "--zoom", "18", "-o", str(out), "--format", "z/x/y"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().split()
+    assert len(lines) == len(list(cover(18, source=str(aerial))))
+    assert all(line.startswith("18/") for line in lines)
+
+
+def test_tile_writes_npz_and_png(aerial, tmp_path) -> None:
+    tile = next(iter(cover(18, source=str(aerial))))
+    spec = f"{tile.z}/{tile.x}/{tile.y}"
+    result = CliRunner().invoke(cli, ["tile", str(aerial), spec, "-o", str(tmp_path / "t.npz")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "t.npz") as saved:
+        assert saved["data"].shape == (3, 256, 256) and saved["data"].dtype == np.uint8
+        assert saved["mask"].dtype == bool and saved["mask"].any()
+    result = CliRunner().invoke(cli, ["tile", str(aerial), spec, "-o", str(tmp_path / "t.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input_gives_one_line_and_the_right_exit_code(aerial, tmp_path) -> None:
+    text = tmp_path / "notes.tif"
+    text.write_text("not a raster")
+    state_dict = tmp_path / "weights.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), state_dict)
+    far = tmp_path / "far.geojson"
+    far.write_text('{"type": "Polygon", "coordinates": [[[0,0],[1,0],[1,1],[0,1],[0,0]]]}')
+    cases = [
+        (["run", "--source", str(tmp_path / "missing.tif"), "--zoom", "18"], 1, "missing.tif"),
+        (["run", "--source", str(text), "--zoom", "18"], 1, "notes.tif"),
+        (["run", "--source", str(aerial), "--zoom", "18", "--aoi", str(far)], 1, "overlap"),
+        (
+            ["run", "--source", str(aerial), "--zoom", "18", "--model", str(state_dict)],
+            1,
+            "state_dict",
+        ),
+        (["run", "--source", str(aerial), "--zoom", "40"], 2, "zoom"),
+        (["tile", str(aerial), "18/999999999/1", "-o", str(tmp_path / "t.npz")], 2, "outside"),
+        (["tile", str(aerial), "1-2-3", "-o", str(tmp_path / "t.npz")], 2, "Z/X/Y"),
+        (["cover", "--zoom", "3"], 2, "--source"),
+        (["cover", "--bbox", "1,2,3", "--zoom", "3"], 2, "bbox"),
+    ]
+    for args, code, needle in cases:
+        result = (
+            chipscale(*args, "--out", str(tmp_path / "o"))
+            if args[0] == "run"
+            else (chipscale(*args))
+        )
+        assert result.returncode == code, (args, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        assert needle in result.stderr, (args, result.stderr)
+        if code == 1:
+            assert result.stderr.strip().startswith("Error: ")
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "o" / "results.csv").exists()  # nothing half written

@@ -1,0 +1,119 @@
+"""process_pack(): read, predict, store, with the failure policy of chipscale.errors."""
+
+from __future__ import annotations
+
+import mercantile
+import numpy as np
+import pytest
+from mercantile import Tile
+
+from chipscale.cover import cover
+from chipscale.errors import PredictorUnavailable
+from chipscale.messages import PackMessage
+from chipscale.predictors import open_predictor
+from chipscale.stores import open_store
+from chipscale.worker import process_pack
+
+FAR_AWAY = Tile(0, 0, 19)  # a valid tile that misses the image: empty, not an error
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return open_predictor(None)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with open_store(f"sqlite:///{tmp_path}/results.db") as store:
+        yield store
+
+
+def test_pack_of_real_tiles_is_scored_and_stored_once(aerial, predictor, store) -> None:
+    tiles = (*tuple(cover(19, source=str(aerial)))[:40], FAR_AWAY)
+    message = PackMessage(job="j", source=str(aerial), tiles=tiles)
+    outcome = process_pack(message, predictor=predictor, store=store)
+    assert outcome.tiles == len(tiles)
+    assert outcome.ok >= 30 and outcome.empty >= 1 and outcome.error == 0
+    rows = {(r.x, r.y): r for r in store.iter_results("j")}
+    assert rows[(FAR_AWAY.x, FAR_AWAY.y)].status == "empty"
+    assert rows[(FAR_AWAY.x, FAR_AWAY.y)].output is None
+    ok = [r for r in rows.values() if r.status == "ok"]
+    assert all(set(r.output) == set(predictor.info.classes) for r in ok)
+    assert all(abs(sum(r.output.values()) - 1) < 1e-3 for r in ok)
+    assert {r.model_name for r in ok} == {predictor.info.name}
+
+    again = process_pack(message, predictor=predictor, store=store)  # SQS delivered it twice
+    assert (again.ok, again.empty) == (outcome.ok, outcome.empty)
+    assert store.counts("j")["total"] == len(tiles)
+    assert {r.attempts for r in store.iter_results("j")} == {2}
+
+
+def test_unreadable_source_becomes_error_rows_with_the_reason(tmp_path, predictor, store) -> None:
+    bad = tmp_path / "not-a-raster.tif"
+    bad.write_text("hello")
+    message = PackMessage(job="j", source=str(bad), tiles=(Tile(1, 1, 2), Tile(2, 1, 2)))
+    outcome = process_pack(message, predictor=predictor, store=store)
+    assert outcome.error == 2
+    rows = list(store.iter_results("j"))
+    assert {r.status for r in rows} == {"error"}
+    assert all("not-a-raster.tif" in r.error for r in rows)
+
+
+class FlakyPredictor:
+    """The real demo model behind a link that is down for the first ``failures`` calls."""
+
+    def __init__(self, inner, failures: int) -> None:
+        self.inner, self.failures, self.calls = inner, failures, 0
+        self.info = inner.info
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise PredictorUnavailable("model server unreachable")
+        return self.inner.predict(batch)
+
+    def close(self) -> None:
+        pass
+
+
+def test_transient_model_failure_raises_and_writes_nothing(aerial, predictor, store) -> None:
+    tiles = tuple(cover(18, source=str(aerial)))
+    message = PackMessage(job="j", source=str(aerial), tiles=tiles)
+    with pytest.raises(PredictorUnavailable):
+        process_pack(message, predictor=FlakyPredictor(predictor, 1), store=store)
+    assert store.counts("j")["total"] == 0
+
+
+def test_four_band_source_reaches_a_model_that_takes_nir(naip, predictor, store) -> None:
+    assert 4 in predictor.info.band_counts
+    tiles = tuple(cover(14, source=str(naip)))
+    message = PackMessage(job="n", source=str(naip), tiles=tiles)
+    outcome = process_pack(message, predictor=predictor, store=store)
+    assert outcome.ok >= 1 and outcome.error == 0
+
+
+def test_bands_option_selects_source_bands(naip, predictor, store) -> None:
+    tiles = tuple(cover(14, source=str(naip)))
+    rgb = process_pack(
+        PackMessage(job="rgb", source=str(naip), tiles=tiles),
+        predictor=predictor,
+        store=store,
+        bands=(1, 2, 3),
+    )
+    assert rgb.ok >= 1
+    one_band = process_pack(
+        PackMessage(job="one", source=str(naip), tiles=tiles),
+        predictor=predictor,
+        store=store,
+        bands=(1,),
+    )
+    assert one_band.error == len(tiles)
+    assert "bands" in next(iter(store.iter_results("one"))).error
+
+
+def test_tile_of_another_hemisphere_is_empty(aerial, predictor, store) -> None:
+    tile = mercantile.tile(-100.0, -40.0, 17)
+    outcome = process_pack(
+        PackMessage(job="e", source=str(aerial), tiles=(tile,)), predictor=predictor, store=store
+    )
+    assert outcome.empty == 1

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_ZOOM ?= 18
+DEMO_ZOOM ?= 19
 
 .PHONY: demo test lint format bench clean
 

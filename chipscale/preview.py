@@ -36,6 +36,21 @@ _EMPTY, _ERROR = -1, -2
 EMPTY_EDGE = "#3a3a3a"
 
 
+#: Colours people expect for common cover classes; other classes take tab10/tab20 colours.
+CLASS_COLORS: dict[str, str] = {
+    "snow": "#9ecae1",
+    "ice": "#c6dbef",
+    "water": "#2171b5",
+    "forest": "#238b45",
+    "tree": "#238b45",
+    "vegetation": "#74c476",
+    "grass": "#a1d99b",
+    "bare_ground": "#d8a35d",
+    "road": "#e31a1c",
+    "building": "#6a3d9a",
+}
+
+
 def _read_image(source: str, max_size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """The source as an RGBA uint8 image in EPSG:3857 at most ``max_size`` pixels a side,
     and its bounds (west, south, east, north) in metres."""
@@ -101,6 +116,7 @@ def render_preview(
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
     from matplotlib.patches import Patch
 
     source = os.fspath(source)
@@ -143,7 +159,10 @@ def render_preview(
         north = max(north, float(box_array[:, 3].max()))
 
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    colors = [cmap(i % cmap.N) for i in range(len(names))]
+    colors = [
+        to_rgba(CLASS_COLORS[name]) if name in CLASS_COLORS else cmap(i % cmap.N)
+        for i, name in enumerate(names)
+    ]
     error_color = (0.86, 0.08, 0.08, 1.0)
 
     aspect = (east - west) / max(north - south, 1e-9)

@@ -252,9 +252,14 @@ def tile(source: str, tile: str, output: str, size: int, bands: tuple[int, ...] 
 @click.option(
     "--workers",
     type=click.IntRange(1, 64),
-    default=3,
+    default=2,
     show_default=True,
     help="Worker threads; two or more overlap tile reads with inference.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    help="Torch threads of the in-process model (default: all cores but one).",
 )
 @click.option("--no-preview", is_flag=True, help="Skip preview.png.")
 def run(
@@ -268,6 +273,7 @@ def run(
     db: str | None,
     out_dir: str,
     workers: int,
+    threads: int | None,
     no_preview: bool,
 ) -> None:
     """Run a model over every tile of SOURCE at ZOOM and export the results.
@@ -280,7 +286,7 @@ def run(
     from chipscale.export import export_results
     from chipscale.predictors import open_predictor
     from chipscale.progress import tile_progress
-    from chipscale.runner import run_local
+    from chipscale.runner import default_model_threads, run_local
     from chipscale.stores import open_store
 
     if aoi and tiles_file:
@@ -298,7 +304,7 @@ def run(
             )
     else:
         tiles = list(cover_tiles(zoom, source=source, aoi=aoi))
-    predictor = open_predictor(model)
+    predictor = open_predictor(model, threads=threads or default_model_threads())
     with open_store(db) as store, tile_progress(f"job {job}") as progress:
         summary = run_local(
             job=job,

@@ -12,6 +12,7 @@ started and lets the running ones finish their write, so the store stays consist
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,8 +31,21 @@ from chipscale.worker import PackOutcome, process_pack
 
 log = logging.getLogger(__name__)
 
+#: Worker threads: two let one read while the other predicts; more only add contention.
+DEFAULT_WORKERS = 2
+
 #: Backoff between attempts at a pack that failed transiently (model or store outage).
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def default_model_threads() -> int:
+    """Torch threads for the in-process model: every core but one, which reads tiles.
+
+    On the 2-core dev machine, one torch thread beside a reading thread ran the pipeline at
+    0.92 of its slower stage; torch on both cores fought GDAL for them and reached 0.48
+    (bench/pipeline.py).
+    """
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 class RunError(ChipscaleError):
@@ -84,7 +98,7 @@ def run_local(
     store: ResultStore,
     zoom: int | None = None,
     bands: Sequence[int] | None = None,
-    workers: int = 2,
+    workers: int = DEFAULT_WORKERS,
     max_tiles: int = DEFAULT_MAX_TILES,
     on_start: Callable[[int, int], None] | None = None,
     on_progress: ProgressCallback | None = None,

@@ -240,7 +240,7 @@ def test_device_auto_and_missing_cuda() -> None:
 def test_in_process_predictor_follows_the_port(files: dict[str, Path]) -> None:
     with InProcessPredictor(files["exported"], sub_batch=2, threads=1) as predictor:
         assert isinstance(predictor, Predictor)
-        assert predictor.info == ModelInfo("means", "7", ("b0", "b1", "b2"), 3, SIZE)
+        assert predictor.info == ModelInfo("means", "7", ("b0", "b1", "b2"), 3, SIZE, (3,))
         assert predictor.predict(tiles(5)).shape == (5, 3)
     with pytest.raises(ChipscaleError, match="closed"):
         predictor.predict(tiles(1))
@@ -283,7 +283,7 @@ def test_open_predictor_none_builds_the_demo_model(
     predictor = open_predictor(None)
     assert target.is_file()
     assert predictor.info == ModelInfo(
-        "demo-landcover", demo_model.VERSION, demo_model.CLASSES, 3, 256
+        "demo-landcover", demo_model.VERSION, demo_model.CLASSES, 3, 256, (3, 4)
     )
     built = target.stat().st_mtime_ns
     assert open_predictor(None).info.name == "demo-landcover"

@@ -17,19 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mercantile
-import rasterio
 from mercantile import Tile
 from rasterio.crs import CRS
-from rasterio.errors import CRSError, RasterioIOError
+from rasterio.errors import CRSError
 from rasterio.warp import transform_geom
 from shapely import prepared
-from shapely.geometry import MultiPolygon, Polygon, box, mapping, shape
+from shapely.geometry import MultiPolygon, Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
 from chipscale.errors import AOIError, SourceError
 from chipscale.gdal_env import gdal_env
 from chipscale.tilelist import MAX_ZOOM
+from chipscale.tiles import open_source
 
 #: Web mercator stops short of the poles.
 MAX_LAT = 85.0511287798066
@@ -166,13 +166,10 @@ def source_footprint(source: str) -> BaseGeometry:
     Reprojecting the ring (not just the corners) keeps the curved edges of a UTM or polar
     image, and GDAL cuts it at the antimeridian.
     """
-    try:
-        with gdal_env(source), rasterio.open(source) as dataset:
-            if dataset.crs is None:
-                raise SourceError(f"Source {source!r} has no coordinate reference system")
-            crs, (west, south, east, north) = dataset.crs, dataset.bounds
-    except RasterioIOError as exc:
-        raise SourceError(f"Cannot open source {source!r}: {exc}") from None
+    with gdal_env(source), open_source(source) as dataset:
+        if dataset.crs is None:
+            raise SourceError(f"raster {source} has no coordinate reference system")
+        crs, (west, south, east, north) = dataset.crs, dataset.bounds
     ring = _densified_ring(west, south, east, north, steps=64)
     geom = {"type": "Polygon", "coordinates": [ring]}
     if crs != WGS84:
@@ -262,15 +259,6 @@ def cover(
         names = " and ".join(name for name, _ in areas)
         raise AOIError(f"The {names} do not overlap: no tile to cover")
     return cover_geometry(area, zoom)
-
-
-def tile_feature(tile: Tile) -> dict:
-    """A GeoJSON Feature for one tile (used for debugging output)."""
-    return {
-        "type": "Feature",
-        "geometry": mapping(_tile_box(tile)),
-        "properties": {"x": tile.x, "y": tile.y, "z": tile.z},
-    }
 
 
 def _tile_box(tile: Tile) -> Polygon:

@@ -52,5 +52,9 @@ class PredictorUnavailable(TransientError):
     """The model server could not be reached or answered with a server error."""
 
 
+class SourceUnavailable(TransientError, SourceError):
+    """A remote raster could not be reached (timeout, refused connection, HTTP 429 or 5xx)."""
+
+
 class StoreUnavailable(TransientError):
     """The results database could not be reached."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,8 +52,8 @@ from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 
-from chipscale.errors import SourceError
-from chipscale.gdal_env import gdal_env
+from chipscale.errors import SourceError, SourceUnavailable
+from chipscale.gdal_env import gdal_env, is_remote
 from chipscale.tilelist import make_tile
 from chipscale.types import ImageData
 
@@ -114,13 +115,34 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _open(source: str | os.PathLike[str], overview_level: int | None = None) -> DatasetReader:
-    """Open ``source`` or raise :class:`SourceError` naming it."""
+#: GDAL/curl messages of a remote read that a later attempt may not meet: the message goes
+#: back to the queue instead of recording the tiles as errors. A 403 or 404 is permanent.
+_TRANSIENT = re.compile(
+    r"HTTP response code: (429|5\d\d)|timed? ?out|Could not connect|Couldn't connect|"
+    r"Connection (refused|reset)|Could not resolve|Recv failure|Send failure|SSL|"
+    r"throttl|SlowDown|ServiceUnavailable|InternalError",
+    re.IGNORECASE,
+)
+
+
+def _source_error(source: str | os.PathLike[str], exc: BaseException) -> SourceError:
+    """The error to raise for a failed open or read of ``source``, transient or not."""
+    text = f"cannot read raster {os.fspath(source)}: {_one_line(exc)}"
+    if is_remote(os.fspath(source)) and _TRANSIENT.search(str(exc)):
+        return SourceUnavailable(text)
+    return SourceError(text)
+
+
+def open_source(source: str | os.PathLike[str], overview_level: int | None = None) -> DatasetReader:
+    """Open ``source`` (path, http(s) or s3 URL) or raise :class:`SourceError` naming it.
+
+    Call it inside :func:`chipscale.gdal_env.gdal_env` so the cloud settings apply.
+    """
     kwargs = {} if overview_level is None else {"overview_level": overview_level}
     try:
         return rasterio.open(gdal_path(source), **kwargs)
     except (RasterioError, OSError) as exc:
-        raise SourceError(f"cannot read raster {os.fspath(source)}: {_one_line(exc)}") from None
+        raise _source_error(source, exc) from None
 
 
 def tile_transform(x: int, y: int, z: int, size: int) -> Affine:
@@ -154,7 +176,7 @@ def source_footprint_lonlat(source: str | os.PathLike[str]) -> tuple[float, floa
     Densified, so a curved edge of a projected raster is not cut off; ``west > east`` when the
     footprint crosses the antimeridian (split it there before computing a tile cover).
     """
-    with gdal_env(source), _open(source) as dataset:
+    with gdal_env(source), open_source(source) as dataset:
         return footprint_lonlat(dataset)
 
 
@@ -176,7 +198,7 @@ def _mask_kind(dataset: DatasetReader) -> str:
 
 def source_info(source: str | os.PathLike[str]) -> SourceInfo:
     """Describe ``source``: bands, dtype, CRS, lon/lat footprint, layout, mask kind."""
-    with gdal_env(source), _open(source) as dataset:
+    with gdal_env(source), open_source(source) as dataset:
         return SourceInfo(
             source=os.fspath(source),
             count=dataset.count,
@@ -235,7 +257,7 @@ class TileReader:
         # The GDAL options are set around each open and read, not for the reader's lifetime:
         # a suspended read_tiles generator must not leave them set for unrelated code.
         with gdal_env(self.source):
-            self._dataset = _open(self.source)
+            self._dataset = open_source(self.source)
         try:
             self._setup(bands)
         except BaseException:
@@ -335,7 +357,7 @@ class TileReader:
             return self._dataset
         if level not in self._overviews:
             with gdal_env(self.source):
-                self._overviews[level] = _open(self.source, overview_level=level)
+                self._overviews[level] = open_source(self.source, overview_level=level)
         return self._overviews[level]
 
     def _tile_range(self, z: int) -> tuple[int, int, int, int] | None:
@@ -385,7 +407,7 @@ class TileReader:
             with gdal_env(self.source), WarpedVRT(dataset, **params) as vrt:
                 values = vrt.read(indexes=indexes)
         except RasterioError as exc:
-            raise SourceError(f"cannot read raster {self.source}: {_one_line(exc)}") from None
+            raise _source_error(self.source, exc) from None
         return self._split(values)
 
     def _split(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -439,7 +461,7 @@ class TileReader:
                         1, window=sub, out_shape=shape, resampling=Resampling.nearest
                     )
         except RasterioError as exc:
-            raise SourceError(f"cannot read raster {self.source}: {_one_line(exc)}") from None
+            raise _source_error(self.source, exc) from None
         return self._split(values)
 
     def read_pack(self, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, ImageData]]:
@@ -447,7 +469,7 @@ class TileReader:
         if not tiles:
             return
         z = tiles[0].z
-        window = self._clip([t for t in tiles if self._touches(t)], z)
+        window = self._clip([t for t in tiles if self._touches(t)])
         if window is None:
             for tile in tiles:
                 yield tile, self._empty()
@@ -472,7 +494,7 @@ class TileReader:
         return xmin <= tile.x <= xmax and ymin <= tile.y <= ymax
 
     @staticmethod
-    def _clip(tiles: Sequence[Tile], z: int) -> tuple[int, int, int, int] | None:
+    def _clip(tiles: Sequence[Tile]) -> tuple[int, int, int, int] | None:
         if not tiles:
             return None
         xs = [t.x for t in tiles]
@@ -555,6 +577,7 @@ __all__ = [
     "TileReader",
     "gdal_path",
     "group_tiles",
+    "open_source",
     "read_tile",
     "read_tiles",
     "source_footprint_lonlat",

@@ -12,10 +12,14 @@ and the mean value over valid pixels must agree within 1 %.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import boto3
 import mercantile
 import numpy as np
 import psutil
@@ -25,7 +29,7 @@ from cogs import make_big_cog, make_raster, pattern
 from mercantile import Tile
 from rio_tiler.io import Reader
 
-from chipscale.errors import InvalidTileError, SourceError
+from chipscale.errors import InvalidTileError, SourceError, SourceUnavailable
 from chipscale.gdal_env import gdal_options, s3_endpoint_options
 from chipscale.tiles import (
     SlowSourceWarning,
@@ -347,7 +351,6 @@ def test_s3_endpoint_from_sdk_variables() -> None:
 
 @pytest.fixture
 def bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch, aerial: Path) -> str:
-    boto3 = pytest.importorskip("boto3")
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     for key in ("AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_VIRTUAL_HOSTING"):
         monkeypatch.delenv(key, raising=False)
@@ -372,8 +375,43 @@ def test_s3_source(bucket: str, aerial: Path) -> None:
     source = f"s3://{bucket}/aerial.tif"
     _same_as_local(source, aerial)
     assert source_info(source).count == 3
-    with pytest.raises(SourceError, match=r"nothere\.tif"):
+    with pytest.raises(SourceError, match=r"nothere\.tif") as missing:
         read_tile(f"s3://{bucket}/nothere.tif", ONGRID)
+    assert missing.value.permanent  # a 404 never heals: record it, do not retry
+
+
+@pytest.fixture
+def failing_server() -> Iterator[str]:
+    """A local HTTP server that answers every request 503, like an overloaded origin."""
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(503, "Slow Down")
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_unreachable_remote_source_is_transient(
+    failing_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")  # the user's setting wins over ours
+    with pytest.raises(SourceUnavailable, match="503") as busy:
+        read_tile(f"{failing_server}/aerial.tif", ONGRID)
+    assert not busy.value.permanent  # the queue must deliver the message again
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(SourceUnavailable, match="connect"):
+        read_tile(f"http://127.0.0.1:{port}/aerial.tif", ONGRID)
 
 
 def test_http_range_source(bucket: str, moto_server: str, aerial: Path) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+
 import mercantile
 import numpy as np
 import pytest
 from mercantile import Tile
 
 from chipscale.cover import cover
-from chipscale.errors import PredictorUnavailable
+from chipscale.errors import PredictorUnavailable, SourceUnavailable
 from chipscale.messages import PackMessage
 from chipscale.predictors import open_predictor
 from chipscale.stores import open_store
@@ -117,3 +119,13 @@ def test_tile_of_another_hemisphere_is_empty(aerial, predictor, store) -> None:
         PackMessage(job="e", source=str(aerial), tiles=(tile,)), predictor=predictor, store=store
     )
     assert outcome.empty == 1
+
+
+def test_unreachable_source_goes_back_to_the_queue(predictor, store) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    message = PackMessage(job="u", source=f"http://127.0.0.1:{port}/a.tif", tiles=(FAR_AWAY,))
+    with pytest.raises(SourceUnavailable):
+        process_pack(message, predictor=predictor, store=store)
+    assert store.counts("u")["total"] == 0  # nothing recorded: SQS will deliver it again

@@ -146,3 +146,47 @@ def test_bad_input_gives_one_line_and_the_right_exit_code(aerial, tmp_path) -> N
             assert result.stderr.strip().startswith("Error: ")
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "o" / "results.csv").exists()  # nothing half written
+
+
+def test_run_over_a_tile_list_and_an_aoi(aerial, tmp_path) -> None:
+    tiles = list(cover(19, source=str(aerial)))[:10]
+    listing = tmp_path / "tiles.txt"
+    listing.write_text("".join(f"{t.x}-{t.y}-{t.z}\n" for t in tiles) + "0-0-19\n")
+    result = chipscale(
+        "run",
+        "--source",
+        str(aerial),
+        "--zoom",
+        "19",
+        "--tiles",
+        str(listing),
+        "--out",
+        str(tmp_path / "a"),
+        "--no-preview",
+        "--job",
+        "listed",
+    )
+    assert result.returncode == 0, result.stderr
+    with (tmp_path / "a" / "results.csv").open() as handle:
+        statuses = {(r["x"], r["y"]): r["status"] for r in csv.DictReader(handle)}
+    assert len(statuses) == 11 and statuses[("0", "0")] == "empty"
+
+    ring = [[128.6554, 37.6664], [128.6570, 37.6664], [128.6570, 37.6680], [128.6554, 37.6680]]
+    aoi = tmp_path / "aoi.geojson"
+    aoi.write_text(json.dumps({"type": "Polygon", "coordinates": [[*ring, ring[0]]]}))
+    result = chipscale(
+        "run",
+        "--source",
+        str(aerial),
+        "--zoom",
+        "19",
+        "--aoi",
+        str(aoi),
+        "--out",
+        str(tmp_path / "b"),
+        "--no-preview",
+    )
+    assert result.returncode == 0, result.stderr
+    with (tmp_path / "b" / "results.csv").open() as handle:
+        count = sum(1 for _ in csv.DictReader(handle))
+    assert 0 < count < len(list(cover(19, source=str(aerial))))

@@ -108,11 +108,12 @@ def run_local(
     ``on_start(todo, skipped)`` is called once the work is known, ``on_progress(n)`` after
     each pack with its tile count: the CLI draws its progress bar from them.
     """
+    info = predictor.info
+    _check_same_job(store.get_job(job), source, info.name, info.version)
     all_tiles = list(dict.fromkeys(tiles))
     done = store.done_tiles(job)
     todo = [t for t in all_tiles if t not in done]
     summary = RunSummary(job=job, total=len(all_tiles), skipped=len(all_tiles) - len(todo))
-    info = predictor.info
     store.start_job(
         JobInfo(
             job=job,
@@ -180,6 +181,28 @@ def run_local(
             "re-run the same command to resume"
         )
     return summary
+
+
+def _check_same_job(
+    recorded: JobInfo | None, source: str, model_name: str, model_version: str
+) -> None:
+    """A resumed job must keep its source and model, or its results would mix two runs."""
+    if recorded is None:
+        return
+    if recorded.source != source:
+        raise RunError(
+            f"job {recorded.job!r} reads {recorded.source}, not {source}: "
+            "give this run its own --job name"
+        )
+    if recorded.model_name and (recorded.model_name, recorded.model_version) != (
+        model_name,
+        model_version,
+    ):
+        raise RunError(
+            f"job {recorded.job!r} was scored by {recorded.model_name} "
+            f"v{recorded.model_version}, not {model_name} v{model_version}: "
+            "give this run its own --job name"
+        )
 
 
 def _join(threads: list[threading.Thread]) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from chipscale.cover import cover
 from chipscale.predictors import open_predictor
-from chipscale.runner import run_local
+from chipscale.runner import RunError, run_local
 from chipscale.stores import SQLiteStore, open_store
 
 
@@ -37,6 +37,8 @@ def test_run_then_resume_skips_everything(aerial, predictor, tmp_path) -> None:
         assert (second.skipped, second.processed) == (len(tiles), 0)
         assert store.counts("a")["total"] == len(tiles)
         assert store.get_job("a").tiles_total == len(tiles)
+        with pytest.raises(RunError, match="its own --job"):  # never mix two sources
+            run_local(job="a", source="other.tif", tiles=tiles, predictor=predictor, store=store)
 
 
 def test_database_locked_for_a_while_is_retried_not_dropped(
@@ -104,7 +106,7 @@ def test_ctrl_c_leaves_a_consistent_store_and_a_rerun_completes(aerial, tmp_path
     with sqlite3.connect(db) as con:
         stored = con.execute("select count(*) from results").fetchone()[0]
         assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
-    total = len(list(cover(21, source=str(aerial))))
+    total = len(list(cover(22, source=str(aerial))))
     assert 0 < stored < total
 
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

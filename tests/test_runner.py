@@ -79,7 +79,7 @@ def test_ctrl_c_leaves_a_consistent_store_and_a_rerun_completes(aerial, tmp_path
         "--source",
         str(aerial),
         "--zoom",
-        "21",
+        "22",
         "--out",
         str(out),
         "--workers",

@@ -30,7 +30,10 @@ from rio_tiler.io import Reader
 
 from chipscale.tiles import TileReader, read_tile, read_tiles, source_footprint_lonlat
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "rasterio_cogeo.tif"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT = SHARED / "rasterio_cogeo.tif"
+#: A UTM source: every tile is warped, where reading a pack in one warp matters most.
+REPROJECTED = SHARED / "naip_m_4709963_se_14_1_20200831.tif"
 
 
 def _timed(run: Callable[[], int]) -> float:
@@ -91,8 +94,15 @@ def main() -> None:
     parser.add_argument("path", nargs="?", default=str(DEFAULT))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--zooms", default="19,20")
+    parser.add_argument("--reprojected", default=str(REPROJECTED), help="'' to skip")
+    parser.add_argument("--reprojected-zooms", default="15,16")
     args = parser.parse_args()
     results = [measure(args.path, int(z), args.repeats) for z in args.zooms.split(",")]
+    if args.reprojected:
+        results += [
+            {"source": args.reprojected, **measure(args.reprojected, int(z), args.repeats)}
+            for z in args.reprojected_zooms.split(",")
+        ]
     print(
         json.dumps(
             {

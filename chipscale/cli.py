@@ -92,9 +92,15 @@ bbox_option = click.option(
 bands_option = click.option(
     "--bands", callback=_parse_bands, help="Source bands to read, 1-based, e.g. 1,2,3."
 )
-class_option = click.option("--class", "class_name", help="Keep rows scoring this class...")
+class_option = click.option(
+    "--class",
+    "class_name",
+    help="Keep tiles whose top class is this one (with --min-score: scoring at least S in it).",
+)
 min_score_option = click.option(
-    "--min-score", type=click.FloatRange(0, 1), help="...at least this much (with --class)."
+    "--min-score",
+    type=click.FloatRange(0, 1),
+    help="Keep tiles scoring at least this (in --class, or in their top class).",
 )
 
 
@@ -392,7 +398,6 @@ def download(
     from chipscale.export import export_results
     from chipscale.stores import open_store
 
-    _check_filter(class_name, min_score)
     with open_store(db) as store:
         if job is not None and store.get_job(job) is None:
             known = ", ".join(j.job for j in store.jobs()) or "none"
@@ -412,14 +417,8 @@ def convert_geojson(
     """Turn a downloaded results CSV into GeoJSON tile polygons (chip-n-scale's command)."""
     from chipscale.export import csv_to_geojson
 
-    _check_filter(class_name, min_score)
     count = csv_to_geojson(csv_file, geojson_file, class_name=class_name, min_score=min_score)
     click.echo(f"{count} features -> {geojson_file}", err=True)
-
-
-def _check_filter(class_name: str | None, min_score: float | None) -> None:
-    if (class_name is None) != (min_score is None):
-        raise click.UsageError("--class and --min-score go together")
 
 
 # ----------------------------------------------------------------------------- model

@@ -190,3 +190,18 @@ def test_run_over_a_tile_list_and_an_aoi(aerial, tmp_path) -> None:
     with (tmp_path / "b" / "results.csv").open() as handle:
         count = sum(1 for _ in csv.DictReader(handle))
     assert 0 < count < len(list(cover(19, source=str(aerial))))
+
+
+def test_download_by_top_class_alone(demo_run, tmp_path) -> None:
+    db = f"sqlite:///{demo_run / 'results.db'}"
+    out = tmp_path / "forest.geojson"
+    result = CliRunner().invoke(cli, ["download", "--db", db, "-o", str(out), "--class", "forest"])
+    assert result.exit_code == 0, result.output
+    features = json.loads(out.read_text())["features"]
+    assert features
+    for feature in features:
+        props = feature["properties"]
+        scores = {c: props[c] for c in ("snow", "forest", "bare_ground", "road")}
+        assert max(scores, key=scores.get) == "forest"
+    bad = CliRunner().invoke(cli, ["download", "--db", db, "-o", str(out), "--class", "lava"])
+    assert bad.exit_code == 1 and "snow" in bad.output  # names the classes it knows

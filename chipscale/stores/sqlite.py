@@ -13,6 +13,7 @@ lose the last few transactions but never corrupts the file.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -205,8 +206,7 @@ class SQLiteStore:
                 )
             if version == SCHEMA_VERSION:
                 return
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._immediate():
                 # Read again under the write lock: another process may have just done it.
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
                 if version == 0:
@@ -217,15 +217,23 @@ class SQLiteStore:
                     for statement in _statements(script):
                         self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
         except sqlite3.DatabaseError as exc:
             if getattr(exc, "sqlite_errorcode", None) == 26 or "not a database" in str(exc):
                 raise StoreError(f"{str(self.path)!r} is not a SQLite database") from None
             raise _translate(exc, self.path, "creating the schema") from None
+
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[None]:
+        """One write transaction. IMMEDIATE takes the write lock up front, so two writers
+        never deadlock upgrading a read lock; any failure rolls the whole of it back."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
 
     def _check_open(self) -> None:
         if self._closed:
@@ -289,15 +297,8 @@ class SQLiteStore:
         with self._lock:
             self._check_open()
             try:
-                # IMMEDIATE takes the write lock up front: no deadlock on a read-to-write upgrade.
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
+                with self._immediate():
                     self._conn.executemany(_UPSERT_RESULT, params)
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path, f"writing {len(params)} results") from None
 

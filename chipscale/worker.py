@@ -1,18 +1,21 @@
 """``process_pack()``: read a pack's tiles, predict, store. The same function runs in the
 Lambda and in the local runner; only the adapters around it differ.
 
-Failure policy (see :mod:`chipscale.errors`): a permanent failure of the pack (the source
-cannot be opened, is not a raster) becomes ``error`` rows carrying the reason, so the message
-is done; a transient failure (model server, database, a read that broke mid-way) raises, so
-the queue delivers the message again. Tiles without a valid pixel are ``empty`` and never
-reach the model. Writes are upserts keyed on (job, z, x, y): a repeat is harmless.
+Failure policy (see :mod:`chipscale.errors`): a permanent failure (the source cannot be
+opened or is not a raster, the model refuses the input) becomes ``error`` rows carrying the
+reason, so the message is done; a transient failure (model server, database, a remote
+source timing out or answering 5xx) raises, so the queue delivers the message again. Tiles
+without a valid pixel are ``empty`` and never reach the model. Writes are upserts keyed on
+(job, z, x, y): a repeat is harmless.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,43 +59,54 @@ def process_pack(
 ) -> PackOutcome:
     """Run one pack through read, predict and write; see the module docstring for failures."""
     info = predictor.info
-    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    outputs: dict[Tile, dict[str, float]] = {}
+    errors: dict[Tile, str] = {}
+    at_stake: Sequence[Tile] = message.tiles  # the tiles a permanent failure marks as errors
     try:
-        images = dict(read_tiles(message.source, message.tiles, size=info.tile_size, bands=bands))
-        full = [tile for tile in message.tiles if not images[tile].is_empty]
-        batch = _stack(info, [images[t] for t in full]) if full else None
+        with _timed(seconds, "read"):
+            images = dict(
+                read_tiles(message.source, message.tiles, size=info.tile_size, bands=bands)
+            )
+            at_stake = [tile for tile in message.tiles if not images[tile].is_empty]
+            batch = _stack(info, [images[t] for t in at_stake]) if at_stake else None
+        with _timed(seconds, "predict"):
+            if batch is not None:
+                for tile, row in zip(at_stake, predictor.predict(batch), strict=True):
+                    outputs[tile] = {
+                        name: round(float(v), SCORE_DECIMALS)
+                        for name, v in zip(info.classes, row, strict=True)
+                    }
     except ChipscaleError as exc:
         if not exc.permanent:
             raise
-        log.warning("pack of %d tiles of job %s failed: %s", len(message.tiles), message.job, exc)
-        read_done = time.perf_counter()
-        store.write([_result(message.job, t, info, error=str(exc)) for t in message.tiles])
-        return PackOutcome(
-            0, 0, len(message.tiles), read_done - started, 0.0, time.perf_counter() - read_done
-        )
-    read_done = time.perf_counter()
+        log.warning("%d tiles of job %s failed: %s", len(at_stake), message.job, exc)
+        errors = dict.fromkeys(at_stake, str(exc))
 
-    outputs: dict[Tile, dict[str, float]] = {}
-    if batch is not None:
-        scores = predictor.predict(batch)
-        for tile, row in zip(full, scores, strict=True):
-            outputs[tile] = {
-                name: round(float(v), SCORE_DECIMALS)
-                for name, v in zip(info.classes, row, strict=True)
-            }
-    predict_done = time.perf_counter()
-
-    store.write([_result(message.job, t, info, output=outputs.get(t)) for t in message.tiles])
-    done = time.perf_counter()
-    ok = len(outputs)
+    results = [
+        _result(message.job, t, info, output=outputs.get(t), error=errors.get(t))
+        for t in message.tiles
+    ]
+    with _timed(seconds, "write"):
+        store.write(results)
+    counts = Counter(result.status for result in results)
     return PackOutcome(
-        ok,
-        len(message.tiles) - ok,
-        0,
-        read_done - started,
-        predict_done - read_done,
-        done - predict_done,
+        counts["ok"],
+        counts["empty"],
+        counts["error"],
+        seconds.get("read", 0.0),
+        seconds.get("predict", 0.0),
+        seconds["write"],
     )
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = time.perf_counter() - start
 
 
 def _stack(info: ModelInfo, images: list[ImageData]) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 from mercantile import Tile
 
 from chipscale.cover import cover
-from chipscale.errors import PredictorUnavailable, SourceUnavailable
+from chipscale.errors import ModelFormatError, PredictorUnavailable, SourceUnavailable
 from chipscale.messages import PackMessage
 from chipscale.predictors import open_predictor
 from chipscale.stores import open_store
@@ -129,3 +129,22 @@ def test_unreachable_source_goes_back_to_the_queue(predictor, store) -> None:
     with pytest.raises(SourceUnavailable):
         process_pack(message, predictor=predictor, store=store)
     assert store.counts("u")["total"] == 0  # nothing recorded: SQS will deliver it again
+
+
+class RefusingPredictor(FlakyPredictor):
+    """A model that refuses its input for good (what a TorchServe 4xx will be)."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        raise ModelFormatError("model refuses tiles of this kind")
+
+
+def test_permanent_model_refusal_marks_only_the_tiles_it_saw(aerial, predictor, store) -> None:
+    tiles = (*tuple(cover(18, source=str(aerial)))[:3], FAR_AWAY)
+    message = PackMessage(job="r", source=str(aerial), tiles=tiles)
+    outcome = process_pack(message, predictor=RefusingPredictor(predictor, 0), store=store)
+    assert (outcome.error, outcome.empty) == (3, 1)
+    rows = {(r.x, r.y): r for r in store.iter_results("r")}
+    assert rows[(FAR_AWAY.x, FAR_AWAY.y)].status == "empty"
+    assert {r.error for r in rows.values() if r.status == "error"} == {
+        "model refuses tiles of this kind"
+    }

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,11 @@ class ChipscaleGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object) -> None:
+    """Warnings meant for the user (e.g. a slow strip-organised source), without source lines."""
+    click.echo(f"Warning: {message}", err=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -147,6 +153,8 @@ def cli(verbose: int, quiet: bool) -> None:
     """
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        warnings.showwarning = _one_line_warning
     if verbose < 2:
         logging.getLogger("rasterio").setLevel(max(level, logging.INFO))
 

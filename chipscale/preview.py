@@ -24,6 +24,9 @@ from rasterio.vrt import WarpedVRT
 
 from chipscale.errors import SourceError
 from chipscale.export import scores_of
+from chipscale.gdal_env import gdal_env
+from chipscale.tile_images import stretch_to_uint8
+from chipscale.tiles import open_source
 from chipscale.types import ResultRow
 
 __all__ = ["render_preview"]
@@ -55,7 +58,11 @@ def _read_image(source: str, max_size: int) -> tuple[np.ndarray, tuple[float, fl
     """The source as an RGBA uint8 image in EPSG:3857 at most ``max_size`` pixels a side,
     and its bounds (west, south, east, north) in metres."""
     try:
-        with rasterio.open(source) as src, WarpedVRT(src, crs="EPSG:3857") as vrt:
+        with (
+            gdal_env(source),
+            open_source(source) as src,
+            WarpedVRT(src, crs="EPSG:3857") as vrt,
+        ):
             scale = max(vrt.width, vrt.height) / max_size
             width = max(1, round(vrt.width / max(scale, 1.0)))
             height = max(1, round(vrt.height / max(scale, 1.0)))
@@ -67,26 +74,11 @@ def _read_image(source: str, max_size: int) -> tuple[np.ndarray, tuple[float, fl
             bounds = tuple(vrt.bounds)
     except rasterio.errors.RasterioError as exc:
         raise SourceError(f"Cannot read source {source!r} for the preview: {exc}") from None
-    rgb = _stretch(data, mask)
+    rgb = stretch_to_uint8(data, mask)
     if rgb.shape[0] == 1:
         rgb = np.repeat(rgb, 3, axis=0)
     alpha = np.where(mask, 255, 0).astype(np.uint8)[None]
     return np.concatenate([rgb, alpha]).transpose(1, 2, 0), bounds  # type: ignore[return-value]
-
-
-def _stretch(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """To uint8 for display: uint8 as is, anything else by a 2-98 % stretch of valid pixels."""
-    if data.dtype == np.uint8:
-        return data
-    out = np.zeros(data.shape, dtype=np.uint8)
-    for i, band in enumerate(data.astype("float64")):
-        valid = band[mask & np.isfinite(band)]
-        if valid.size == 0:
-            continue
-        low, high = np.percentile(valid, [2, 98])
-        span = high - low or 1.0
-        out[i] = (np.clip((np.nan_to_num(band) - low) / span, 0, 1) * 255).astype(np.uint8)
-    return out
 
 
 def _default_title(jobs: Counter[str], zooms: Counter[int], total: int) -> str:

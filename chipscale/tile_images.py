@@ -8,18 +8,26 @@ from rasterio.io import MemoryFile
 from chipscale.types import ImageData
 
 
-def to_display(image: ImageData) -> np.ndarray:
-    """uint8 ``(3, size, size)`` RGB for display: the first three bands (or one, grey).
+def stretch_to_uint8(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """To uint8 for display: uint8 as is, anything else (uint16 imagery, floats) by a
+    2-98 % stretch of each band's valid pixels, so one bright outlier does not grey it out."""
+    if data.dtype == np.uint8:
+        return data
+    out = np.zeros(data.shape, dtype=np.uint8)
+    for i, band in enumerate(data.astype("float64")):
+        valid = band[mask & np.isfinite(band)]
+        if valid.size == 0:
+            continue
+        low, high = np.percentile(valid, [2, 98])
+        span = high - low or 1.0
+        out[i] = (np.clip((np.nan_to_num(band) - low) / span, 0, 1) * 255).astype(np.uint8)
+    return out
 
-    Non-uint8 data is stretched 2-98 % over its valid pixels, so uint16 imagery shows.
-    """
+
+def to_display(image: ImageData) -> np.ndarray:
+    """uint8 ``(3, size, size)`` RGB for display: the first three bands (or one, grey)."""
     bands = image.data[:3] if image.data.shape[0] >= 3 else image.data[:1].repeat(3, axis=0)
-    if bands.dtype == np.uint8:
-        return bands
-    valid = bands[:, image.mask] if image.mask.any() else bands.reshape(bands.shape[0], -1)
-    low, high = np.percentile(valid, [2, 98]) if valid.size else (0.0, 1.0)
-    scaled = (bands.astype("float64") - low) / max(float(high - low), 1e-12)
-    return (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8)
+    return stretch_to_uint8(bands, image.mask)
 
 
 def to_png(image: ImageData) -> bytes:

@@ -105,3 +105,19 @@ def moto_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch, aerial: Path) -> str:
+    """A moto S3 bucket holding the aerial COG as ``aerial.tif`` (public-read, so its plain
+    http URL works too); boto3 and GDAL both pointed at moto through ``AWS_ENDPOINT_URL``."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    for key in ("AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_VIRTUAL_HOSTING"):
+        monkeypatch.delenv(key, raising=False)
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    name = f"tiles-{os.getpid()}-{time.monotonic_ns()}"
+    s3.create_bucket(Bucket=name)
+    s3.upload_file(str(aerial), name, "aerial.tif", ExtraArgs={"ACL": "public-read"})
+    return name

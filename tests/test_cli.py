@@ -205,3 +205,16 @@ def test_download_by_top_class_alone(demo_run, tmp_path) -> None:
         assert max(scores, key=scores.get) == "forest"
     bad = CliRunner().invoke(cli, ["download", "--db", db, "-o", str(out), "--class", "lava"])
     assert bad.exit_code == 1 and "snow" in bad.output  # names the classes it knows
+
+
+def test_run_straight_from_s3(bucket, aerial, tmp_path) -> None:
+    # The subprocess inherits AWS_ENDPOINT_URL (moto) and dummy credentials from the fixtures.
+    result = chipscale(
+        "run", "--source", f"s3://{bucket}/aerial.tif", "--zoom", "18", "--out", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    with (tmp_path / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(list(cover(18, source=str(aerial))))
+    assert {r["status"] for r in rows} == {"ok"}
+    assert (tmp_path / "preview.png").stat().st_size > 10_000

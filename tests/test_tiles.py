@@ -11,7 +11,6 @@ and the mean value over valid pixels must agree within 1 %.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -19,7 +18,6 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import boto3
 import mercantile
 import numpy as np
 import psutil
@@ -347,18 +345,6 @@ def test_s3_endpoint_from_sdk_variables() -> None:
 
 
 # -- remote sources -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch, aerial: Path) -> str:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    for key in ("AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_VIRTUAL_HOSTING"):
-        monkeypatch.delenv(key, raising=False)
-    s3 = boto3.client("s3", endpoint_url=moto_server)
-    name = f"tiles-{os.getpid()}-{time.monotonic_ns()}"
-    s3.create_bucket(Bucket=name)
-    s3.upload_file(str(aerial), name, "aerial.tif", ExtraArgs={"ACL": "public-read"})
-    return name
 
 
 def _same_as_local(source: str, aerial: Path) -> None:

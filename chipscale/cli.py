@@ -46,6 +46,14 @@ class ChipscaleGroup(click.Group):
             ctx.exit(130)
 
 
+def _console() -> Any:
+    """A rich console for tables on stdout; as wide as needed when not a terminal (a pipe or a
+    log file), where rich would otherwise wrap every cell at 80 columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: object) -> None:
     """Warnings meant for the user (e.g. a slow strip-organised source), without source lines."""
     click.echo(f"Warning: {message}", err=True)
@@ -318,6 +326,7 @@ def run(
             )
     else:
         tiles = list(cover_tiles(zoom, source=source, aoi=aoi))
+    click.echo(f"{len(tiles)} tiles at zoom {zoom} over {source}", err=True)
     predictor = open_predictor(model, threads=threads or default_model_threads())
     with open_store(db) as store, tile_progress(f"job {job}") as progress:
         summary = run_local(
@@ -366,7 +375,6 @@ def default_job_name(source: str, zoom: int) -> str:
 
 
 def _print_summary(summary: Any, model_name: str, db: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"job {summary.job} ({model_name})", title_justify="left")
@@ -380,7 +388,7 @@ def _print_summary(summary: Any, model_name: str, db: str) -> None:
         str(summary.skipped),
         f"{summary.tiles_per_second:.0f}",
     )
-    Console().print(table)
+    _console().print(table)
     if summary.processed:
         click.echo(
             f"time: {summary.seconds:.1f} s (worker time read {summary.read_seconds:.1f} s, "
@@ -412,6 +420,48 @@ def download(
             raise ChipscaleError(f"job {job!r} is not in {db} (jobs: {known})")
         count = export_results(store, job, output, class_name=class_name, min_score=min_score)
     click.echo(f"{count} rows -> {output}", err=True)
+
+
+@cli.command()
+@_db_option(required=True)
+@click.option("--job", help="One job (default: every job in the store).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(db: str, job: str | None, as_json: bool) -> None:
+    """How far each job is: tiles, ok, empty, error and remaining."""
+    from chipscale.stores import open_store
+
+    with open_store(db) as store:
+        jobs = [store.get_job(job)] if job else store.jobs()
+        if job and jobs[0] is None:
+            raise ChipscaleError(f"job {job!r} is not in {db}")
+        report = []
+        for info in jobs:
+            assert info is not None
+            counts = store.counts(info.job)
+            total = info.tiles_total or counts["total"]
+            report.append(
+                {
+                    "job": info.job,
+                    "source": info.source,
+                    "zoom": info.zoom,
+                    "model": f"{info.model_name} v{info.model_version}",
+                    "tiles": total,
+                    **{k: counts[k] for k in ("ok", "empty", "error")},
+                    "remaining": max(0, total - counts["ok"] - counts["empty"]),
+                }
+            )
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rich.table import Table
+
+    columns = ("job", "zoom", "model", "tiles", "ok", "empty", "error", "remaining")
+    table = Table(title=f"jobs in {db}", title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("job", "model") else "right")
+    for row in report:
+        table.add_row(*(str(row[c]) for c in columns))
+    _console().print(table)
 
 
 @cli.command("convert-geojson")

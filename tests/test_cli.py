@@ -218,3 +218,15 @@ def test_run_straight_from_s3(bucket, aerial, tmp_path) -> None:
     assert len(rows) == len(list(cover(18, source=str(aerial))))
     assert {r["status"] for r in rows} == {"ok"}
     assert (tmp_path / "preview.png").stat().st_size > 10_000
+
+
+def test_status_reports_each_job(demo_run) -> None:
+    db = f"sqlite:///{demo_run / 'results.db'}"
+    result = CliRunner().invoke(cli, ["status", "--db", db, "--json"])
+    assert result.exit_code == 0, result.output
+    (job,) = json.loads(result.output)
+    assert job["tiles"] == job["ok"] + job["empty"] + job["error"] and job["remaining"] == 0
+    table = CliRunner().invoke(cli, ["status", "--db", db, "--job", job["job"]])
+    assert job["job"] in table.output and "remaining" in table.output
+    missing = CliRunner().invoke(cli, ["status", "--db", db, "--job", "nope"])
+    assert missing.exit_code == 1

@@ -8,11 +8,14 @@ import mercantile
 import numpy as np
 import pytest
 import rasterio
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from mercantile import Tile
 from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
+from shapely.geometry import box
 
-from chipscale.cover import cover, cover_bbox, parse_bbox, read_aoi
+from chipscale.cover import cover, cover_bbox, cover_geometry, parse_bbox, read_aoi
 from chipscale.errors import AOIError, SourceError
 
 
@@ -142,3 +145,25 @@ def test_source_crossing_the_antimeridian(tmp_path) -> None:
 def test_missing_source_is_a_source_error(tmp_path) -> None:
     with pytest.raises(SourceError, match=r"missing\.tif"):
         list(cover(10, source=str(tmp_path / "missing.tif")))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.floats(-179.0, 178.0),
+    st.floats(-80.0, 79.0),
+    st.floats(0.001, 1.0),
+    st.floats(0.001, 1.0),
+    st.integers(4, 12),
+)
+@example(0.0, 0.0, 0.5, 0.5, 8)
+def test_hierarchical_cover_equals_brute_force(
+    west: float, south: float, width: float, height: float, zoom: int
+) -> None:
+    """Pruning by parent tiles never drops or adds a tile: compare with testing each tile."""
+    area = box(west, south, west + width, south + height)
+    expected = {
+        t
+        for t in mercantile.tiles(*area.bounds, zoom)
+        if box(*mercantile.bounds(t)).intersection(area).area > 0
+    }
+    assert set(cover_geometry(area, zoom)) == expected

@@ -48,5 +48,5 @@ def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "chipscale"
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("run", "cover", "tile", "download", "convert-geojson", "model"):
+    for command in ("run", "cover", "tile", "download", "convert-geojson", "status", "model"):
         assert command in result.stdout

@@ -317,6 +317,8 @@ def run(
     job = job or default_job_name(source, zoom)
     db = db or f"sqlite:///{out / 'results.db'}"
 
+    # The model first: a wrong model file fails before any work on the area.
+    predictor = open_predictor(model, threads=threads or default_model_threads())
     if tiles_file:
         tiles = [t for t in read_tile_list(tiles_file)]
         other = {t.z for t in tiles} - {zoom}
@@ -327,7 +329,6 @@ def run(
     else:
         tiles = list(cover_tiles(zoom, source=source, aoi=aoi))
     click.echo(f"{len(tiles)} tiles at zoom {zoom} over {source}", err=True)
-    predictor = open_predictor(model, threads=threads or default_model_threads())
     with open_store(db) as store, tile_progress(f"job {job}") as progress:
         summary = run_local(
             job=job,

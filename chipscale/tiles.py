@@ -36,7 +36,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -557,6 +559,42 @@ def read_tiles(
         yield from reader.read(tiles)
 
 
+#: Open readers kept per thread by :func:`cached_reader`: a worker handles many packs of few
+#: sources, and opening costs a header read each time (milliseconds locally, a round trip
+#: or more to S3).
+READER_CACHE_SIZE = 4
+_local = threading.local()
+
+
+def cached_reader(
+    source: str | os.PathLike[str], *, size: int = 256, bands: Sequence[int] | None = None
+) -> TileReader:
+    """An open :class:`TileReader` for ``source`` from this thread's small LRU cache.
+
+    Per thread because a reader is not thread-safe. The least recently used reader is closed
+    when the cache is full. Sources are taken to be immutable while a process runs (COGs in a
+    bucket): a file rewritten in place needs :func:`clear_reader_cache`.
+    """
+    cache: OrderedDict[tuple, TileReader] = getattr(_local, "readers", None) or OrderedDict()
+    _local.readers = cache
+    key = (os.fspath(source), size, tuple(bands) if bands is not None else None)
+    reader = cache.pop(key, None)
+    if reader is None:
+        reader = TileReader(source, size=size, bands=bands)
+        while len(cache) >= READER_CACHE_SIZE:
+            cache.popitem(last=False)[1].close()
+    cache[key] = reader
+    return reader
+
+
+def clear_reader_cache() -> None:
+    """Close this thread's cached readers."""
+    cache = getattr(_local, "readers", None) or {}
+    for reader in cache.values():
+        reader.close()
+    _local.readers = OrderedDict()
+
+
 def read_tile(
     source: str | os.PathLike[str],
     tile: Tile | Sequence[int],
@@ -575,6 +613,8 @@ __all__ = [
     "SlowSourceWarning",
     "SourceInfo",
     "TileReader",
+    "cached_reader",
+    "clear_reader_cache",
     "gdal_path",
     "group_tiles",
     "open_source",

@@ -25,7 +25,7 @@ from chipscale.errors import ChipscaleError, SourceError
 from chipscale.messages import PackMessage
 from chipscale.predictors import Predictor
 from chipscale.stores import ResultStore
-from chipscale.tiles import read_tiles
+from chipscale.tiles import cached_reader
 from chipscale.types import ImageData, ModelInfo, TileResult
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,8 @@ def process_pack(
     at_stake: Sequence[Tile] = message.tiles  # the tiles a permanent failure marks as errors
     try:
         with _timed(seconds, "read"):
-            images = dict(
-                read_tiles(message.source, message.tiles, size=info.tile_size, bands=bands)
-            )
+            reader = cached_reader(message.source, size=info.tile_size, bands=bands)
+            images = dict(reader.read(message.tiles))
             at_stake = [tile for tile in message.tiles if not images[tile].is_empty]
             batch = _stack(info, [images[t] for t in at_stake]) if at_stake else None
         with _timed(seconds, "predict"):

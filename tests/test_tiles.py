@@ -30,8 +30,11 @@ from rio_tiler.io import Reader
 from chipscale.errors import InvalidTileError, SourceError, SourceUnavailable
 from chipscale.gdal_env import gdal_options, s3_endpoint_options
 from chipscale.tiles import (
+    READER_CACHE_SIZE,
     SlowSourceWarning,
     TileReader,
+    cached_reader,
+    clear_reader_cache,
     gdal_path,
     read_tile,
     read_tiles,
@@ -402,3 +405,19 @@ def test_unreachable_remote_source_is_transient(
 
 def test_http_range_source(bucket: str, moto_server: str, aerial: Path) -> None:
     _same_as_local(f"{moto_server}/{bucket}/aerial.tif", aerial)
+
+
+def test_cached_reader_is_reused_per_thread_and_evicts_lru(aerial: Path, naip: Path) -> None:
+    clear_reader_cache()
+    first = cached_reader(aerial)
+    assert cached_reader(aerial) is first
+    assert cached_reader(aerial, bands=[1]) is not first
+    other: list[TileReader] = []
+    thread = threading.Thread(target=lambda: other.append(cached_reader(aerial)))
+    thread.start()
+    thread.join()
+    assert other[0] is not first  # readers are not thread-safe: one per thread
+    for i in range(READER_CACHE_SIZE):
+        cached_reader(naip, size=64 + i)
+    assert first._dataset.closed  # least recently used, closed on eviction
+    clear_reader_cache()

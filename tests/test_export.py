@@ -183,7 +183,6 @@ def test_csv_to_geojson_chip_n_scale_format(tmp_path: Path) -> None:
 
 
 def test_render_preview(aerial: Path, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     from chipscale.preview import render_preview
 
     with rasterio.open(aerial) as src:

@@ -343,7 +343,7 @@ def run(
             on_progress=progress.advance,
         )
         progress.stop()
-        _print_summary(summary, predictor.info.name, db)
+        _print_summary(summary, store.counts(job), predictor.info.name, db)
         if summary.interrupted:
             click.echo("Interrupted: finished packs are stored; re-run to resume.", err=True)
             sys.exit(130)
@@ -375,18 +375,21 @@ def default_job_name(source: str, zoom: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}-z{zoom}"
 
 
-def _print_summary(summary: Any, model_name: str, db: str) -> None:
+def _print_summary(summary: Any, counts: dict[str, int], model_name: str, db: str) -> None:
+    """The job as the store has it (a resumed run adds to earlier ones) and this run's share."""
     from rich.table import Table
 
     table = Table(title=f"job {summary.job} ({model_name})", title_justify="left")
-    for column in ("tiles", "ok", "empty", "error", "skipped (done before)", "tiles/s"):
+    columns = ("tiles", "ok", "empty", "error", "remaining", "this run", "tiles/s")
+    for column in columns:
         table.add_column(column, justify="right")
     table.add_row(
         str(summary.total),
-        str(summary.ok),
-        str(summary.empty),
-        str(summary.error),
-        str(summary.skipped),
+        str(counts["ok"]),
+        str(counts["empty"]),
+        str(counts["error"]),
+        str(max(0, summary.total - counts["ok"] - counts["empty"])),
+        str(summary.processed),
         f"{summary.tiles_per_second:.0f}",
     )
     _console().print(table)
@@ -397,6 +400,8 @@ def _print_summary(summary: Any, model_name: str, db: str) -> None:
             f"results in {db}",
             err=True,
         )
+    elif summary.skipped:
+        click.echo(f"Nothing to do: all {summary.skipped} tiles were done before.", err=True)
 
 
 # ----------------------------------------------------------------------------- export

@@ -36,6 +36,8 @@ class TileProgress:
         self._task = None
 
     def start(self, todo: int, skipped: int) -> None:
+        if not todo:  # a finished job being resumed: no bar to draw
+            return
         suffix = f" ({skipped} already done)" if skipped else ""
         self._task = self._progress.add_task(self._description + suffix, total=todo)
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +20,8 @@ from typing import IO, Any
 import click
 from rasterio.errors import RasterioError
 
-from chipscale.errors import ChipscaleError
+from chipscale.atomic import atomic_write
+from chipscale.errors import ChipscaleError, one_line
 from chipscale.tilelist import MAX_ZOOM, TileFormat, parse_tile, read_tile_list, write_tile_list
 
 log = logging.getLogger("chipscale")
@@ -39,7 +38,7 @@ class ChipscaleGroup(click.Group):
         except (ChipscaleError, RasterioError, OSError) as exc:
             if log.isEnabledFor(logging.DEBUG):
                 log.exception("failed")
-            click.echo(f"Error: {_one_line(exc)}", err=True)
+            click.echo(f"Error: {one_line(exc)}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -57,11 +56,6 @@ def _console() -> Any:
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: object) -> None:
     """Warnings meant for the user (e.g. a slow strip-organised source), without source lines."""
     click.echo(f"Warning: {message}", err=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
 
 
 # ----------------------------------------------------------------------------- options
@@ -128,21 +122,13 @@ def _db_option(required: bool = False):
 
 
 @contextmanager
-def _atomic_output(path: str | None, mode: str = "w") -> Iterator[IO[Any]]:
-    """Write to ``path`` through a temporary file, so a failure leaves nothing half written."""
+def _output(path: str | None, mode: str = "w") -> Iterator[IO[Any]]:
+    """stdout for no path or ``-``, else the file, written atomically."""
     if path is None or path == "-":
         yield sys.stdout
         return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, mode) as handle:
+        yield handle
 
 
 # ----------------------------------------------------------------------------- group
@@ -201,7 +187,7 @@ def cover(
     if source is None and aoi is None and bbox is None:
         raise click.UsageError("give --source, --aoi or --bbox")
     tiles = cover_tiles(zoom, source=source, aoi=aoi, bbox=bbox)
-    with _atomic_output(output) as handle:
+    with _output(output) as handle:
         count = write_tile_list(tiles, handle, fmt)
     click.echo(f"{count} tiles at zoom {zoom}", err=True)
 
@@ -230,7 +216,7 @@ def tile(source: str, tile: str, output: str, size: int, bands: tuple[int, ...] 
     if suffix not in (".npz", ".png"):
         raise click.BadParameter("output must end with .npz or .png", param_hint="-o")
     image = read_tile(source, parsed, size=size, bands=bands)
-    with _atomic_output(output, "wb") as handle:
+    with _output(output, "wb") as handle:
         if suffix == ".npz":
             np.savez_compressed(handle, data=image.data, mask=image.mask)
         else:
@@ -320,7 +306,7 @@ def run(
     # The model first: a wrong model file fails before any work on the area.
     predictor = open_predictor(model, threads=threads or default_model_threads())
     if tiles_file:
-        tiles = [t for t in read_tile_list(tiles_file)]
+        tiles = list(read_tile_list(tiles_file))
         other = {t.z for t in tiles} - {zoom}
         if other:
             raise click.BadParameter(
@@ -375,6 +361,11 @@ def default_job_name(source: str, zoom: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}-z{zoom}"
 
 
+def remaining(total: int, counts: dict[str, int]) -> int:
+    """Tiles of a job still to do: ``error`` tiles count, since a resume tries them again."""
+    return max(0, total - counts["ok"] - counts["empty"])
+
+
 def _print_summary(summary: Any, counts: dict[str, int], model_name: str, db: str) -> None:
     """The job as the store has it (a resumed run adds to earlier ones) and this run's share."""
     from rich.table import Table
@@ -388,7 +379,7 @@ def _print_summary(summary: Any, counts: dict[str, int], model_name: str, db: st
         str(counts["ok"]),
         str(counts["empty"]),
         str(counts["error"]),
-        str(max(0, summary.total - counts["ok"] - counts["empty"])),
+        str(remaining(summary.total, counts)),
         str(summary.processed),
         f"{summary.tiles_per_second:.0f}",
     )
@@ -421,9 +412,6 @@ def download(
     from chipscale.stores import open_store
 
     with open_store(db) as store:
-        if job is not None and store.get_job(job) is None:
-            known = ", ".join(j.job for j in store.jobs()) or "none"
-            raise ChipscaleError(f"job {job!r} is not in {db} (jobs: {known})")
         count = export_results(store, job, output, class_name=class_name, min_score=min_score)
     click.echo(f"{count} rows -> {output}", err=True)
 
@@ -453,7 +441,7 @@ def status(db: str, job: str | None, as_json: bool) -> None:
                     "model": f"{info.model_name} v{info.model_version}",
                     "tiles": total,
                     **{k: counts[k] for k in ("ok", "empty", "error")},
-                    "remaining": max(0, total - counts["ok"] - counts["empty"]),
+                    "remaining": remaining(total, counts),
                 }
             )
     if as_json:

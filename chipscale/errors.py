@@ -7,6 +7,11 @@ the message again; nothing is dropped.
 """
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one line of text (GDAL and torch messages often span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class ChipscaleError(Exception):
     """Base class for every error chipscale raises on purpose."""
 

@@ -20,16 +20,16 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import mercantile
 
+from chipscale.atomic import atomic_write
 from chipscale.errors import ChipscaleError
 from chipscale.stores.base import ResultStore
-from chipscale.tilelist import make_tile, quadkey
+from chipscale.tilelist import make_tile
 from chipscale.types import ResultRow
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "format_for",
     "read_csv_rows",
     "scores_of",
+    "top_class",
     "write_csv",
     "write_geojson",
 ]
@@ -87,7 +88,8 @@ def scores_of(output: Any, classes: Sequence[str] = ()) -> dict[str, float]:
     return {}
 
 
-def _top(scores: dict[str, float]) -> tuple[str, float] | None:
+def top_class(scores: dict[str, float]) -> tuple[str, float] | None:
+    """The best-scoring class and its score, ignoring non-finite scores; None if none."""
     finite = [(name, s) for name, s in scores.items() if math.isfinite(s)]
     return max(finite, key=lambda item: item[1]) if finite else None
 
@@ -154,12 +156,12 @@ def _filter(
             if class_name not in scores:
                 raise _unknown_class(class_name, classes or scores)
             if min_score is None:
-                top = _top(scores)
+                top = top_class(scores)
                 keep = top is not None and top[0] == class_name
             else:
                 keep = scores[class_name] >= min_score
         else:
-            top = _top(scores)
+            top = top_class(scores)
             keep = top is not None and top[1] >= min_score
         if keep:
             yield row
@@ -170,8 +172,9 @@ def _filter(
 
 @contextlib.contextmanager
 def _text_out(out: TextIO | PathLike) -> Iterator[TextIO]:
+    """An open stream as it is; a path written atomically (nothing half written on error)."""
     if isinstance(out, str | os.PathLike):
-        with open(out, "w", encoding="utf-8", newline="") as handle:
+        with atomic_write(out, "w", encoding="utf-8", newline="") as handle:
             yield handle
     else:
         yield out
@@ -184,7 +187,7 @@ def _row_values(row: ResultRow, classes: Sequence[str]) -> tuple[list[Any], list
     for name in classes:
         value = scores.get(name)
         class_values.append(value if value is not None and math.isfinite(value) else None)
-    head = [row.job, row.z, row.x, row.y, quadkey(tile), row.status]
+    head = [row.job, row.z, row.x, row.y, mercantile.quadkey(tile), row.status]
     return head, class_values
 
 
@@ -266,24 +269,6 @@ def format_for(path: PathLike) -> str:
         ) from None
 
 
-@contextlib.contextmanager
-def _atomic_text(path: PathLike) -> Iterator[TextIO]:
-    """A temp file beside ``path``, moved over it only when the block succeeds."""
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise ExportError(f"Cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def export_results(
     store: ResultStore,
     job: str | None,
@@ -295,8 +280,7 @@ def export_results(
     """Write a job's results (``job=None``: every job's) to ``path``, CSV or GeoJSON by its
     suffix, keeping the rows that pass the threshold (see :func:`filter_rows`).
 
-    Writes a temp file in the same folder and renames it, so a failure leaves no partial
-    file. Returns how many rows were written.
+    Written atomically (see :mod:`chipscale.atomic`). Returns how many rows were written.
     """
     fmt = format_for(path)
     if job is not None and store.get_job(job) is None and store.counts(job)["total"] == 0:
@@ -308,8 +292,7 @@ def export_results(
         store.iter_results(job, status=status), class_name, min_score, classes=classes
     )
     writer = write_csv if fmt == "csv" else write_geojson
-    with _atomic_text(path) as handle:
-        return writer(rows, handle, classes)
+    return writer(rows, path, classes)
 
 
 # -- reading CSV back (convert-geojson) ------------------------------------------------------
@@ -493,9 +476,6 @@ def csv_to_geojson(
     found, rows = read_csv_rows(csv_in, tms=tms, classes=classes)
     try:
         kept = filter_rows(rows, class_name, min_score, classes=found)
-        if isinstance(geojson_out, str | os.PathLike):
-            with _atomic_text(geojson_out) as handle:
-                return write_geojson(kept, handle, found)
         return write_geojson(kept, geojson_out, found)
     finally:
         close = getattr(rows, "close", None)

@@ -103,10 +103,9 @@ class InProcessPredictor:
             raise ChipscaleError(f"predictor for {self.path} is closed")
         try:
             return runtime.predict(batch)
-        except rt.BatchShapeError as exc:
-            # Permanent: these tiles can never fit this model (wrong bands or size).
-            raise ModelFormatError(str(exc)) from exc
-        except rt.ModelFileError as exc:  # the model broke its contract (output shape)
+        except (rt.BatchShapeError, rt.ModelFileError) as exc:
+            # Permanent: tiles that can never fit this model (wrong bands or size), or a model
+            # that broke its contract (output shape).
             raise ModelFormatError(str(exc)) from exc
         except MemoryError as exc:
             raise PredictorUnavailable(f"out of memory running {self.info.name}: {exc}") from exc

@@ -8,7 +8,6 @@ worker's Lambda bundle.
 
 from __future__ import annotations
 
-import math
 import os
 from array import array
 from collections import Counter
@@ -22,8 +21,9 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
+from chipscale.atomic import atomic_write
 from chipscale.errors import SourceError
-from chipscale.export import scores_of
+from chipscale.export import scores_of, top_class
 from chipscale.gdal_env import gdal_env
 from chipscale.tile_images import stretch_to_uint8
 from chipscale.tiles import open_source
@@ -130,12 +130,11 @@ def render_preview(
         if row.status == "empty":
             codes.append(_EMPTY)
             continue
-        scores = scores_of(row.output, names) if row.status == "ok" else {}
-        finite = {k: v for k, v in scores.items() if math.isfinite(v)}
-        if not finite:
+        best = top_class(scores_of(row.output, names)) if row.status == "ok" else None
+        if best is None:
             codes.append(_ERROR)
             continue
-        top = max(finite, key=finite.__getitem__)
+        top = best[0]
         if top not in index:  # a class the caller did not list: give it a colour too
             index[top] = len(names)
             names.append(top)
@@ -211,9 +210,9 @@ def render_preview(
     )
     legend.get_frame().set_edgecolor("#bbbbbb")
     fig.suptitle(title or _default_title(jobs, zooms, total), x=0.02, ha="left", fontsize=12)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(out_png, dpi=100, facecolor="white")
+        with atomic_write(out_png, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=100, facecolor="white")
     finally:
         plt.close(fig)
     return out_png

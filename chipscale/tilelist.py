@@ -15,7 +15,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Literal
 
-import mercantile
 from mercantile import Tile
 
 from chipscale.errors import InvalidTileError, TileListError
@@ -122,8 +121,3 @@ def write_tile_list(tiles: Iterable[Tile], out: IO[str], fmt: TileFormat = "x-y-
         out.write(format_tile(tile, fmt) + "\n")
         count += 1
     return count
-
-
-def quadkey(tile: Tile) -> str:
-    """The Bing quadkey of a tile (``""`` at zoom 0)."""
-    return mercantile.quadkey(tile)

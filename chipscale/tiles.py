@@ -54,7 +54,7 @@ from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 
-from chipscale.errors import SourceError, SourceUnavailable
+from chipscale.errors import SourceError, SourceUnavailable, one_line
 from chipscale.gdal_env import gdal_env, is_remote
 from chipscale.tilelist import make_tile
 from chipscale.types import ImageData
@@ -113,10 +113,6 @@ def gdal_path(source: str | os.PathLike[str]) -> str:
     return text
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 #: GDAL/curl messages of a remote read that a later attempt may not meet: the message goes
 #: back to the queue instead of recording the tiles as errors. A 403 or 404 is permanent.
 _TRANSIENT = re.compile(
@@ -129,7 +125,7 @@ _TRANSIENT = re.compile(
 
 def _source_error(source: str | os.PathLike[str], exc: BaseException) -> SourceError:
     """The error to raise for a failed open or read of ``source``, transient or not."""
-    text = f"cannot read raster {os.fspath(source)}: {_one_line(exc)}"
+    text = f"cannot read raster {os.fspath(source)}: {one_line(exc)}"
     if is_remote(os.fspath(source)) and _TRANSIENT.search(str(exc)):
         return SourceUnavailable(text)
     return SourceError(text)

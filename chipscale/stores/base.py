@@ -97,7 +97,7 @@ def _json_default(value: Any) -> Any:
         return value.tolist()
     if hasattr(value, "item"):
         return value.item()
-    if isinstance(value, (set, frozenset, tuple)):
+    if isinstance(value, set | frozenset):
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
@@ -118,10 +118,13 @@ def dump_json(value: Any) -> str | None:
     if value is None:
         return None
     try:
-        plain = json.loads(json.dumps(value, default=_json_default))
+        try:  # the common case, on the hot path: one encoding pass
+            return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)
+        except ValueError:  # NaN or infinity somewhere: normalise, then null them
+            plain = json.loads(json.dumps(value, default=_json_default))
+            return json.dumps(_finite(plain), separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"Model output is not JSON serialisable: {exc}") from None
-    return json.dumps(_finite(plain), separators=(",", ":"), allow_nan=False)
 
 
 def load_json(text: str | None) -> Any:

@@ -485,10 +485,9 @@ def model() -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 def model_info(path: str) -> None:
     """Print the metadata a model file carries (name, version, classes, bands, scaling)."""
-    from chipscale.predictors import open_predictor
+    from chipscale.predictors import read_model_metadata
 
-    predictor = open_predictor(path)
-    click.echo(json.dumps(predictor.metadata, indent=2))
+    click.echo(json.dumps(read_model_metadata(path), indent=2))
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -169,6 +169,16 @@ def _writable(directory: Path) -> bool:
     return os.access(directory, os.W_OK)
 
 
+def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata inside a model file as a plain dict, without loading the model."""
+    from model_server import chipscale_runtime as rt
+
+    try:
+        return rt.read_metadata(path).to_dict()
+    except rt.ModelFileError as exc:
+        raise ModelFormatError(str(exc)) from exc
+
+
 def open_predictor(spec: str | os.PathLike[str] | None = None, **kwargs: Any) -> Predictor:
     """Open the predictor a spec names; ``kwargs`` go to the adapter (device, sub_batch...).
 

@@ -230,3 +230,16 @@ def test_status_reports_each_job(demo_run) -> None:
     assert job["job"] in table.output and "remaining" in table.output
     missing = CliRunner().invoke(cli, ["status", "--db", db, "--job", "nope"])
     assert missing.exit_code == 1
+
+
+def test_model_info_prints_the_metadata_inside_the_file(tmp_path) -> None:
+    from chipscale.predictors import demo_model_path
+
+    result = CliRunner().invoke(cli, ["model", "info", str(demo_model_path())])
+    assert result.exit_code == 0, result.output
+    meta = json.loads(result.output)
+    assert meta["name"] == "demo-landcover" and meta["classes"][0] == "snow"
+    weights = tmp_path / "weights.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), weights)
+    refused = CliRunner().invoke(cli, ["model", "info", str(weights)])
+    assert refused.exit_code == 1 and "state_dict" in refused.output

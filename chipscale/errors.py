@@ -6,6 +6,9 @@ A *transient* failure (model server, database, throttling) is raised so the queu
 the message again; nothing is dropped.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 
 def one_line(exc: BaseException) -> str:
     """An exception as one line of text (GDAL and torch messages often span several)."""
@@ -41,6 +44,19 @@ class AOIError(ChipscaleError):
 
 class ModelFormatError(ChipscaleError):
     """A model file does not follow the model contract (e.g. a bare state_dict)."""
+
+
+class PartialPrediction(ModelFormatError):
+    """Some tiles of a batch were refused by the model server (a 4xx answer); the others have
+    scores. Permanent for the refused tiles only: the worker stores the scores it got and an
+    ``error`` row, with the server's reason, for each tile in ``failed``.
+    """
+
+    def __init__(self, scores: Any, failed: Mapping[int, str]) -> None:
+        self.scores = scores  #: (N, classes) float32; rows listed in ``failed`` are NaN
+        self.failed = dict(failed)  #: batch row -> reason
+        first = next(iter(self.failed.values()), "")
+        super().__init__(f"{len(self.failed)} of {len(scores)} tiles refused by the model: {first}")
 
 
 class StoreError(ChipscaleError):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from mercantile import Tile
 
-from chipscale.errors import ChipscaleError, SourceError
+from chipscale.errors import ChipscaleError, PartialPrediction, SourceError
 from chipscale.messages import PackMessage
 from chipscale.predictors import Predictor
 from chipscale.stores import ResultStore
@@ -71,7 +71,15 @@ def process_pack(
             batch = _stack(info, [images[t] for t in at_stake]) if at_stake else None
         with _timed(seconds, "predict"):
             if batch is not None:
-                for tile, row in zip(at_stake, predictor.predict(batch), strict=True):
+                try:
+                    scores, refused = predictor.predict(batch), {}
+                except PartialPrediction as exc:  # only some tiles refused: keep the rest
+                    scores, refused = exc.scores, exc.failed
+                    log.warning("job %s: %s", message.job, exc)
+                for i, (tile, row) in enumerate(zip(at_stake, scores, strict=True)):
+                    if i in refused:
+                        errors[tile] = refused[i]
+                        continue
                     outputs[tile] = {
                         name: round(float(v), SCORE_DECIMALS)
                         for name, v in zip(info.classes, row, strict=True)

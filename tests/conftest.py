@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +122,53 @@ def bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch, aerial: Path) -> s
     s3.create_bucket(Bucket=name)
     s3.upload_file(str(aerial), name, "aerial.tif", ExtraArgs={"ACL": "public-read"})
     return name
+
+
+# ----------------------------------------------------------------------------- TorchServe
+
+
+def start_torchserve(mar: Path, run_dir: Path) -> Any:
+    """A real TorchServe on free loopback ports, started with model_server/config.properties
+    (the GPU hosts' file) and ready (every worker READY); the caller stops it."""
+    from chipscale.serving import ServingError, TorchServe
+
+    if shutil.which("java") is None:
+        unavailable("java (TorchServe's frontend) is not installed")
+    server = TorchServe(
+        mar,
+        run_dir,
+        inference_port=free_port(),
+        management_port=free_port(),
+        metrics_port=free_port(),
+    )
+    try:
+        return server.start()
+    except ServingError as exc:
+        unavailable(f"TorchServe did not start: {exc}")
+
+
+@pytest.fixture(scope="session")
+def demo_model_file() -> Path:
+    """The bundled demo model file (built on first use)."""
+    from chipscale.predictors import demo_model_path
+
+    return demo_model_path()
+
+
+@pytest.fixture(scope="session")
+def demo_mar(demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model packaged as TorchServe serves it in the cloud."""
+    from chipscale.serving import ServingConfig, package_model
+
+    out = tmp_path_factory.mktemp("mar")
+    # CPU settings: one worker, short batching delay; the rest as on a GPU host.
+    return package_model(demo_model_file, out, config=ServingConfig(max_batch_delay_ms=5))
+
+
+@pytest.fixture(scope="session")
+def torchserve(demo_mar: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A session-wide TorchServe serving the demo model: ``.predictions_url``,
+    ``.management_url``, ``.metrics_url``, ``.model_name``, ``.stop()``/``.start()``."""
+    server = start_torchserve(demo_mar, tmp_path_factory.mktemp("torchserve"))
+    yield server
+    server.stop()

@@ -1,0 +1,75 @@
+"""Names shared by the CDK stack, the Lambdas, the GPU hosts and the operator commands.
+
+A name that two of them must agree on (a stack output key, a metric, an environment
+variable) is defined here once, so a rename cannot leave one side reading what the other no
+longer writes. Plain strings only: this module is imported by the Lambda bundle, the CDK app
+and the CLI alike.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ---------------------------------------------------------------------------- stack outputs
+# CloudFormation output keys of the chipscale stack; `--stack NAME` resolves resources by them.
+OUTPUT_QUEUE_URL: Final = "QueueUrl"
+OUTPUT_DLQ_URL: Final = "DeadLetterQueueUrl"
+OUTPUT_RESULTS_BUCKET: Final = "ResultsBucketName"
+OUTPUT_MODEL_BUCKET: Final = "ModelBucketName"
+OUTPUT_WORKER_FUNCTION: Final = "WorkerFunctionName"
+OUTPUT_OPERATIONS_FUNCTION: Final = "OperationsFunctionName"
+OUTPUT_CONTROLLER_FUNCTION: Final = "FleetControllerFunctionName"
+OUTPUT_EVENT_SOURCE_MAPPING: Final = "WorkerEventSourceMappingId"
+OUTPUT_ASG_NAME: Final = "GpuAutoScalingGroupName"
+OUTPUT_ENDPOINT_URL: Final = "ModelEndpointUrl"
+OUTPUT_DB_SECRET_ARN: Final = "DatabaseSecretArn"
+OUTPUT_DB_PROXY_ENDPOINT: Final = "DatabaseProxyEndpoint"
+OUTPUT_PER_GPU_PARAMETER: Final = "PerGpuConcurrencyParameterName"
+OUTPUT_LOG_GROUP_WORKER: Final = "WorkerLogGroupName"
+
+# ---------------------------------------------------------------------------- metrics
+#: CloudWatch namespace of the worker's EMF metrics (Powertools `namespace`).
+METRICS_NAMESPACE: Final = "chipscale"
+#: Powertools service name of the worker Lambda (a metric dimension).
+WORKER_SERVICE: Final = "chipscale-worker"
+METRIC_TILES_OK: Final = "TilesOk"
+METRIC_TILES_EMPTY: Final = "TilesEmpty"
+METRIC_TILES_ERROR: Final = "TilesError"
+METRIC_READ_SECONDS: Final = "ReadSeconds"
+METRIC_PREDICT_SECONDS: Final = "PredictSeconds"
+METRIC_WRITE_SECONDS: Final = "WriteSeconds"
+METRIC_MESSAGES_REJECTED: Final = "MessagesRejected"
+#: CloudWatch agent namespace and metric names of the GPU hosts (nvidia_smi plugin).
+GPU_METRICS_NAMESPACE: Final = "chipscale/gpu"
+GPU_METRIC_UTILIZATION: Final = "nvidia_smi_utilization_gpu"
+GPU_METRIC_MEMORY_UTILIZATION: Final = "nvidia_smi_utilization_memory"
+GPU_METRIC_MEMORY_USED: Final = "nvidia_smi_memory_used"
+
+# ---------------------------------------------------------------------------- environment
+# Environment variables the stack sets on the Lambdas and the GPU hosts' boot script reads.
+ENV_QUEUE_URL: Final = "CHIPSCALE_QUEUE_URL"
+ENV_MODEL_URL: Final = "CHIPSCALE_MODEL_URL"
+ENV_DB_SECRET_ARN: Final = "CHIPSCALE_DB_SECRET_ARN"
+ENV_DB_HOST: Final = "CHIPSCALE_DB_HOST"
+ENV_DB_NAME: Final = "CHIPSCALE_DB_NAME"
+ENV_ALLOWED_SOURCES: Final = "CHIPSCALE_ALLOWED_SOURCES"
+ENV_MAX_TILES_PER_MESSAGE: Final = "CHIPSCALE_MAX_TILES_PER_MESSAGE"
+ENV_DEFAULT_JOB: Final = "CHIPSCALE_DEFAULT_JOB"
+ENV_DEFAULT_SOURCE: Final = "CHIPSCALE_DEFAULT_SOURCE"
+ENV_RESULTS_BUCKET: Final = "CHIPSCALE_RESULTS_BUCKET"
+# The fleet controller (Lambda concurrency follows the GPUs in service).
+ENV_ASG_NAME: Final = "CHIPSCALE_ASG_NAME"
+ENV_EVENT_SOURCE_MAPPING: Final = "CHIPSCALE_EVENT_SOURCE_MAPPING"
+ENV_GPUS_PER_INSTANCE: Final = "CHIPSCALE_GPUS_PER_INSTANCE"
+ENV_PER_GPU_PARAMETER: Final = "CHIPSCALE_PER_GPU_PARAMETER"
+ENV_PER_GPU_DEFAULT: Final = "CHIPSCALE_PER_GPU_CONCURRENCY"
+
+# ---------------------------------------------------------------------------- identifiers
+#: Lifecycle hook that holds a new GPU instance in Pending:Wait until TorchServe is READY.
+LIFECYCLE_HOOK_LAUNCH: Final = "chipscale-model-ready"
+#: systemd unit running TorchServe on the GPU hosts.
+TORCHSERVE_UNIT: Final = "chipscale-torchserve.service"
+#: TorchServe ports (inference, management, metrics) on the GPU hosts and in the tests.
+INFERENCE_PORT: Final = 8080
+MANAGEMENT_PORT: Final = 8081
+METRICS_PORT: Final = 8082

@@ -1,0 +1,323 @@
+"""Packaging models for TorchServe and running TorchServe locally.
+
+:func:`package_model` turns a chipscale model file into a ``.mar`` holding the handler, the
+runtime, the model (its metadata inside) and a model-config chosen for a GPU host.
+:class:`TorchServe` starts TorchServe from this venv with ``model_server/config.properties``
+(the file the GPU hosts use), waits until every worker is READY (``/ping`` says healthy long
+before that), and stops it: ``chipscale serve``, the tests and the benchmarks all use it, so
+logs, pid file and worker sockets go to a run directory, never the cwd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chipscale.errors import ChipscaleError, ModelFormatError
+from chipscale.names import INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT
+
+MODEL_SERVER_DIR = Path(__file__).resolve().parents[1] / "model_server"
+CONFIG_PROPERTIES = MODEL_SERVER_DIR / "config.properties"
+LOG_CONFIG = MODEL_SERVER_DIR / "log4j2.xml"
+HANDLER_FILE = MODEL_SERVER_DIR / "chipscale_handler.py"
+RUNTIME_FILE = MODEL_SERVER_DIR / "chipscale_runtime.py"
+
+#: TorchServe model names: what its management API accepts.
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ServingError(ChipscaleError):
+    """TorchServe could not be packaged for, started or stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServingConfig:
+    """The model-config a ``.mar`` carries, tuned for one GPU host by default.
+
+    ``batch_size`` counts *requests* TorchServe groups into one handler call (each request
+    carries up to a pack's tiles), ``max_batch_delay_ms`` is how long it waits to fill one,
+    ``sub_batch`` how many tiles the handler runs through the model at once (bound by GPU
+    memory: 64 tiles of 3x256x256 float32 are 50 MB of input), ``workers`` the starting
+    worker count (the boot script scales to workers-per-GPU x GPUs), ``threads`` torch's CPU
+    threads per worker when there is no GPU.
+    """
+
+    batch_size: int = 4
+    max_batch_delay_ms: int = 10
+    workers: int = 1
+    response_timeout_s: int = 120
+    sub_batch: int = 64
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "workers", "response_timeout_s", "sub_batch", "threads"):
+            if getattr(self, name) < 1:
+                raise ServingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_delay_ms < 0:
+            raise ServingError(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+
+    def to_yaml(self) -> str:
+        """TorchServe's model-config YAML (plain keys; written by hand to need no yaml lib)."""
+        return "\n".join(
+            [
+                f"minWorkers: {self.workers}",
+                f"maxWorkers: {self.workers}",
+                f"batchSize: {self.batch_size}",
+                f"maxBatchDelay: {self.max_batch_delay_ms}",
+                f"responseTimeout: {self.response_timeout_s}",
+                "handler:",
+                f"  sub_batch: {self.sub_batch}",
+                f"  threads: {self.threads}",
+                "",
+            ]
+        )
+
+
+def package_model(
+    model: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    config: ServingConfig | None = None,
+    force: bool = False,
+) -> Path:
+    """Build ``<out_dir>/<name>.mar`` from a chipscale model file and return its path.
+
+    The model's own metadata is the source of truth: ``name`` and ``version`` only fill gaps,
+    so a flag that contradicts the file is refused rather than silently serving a model under
+    another identity than the one its results will carry.
+    """
+    from chipscale.predictors import read_model_metadata
+
+    model = Path(model)
+    meta = read_model_metadata(model)
+    name = _agree("name", meta.get("name"), name)
+    version = _agree("version", meta.get("version"), version)
+    if not _MODEL_NAME.match(name):
+        raise ModelFormatError(
+            f"model name {name!r} cannot be a TorchServe model name "
+            "(letters, digits, '_', '-', '.'; re-export the model with another name)"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{name}.mar"
+    if target.exists() and not force:
+        raise ServingError(f"{target} exists (use --force to replace it)")
+    config = config or ServingConfig()
+    with tempfile.TemporaryDirectory(prefix="chipscale-mar-") as tmp:
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(config.to_yaml())
+        # The handler loads the file by its manifest name: keep the suffix (.pt or .pt2).
+        serialized = Path(tmp) / f"{name}{model.suffix or '.pt'}"
+        shutil.copyfile(model, serialized)
+        cmd = [
+            _venv_tool("torch-model-archiver"),
+            "--model-name", name,
+            "--version", version,
+            "--serialized-file", str(serialized),
+            "--handler", str(HANDLER_FILE),
+            "--extra-files", str(RUNTIME_FILE),
+            "--config-file", str(config_file),
+            "--export-path", str(out),
+            "--force",
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ServingError(f"torch-model-archiver failed: {(done.stderr or done.stdout).strip()}")
+    return target
+
+
+def _agree(field_name: str, from_file: Any, from_flag: str | None) -> str:
+    if from_file and from_flag and str(from_file) != from_flag:
+        raise ModelFormatError(
+            f"the model file says {field_name} {from_file!r} but --{field_name} says "
+            f"{from_flag!r}: the file's metadata is the source of truth, flags only fill gaps"
+        )
+    value = from_file or from_flag
+    if not value:
+        raise ModelFormatError(f"the model file has no {field_name}: pass --{field_name}")
+    return str(value)
+
+
+def _venv_tool(name: str) -> str:
+    """A console script of this interpreter's environment (TorchServe runs from the venv)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise ServingError(f"{name} not found: install chipscale's 'model' extra")
+    return found
+
+
+@dataclass
+class TorchServe:
+    """A local TorchServe serving one ``.mar``, started and stopped by this process.
+
+    Ports default to TorchServe's (8080/8081/8082) on loopback; the run directory holds
+    logs, metrics, the pid file and worker sockets (``TEMP``), so two servers can run side by
+    side and nothing lands in the cwd.
+    """
+
+    mar: Path
+    run_dir: Path
+    host: str = "127.0.0.1"
+    inference_port: int = INFERENCE_PORT
+    management_port: int = MANAGEMENT_PORT
+    metrics_port: int = METRICS_PORT
+    config_file: Path = CONFIG_PROPERTIES
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def model_name(self) -> str:
+        return self.mar.stem
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.host}:{self.inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.management_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}"
+
+    @property
+    def predictions_url(self) -> str:
+        return f"{self.inference_url}/predictions/{self.model_name}"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        temp = self.run_dir / "tmp"
+        env.update(
+            {
+                "TEMP": str(temp),
+                "TMPDIR": str(temp),
+                "LOG_LOCATION": str(self.run_dir / "logs"),
+                "METRICS_LOCATION": str(self.run_dir / "logs"),
+                "TS_INFERENCE_ADDRESS": self.inference_url,
+                "TS_MANAGEMENT_ADDRESS": self.management_url,
+                "TS_METRICS_ADDRESS": self.metrics_url,
+                # The workers run this interpreter, so they see this venv's torch.
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 180.0) -> TorchServe:
+        """Start TorchServe and return once every worker of the model is READY."""
+        if self.process is not None and self.process.poll() is None:
+            raise ServingError("this TorchServe is already running")
+        for sub in ("tmp", "logs", "store"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        store = self.run_dir / "store"
+        target = store / self.mar.name
+        if not target.exists() or target.stat().st_mtime < self.mar.stat().st_mtime:
+            shutil.copyfile(self.mar, target)
+        cmd = [
+            _venv_tool("torchserve"),
+            "--start",
+            "--foreground",
+            "--ncs",  # no config snapshots: every start reads config.properties
+            "--model-store", str(store),
+            "--models", f"{self.model_name}={self.mar.name}",
+            "--ts-config", str(self.config_file),
+            "--log-config", str(LOG_CONFIG),
+        ]  # fmt: skip
+        log_file = (self.run_dir / "logs" / "torchserve.out").open("ab")
+        self.process = subprocess.Popen(
+            cmd,
+            cwd=self.run_dir,
+            env=self._env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the JVM and its Python workers form one group to stop
+        )
+        log_file.close()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The model's workers as the management API describes them (empty if unreachable)."""
+        url = f"{self.management_url}/models/{self.model_name}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                described = json.loads(answer.read())
+        except (OSError, ValueError):
+            return []
+        return [w for model in described for w in model.get("workers", [])]
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Poll the management API until every worker is READY (``/ping`` is not enough)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServingError(
+                    f"TorchServe exited with {self.process.returncode} while starting; "
+                    f"see {self.run_dir / 'logs'}"
+                )
+            workers = self.workers()
+            if workers and all(w.get("status") == "READY" for w in workers):
+                return
+            time.sleep(0.25)
+        raise ServingError(
+            f"TorchServe's workers were not READY after {timeout:.0f} s; "
+            f"see {self.run_dir / 'logs'}"
+        )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the JVM and its workers; a server that does not stop in time is killed."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                process.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        _reap_group(process.pid)
+
+    def __enter__(self) -> TorchServe:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _reap_group(pgid: int) -> None:
+    """Kill what is left of a process group (a Python worker the JVM did not take down)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def default_run_dir() -> Path:
+    """Where ``chipscale serve`` keeps logs and sockets: ``.chipscale/serve/<time>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(".chipscale") / "serve" / stamp

@@ -215,6 +215,12 @@ class TorchServe:
                 "TS_INFERENCE_ADDRESS": self.inference_url,
                 "TS_MANAGEMENT_ADDRESS": self.management_url,
                 "TS_METRICS_ADDRESS": self.metrics_url,
+                # gRPC cannot be turned off in TorchServe 0.12 and chipscale does not use it:
+                # loopback, on ports the OS picks, so several servers can run side by side.
+                "TS_GRPC_INFERENCE_ADDRESS": "127.0.0.1",
+                "TS_GRPC_MANAGEMENT_ADDRESS": "127.0.0.1",
+                "TS_GRPC_INFERENCE_PORT": "0",
+                "TS_GRPC_MANAGEMENT_PORT": "0",
                 # The workers run this interpreter, so they see this venv's torch.
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             }

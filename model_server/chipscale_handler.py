@@ -166,7 +166,10 @@ class ChipscaleHandler:
         return results
 
     def _failure(self, exc: Exception) -> Rejection:
-        text = f"{type(exc).__name__}: {exc}"
+        # TorchScript errors span pages with the cause on the last line; HTTP reason phrases
+        # may not hold line breaks at all.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
         if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
             return Rejection(507, f"out of memory running the model, retry smaller: {text}")
         log.warning("model raised on a request: %s", text)
@@ -189,7 +192,8 @@ class ChipscaleHandler:
     def _finish(context: Any, i: int, answer: str | Rejection | None) -> str:
         context.set_response_content_type(i, "application/json")
         if isinstance(answer, Rejection):
-            context.set_response_status(answer.status, answer.message[:200], idx=i)
+            phrase = " ".join(answer.message.split())[:200]
+            context.set_response_status(answer.status, phrase, idx=i)
             return answer.body()
         assert answer is not None
         return answer

@@ -1,0 +1,353 @@
+"""The fleet controller: the worker Lambda's concurrency follows the GPUs in service.
+
+The SQS event source mapping decides how many worker Lambdas run at once, and each of them
+holds a TorchServe request open. Two failures follow from a fixed setting:
+
+* With no GPU in service (the fleet scaled to zero, or still booting), every message a Lambda
+  takes fails against the endpoint, comes back, and after ``maxReceiveCount`` receives lands
+  in the dead-letter queue. Scale-from-zero would burn the queue into the DLQ before the first
+  instance is READY. So the mapping is **disabled** while no GPU is in service: messages wait
+  in the queue, whose backlog is what scales the fleet out.
+* With more GPUs than the concurrency feeds, GPUs sit idle; with fewer, requests queue in
+  TorchServe until Lambdas time out. So ``MaximumConcurrency`` is **per-GPU concurrency x GPUs
+  in service**, clamped to the range AWS accepts.
+
+"In service" means what the load balancer would route to: Auto Scaling ``LifecycleState``
+``InService`` (an instance held in ``Pending:Wait`` by the launch lifecycle hook until its
+TorchServe workers are READY is not) and ``HealthStatus`` ``Healthy``. The per-GPU value lives
+in an SSM parameter so ``chipscale tune --apply`` can change it without a deploy.
+
+:func:`desired_mapping` is the pure rule; :func:`sync` reads the three AWS services, applies
+the rule and writes the mapping only when something changes. The Lambda in
+``lambdas/fleet_controller.py`` runs :func:`sync` on Auto Scaling events and on a schedule, so
+a missed event is corrected on the next tick. Clients are passed in: nothing here touches AWS
+at import, and the tests hand in clients pointed at moto.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+from chipscale import names
+from chipscale.errors import ChipscaleError
+
+#: AWS's range for an SQS event source mapping's ``ScalingConfig.MaximumConcurrency``.
+MIN_MAXIMUM_CONCURRENCY = 2
+MAX_MAXIMUM_CONCURRENCY = 1000
+
+# Event source mapping states. A mapping in a transition reports the state it is heading to
+# as ...ing; one in Creating/Updating/Deleting refuses updates (ResourceInUseException), so
+# the controller leaves it for the next tick instead of failing.
+_ENABLED_STATES = frozenset({"Enabled", "Enabling"})
+_DISABLED_STATES = frozenset({"Disabled", "Disabling"})
+
+
+class FleetError(ChipscaleError):
+    """The fleet controller cannot do its job: a resource is missing or misconfigured."""
+
+
+class FleetNotFoundError(FleetError, LookupError):
+    """The Auto Scaling group or the event source mapping named does not exist."""
+
+
+class FleetConfigError(FleetError, ValueError):
+    """A setting of the fleet controller (GPUs per instance, per-GPU concurrency) is invalid."""
+
+
+# ------------------------------------------------------------------------------- the rule
+
+
+@dataclass(frozen=True)
+class DesiredMapping:
+    """What the event source mapping should be.
+
+    ``maximum_concurrency`` is None when the mapping is to be disabled: the last value is left
+    as it was, since re-enabling sets it again from the GPUs then in service.
+    """
+
+    enabled: bool
+    maximum_concurrency: int | None
+
+
+def clamp_concurrency(value: int) -> int:
+    """``value`` forced into the range AWS accepts for MaximumConcurrency (2..1000).
+
+    >>> clamp_concurrency(1), clamp_concurrency(48), clamp_concurrency(5000)
+    (2, 48, 1000)
+    """
+    return max(MIN_MAXIMUM_CONCURRENCY, min(MAX_MAXIMUM_CONCURRENCY, value))
+
+
+def desired_mapping(gpus_in_service: int, per_gpu_concurrency: int) -> DesiredMapping:
+    """The mapping state for ``gpus_in_service`` GPUs, each fed by ``per_gpu_concurrency``
+    Lambdas.
+
+    Disabled while no GPU is in service (messages wait in the queue rather than fail into the
+    DLQ); otherwise enabled with ``MaximumConcurrency = clamp(per_gpu x gpus, 2, 1000)``.
+
+    >>> desired_mapping(0, 8)
+    DesiredMapping(enabled=False, maximum_concurrency=None)
+    >>> desired_mapping(4, 8)
+    DesiredMapping(enabled=True, maximum_concurrency=32)
+    """
+    if gpus_in_service < 0:
+        raise FleetConfigError(f"GPUs in service must be 0 or more, got {gpus_in_service}")
+    if per_gpu_concurrency < 1:
+        raise FleetConfigError(f"per-GPU concurrency must be 1 or more, got {per_gpu_concurrency}")
+    if gpus_in_service == 0:
+        return DesiredMapping(enabled=False, maximum_concurrency=None)
+    return DesiredMapping(
+        enabled=True, maximum_concurrency=clamp_concurrency(per_gpu_concurrency * gpus_in_service)
+    )
+
+
+def mapping_changes(
+    state: str, maximum_concurrency: int | None, desired: DesiredMapping
+) -> dict[str, Any]:
+    """The ``update_event_source_mapping`` arguments that take a mapping in ``state`` with
+    ``maximum_concurrency`` to ``desired``; empty when it is already there.
+
+    A disabled mapping's concurrency is left alone (see :class:`DesiredMapping`).
+    """
+    changes: dict[str, Any] = {}
+    if desired.enabled and state not in _ENABLED_STATES:
+        changes["Enabled"] = True
+    elif not desired.enabled and state not in _DISABLED_STATES:
+        changes["Enabled"] = False
+    if desired.maximum_concurrency is not None and (
+        maximum_concurrency != desired.maximum_concurrency
+    ):
+        changes["ScalingConfig"] = {"MaximumConcurrency": desired.maximum_concurrency}
+    return changes
+
+
+def parse_per_gpu(value: str) -> int:
+    """A per-GPU concurrency read from SSM or the environment: a positive integer."""
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise FleetConfigError(f"per-GPU concurrency must be an integer, got {value!r}") from None
+    if number < 1:
+        raise FleetConfigError(f"per-GPU concurrency must be 1 or more, got {value!r}")
+    return number
+
+
+# ------------------------------------------------------------------------------- AWS side
+
+
+class AutoScalingClient(Protocol):
+    """The one Auto Scaling call :func:`sync` makes (a boto3 ``autoscaling`` client)."""
+
+    def describe_auto_scaling_groups(self, **kwargs: Any) -> dict[str, Any]: ...
+
+
+class LambdaClient(Protocol):
+    """The Lambda calls :func:`sync` makes (a boto3 ``lambda`` client)."""
+
+    exceptions: Any
+
+    def get_event_source_mapping(self, **kwargs: Any) -> dict[str, Any]: ...
+
+    def update_event_source_mapping(self, **kwargs: Any) -> dict[str, Any]: ...
+
+
+class SsmClient(Protocol):
+    """The SSM call :func:`sync` makes (a boto3 ``ssm`` client)."""
+
+    exceptions: Any
+
+    def get_parameter(self, **kwargs: Any) -> dict[str, Any]: ...
+
+
+Action = Literal["none", "updated", "busy"]
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one :func:`sync` saw and did, for the controller's structured log and the tests.
+
+    ``action`` is ``none`` (already right), ``updated`` (``changes`` were sent) or ``busy``
+    (the mapping was in a transition and refused the update; the next run retries).
+    ``warnings`` are for the caller to log (the Lambda logs each at WARNING level).
+    """
+
+    asg_name: str
+    mapping_uuid: str
+    instances_total: int
+    instances_in_service: int
+    gpus_in_service: int
+    per_gpu_concurrency: int
+    per_gpu_source: Literal["parameter", "default"]
+    state_before: str
+    maximum_concurrency_before: int | None
+    desired: DesiredMapping
+    action: Action
+    changes: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def as_log(self) -> dict[str, Any]:
+        """A JSON-ready dict (the Lambda logs it as one structured record)."""
+        return asdict(self)
+
+
+def count_in_service(autoscaling: AutoScalingClient, asg_name: str) -> tuple[int, int]:
+    """(instances in the group, instances InService and Healthy) of Auto Scaling group
+    ``asg_name``."""
+    groups = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[asg_name])[
+        "AutoScalingGroups"
+    ]
+    if not groups:
+        raise FleetNotFoundError(f"Auto Scaling group {asg_name!r} not found")
+    instances = groups[0].get("Instances", [])
+    in_service = sum(
+        1
+        for instance in instances
+        if instance.get("LifecycleState") == "InService"
+        and instance.get("HealthStatus") == "Healthy"
+    )
+    return len(instances), in_service
+
+
+def read_per_gpu(
+    ssm: SsmClient, parameter: str | None, default: int
+) -> tuple[int, Literal["parameter", "default"], str | None]:
+    """The per-GPU concurrency: SSM ``parameter`` if it exists and holds a positive integer,
+    else ``default``. Returns (value, where it came from, a warning or None).
+
+    A missing or bad parameter must not stop the controller: the mapping still has to follow
+    the fleet, so it falls back and says so.
+    """
+    if not parameter:
+        return default, "default", None
+    try:
+        value = ssm.get_parameter(Name=parameter)["Parameter"]["Value"]
+    except ssm.exceptions.ParameterNotFound:
+        return default, "default", f"SSM parameter {parameter!r} not found; using {default}"
+    try:
+        return parse_per_gpu(value), "parameter", None
+    except FleetConfigError as exc:
+        return default, "default", f"SSM parameter {parameter!r}: {exc}; using {default}"
+
+
+def read_mapping(lambda_client: LambdaClient, mapping_uuid: str) -> tuple[str, int | None]:
+    """(State, ScalingConfig.MaximumConcurrency or None) of event source mapping
+    ``mapping_uuid``."""
+    try:
+        mapping = lambda_client.get_event_source_mapping(UUID=mapping_uuid)
+    except lambda_client.exceptions.ResourceNotFoundException:
+        raise FleetNotFoundError(f"event source mapping {mapping_uuid!r} not found") from None
+    concurrency = (mapping.get("ScalingConfig") or {}).get("MaximumConcurrency")
+    return mapping["State"], concurrency
+
+
+def sync(
+    asg_name: str,
+    mapping_uuid: str,
+    gpus_per_instance: int,
+    per_gpu_parameter: str | None,
+    per_gpu_default: int,
+    *,
+    autoscaling: AutoScalingClient,
+    lambda_client: LambdaClient,
+    ssm: SsmClient,
+) -> SyncResult:
+    """Make event source mapping ``mapping_uuid`` follow the GPUs in service in ``asg_name``.
+
+    Reads the group, the per-GPU parameter and the mapping, then calls
+    ``update_event_source_mapping`` only if the state or the concurrency differs from
+    :func:`desired_mapping`, so running it every minute costs no writes. Safe to repeat and to
+    run concurrently: each run converges on the same state.
+    """
+    if gpus_per_instance < 1:
+        raise FleetConfigError(f"GPUs per instance must be 1 or more, got {gpus_per_instance}")
+    if per_gpu_default < 1:
+        raise FleetConfigError(
+            f"default per-GPU concurrency must be 1 or more, got {per_gpu_default}"
+        )
+    total, in_service = count_in_service(autoscaling, asg_name)
+    per_gpu, source, warning = read_per_gpu(ssm, per_gpu_parameter, per_gpu_default)
+    state, concurrency = read_mapping(lambda_client, mapping_uuid)
+    desired = desired_mapping(in_service * gpus_per_instance, per_gpu)
+    changes = mapping_changes(state, concurrency, desired)
+    action: Action = "none"
+    if changes:
+        try:
+            lambda_client.update_event_source_mapping(UUID=mapping_uuid, **changes)
+            action = "updated"
+        except lambda_client.exceptions.ResourceInUseException:
+            action = "busy"
+    return SyncResult(
+        asg_name=asg_name,
+        mapping_uuid=mapping_uuid,
+        instances_total=total,
+        instances_in_service=in_service,
+        gpus_in_service=in_service * gpus_per_instance,
+        per_gpu_concurrency=per_gpu,
+        per_gpu_source=source,
+        state_before=state,
+        maximum_concurrency_before=concurrency,
+        desired=desired,
+        action=action,
+        changes=changes,
+        warnings=(warning,) if warning else (),
+    )
+
+
+# ------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """The controller's settings, read once from the environment the stack gives the Lambda."""
+
+    asg_name: str
+    mapping_uuid: str
+    gpus_per_instance: int
+    per_gpu_parameter: str | None
+    per_gpu_default: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> FleetSettings:
+        """Settings from ``environ`` (names in :mod:`chipscale.names`); a missing or invalid
+        one raises :class:`FleetConfigError` naming the variable."""
+
+        def required(name: str) -> str:
+            value = environ.get(name, "").strip()
+            if not value:
+                raise FleetConfigError(f"environment variable {name} is not set")
+            return value
+
+        def positive(name: str) -> int:
+            raw = required(name)
+            try:
+                number = int(raw)
+            except ValueError:
+                number = 0
+            if number < 1:
+                raise FleetConfigError(f"{name} must be a positive integer, got {raw!r}")
+            return number
+
+        return cls(
+            asg_name=required(names.ENV_ASG_NAME),
+            mapping_uuid=required(names.ENV_EVENT_SOURCE_MAPPING),
+            gpus_per_instance=positive(names.ENV_GPUS_PER_INSTANCE),
+            per_gpu_parameter=environ.get(names.ENV_PER_GPU_PARAMETER, "").strip() or None,
+            per_gpu_default=positive(names.ENV_PER_GPU_DEFAULT),
+        )
+
+    def sync(
+        self, *, autoscaling: AutoScalingClient, lambda_client: LambdaClient, ssm: SsmClient
+    ) -> SyncResult:
+        """:func:`sync` with these settings."""
+        return sync(
+            self.asg_name,
+            self.mapping_uuid,
+            self.gpus_per_instance,
+            self.per_gpu_parameter,
+            self.per_gpu_default,
+            autoscaling=autoscaling,
+            lambda_client=lambda_client,
+            ssm=ssm,
+        )

@@ -5,7 +5,8 @@ scores. The worker only sees this port; :func:`open_predictor` picks the adapter
 
 - ``None``: the bundled demo model (``examples/demo-model.pt``, built on first use);
 - a path: :class:`InProcessPredictor` on that TorchScript or ``.pt2`` file;
-- an ``http(s)://`` URL: a TorchServe endpoint (arrives with the model-serving issue).
+- an ``http(s)://`` URL: a TorchServe endpoint
+  (:class:`~chipscale.torchserve_client.TorchServePredictor`).
 
 The in-process adapter runs ``model_server.chipscale_runtime``, the same code the TorchServe
 handler runs, so input checks, scaling and sub-batching behave alike in both.
@@ -199,8 +200,14 @@ def open_predictor(spec: str | os.PathLike[str] | None = None, **kwargs: Any) ->
 
 
 def _open_remote(url: str, **kwargs: Any) -> Predictor:
-    """Hook for the TorchServe adapter (a ``TorchServePredictor`` posting ``.npy`` batches)."""
-    raise ChipscaleError(
-        f"model {url!r}: TorchServe endpoints arrive with the model-serving issue; "
-        "use a local model file for now"
-    )
+    """A :class:`~chipscale.torchserve_client.TorchServePredictor` on a TorchServe URL.
+
+    ``device``, ``sub_batch`` and ``threads`` tune an in-process model; on an endpoint they are
+    the server's business (its model-config), so they are ignored here. Imported lazily, and
+    torch-free, so the Lambda bundle can open an endpoint.
+    """
+    from chipscale.torchserve_client import TorchServePredictor
+
+    for in_process_only in ("device", "sub_batch", "threads"):
+        kwargs.pop(in_process_only, None)
+    return TorchServePredictor(url, **kwargs)

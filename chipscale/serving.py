@@ -55,7 +55,7 @@ class ServingConfig:
     threads per worker when there is no GPU.
     """
 
-    batch_size: int = 4
+    batch_size: int = 8
     max_batch_delay_ms: int = 10
     workers: int = 1
     response_timeout_s: int = 120

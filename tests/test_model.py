@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 
 from chipscale import demo_model
-from chipscale.errors import ChipscaleError, ModelFormatError
+from chipscale.errors import ChipscaleError, ModelFormatError, PredictorUnavailable
 from chipscale.predictors import InProcessPredictor, Predictor, open_predictor
 from chipscale.types import ModelInfo
 from model_server import chipscale_runtime as rt
@@ -267,8 +268,8 @@ def test_predict_from_several_threads(demo: InProcessPredictor) -> None:
 def test_open_predictor_specs(files: dict[str, Path]) -> None:
     assert open_predictor(files["torchscript"]).info.name == "means"
     assert open_predictor(str(files["exported"]), sub_batch=4).info.version == "7"
-    with pytest.raises(ChipscaleError, match="TorchServe endpoints arrive"):
-        open_predictor("http://127.0.0.1:8080/predictions/demo")
+    with pytest.raises(PredictorUnavailable, match="after 1 attempts"):  # nothing listens
+        open_predictor(f"http://127.0.0.1:{free_port()}/predictions/demo", retries=0)
     with pytest.raises(ChipscaleError, match="local files"):
         open_predictor("s3://bucket/model.pt")
 

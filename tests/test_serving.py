@@ -288,3 +288,24 @@ def test_torchserve_restarted_in_mid_run_loses_and_duplicates_nothing(
     assert len(rows) == len(tiles) == len({(r.x, r.y) for r in rows})
     assert {r.status for r in rows} <= {"ok", "empty"}
     assert sum(r.status == "ok" for r in rows) > 0.8 * len(tiles)
+
+
+def test_tiles_that_always_break_the_model_become_errors_not_endless_retries(
+    slow_batcher,
+) -> None:
+    """Through the client: the request holding a poison tile is retried, then only its tiles
+    are refused with the model's message; the other requests of the pack are scored."""
+    from chipscale.errors import PartialPrediction
+    from chipscale.torchserve_client import TorchServePredictor
+
+    batch = np.full((4, 3, 256, 256), 128.0, np.float32)
+    batch[2, 0, 0, 0] = POISON
+    with TorchServePredictor(
+        slow_batcher.predictions_url, tiles_per_request=1, retries=1, backoff=0.01
+    ) as predictor, pytest.raises(PartialPrediction) as caught:
+        predictor.predict(batch)
+    assert set(caught.value.failed) == {2}
+    assert "poison pixel" in caught.value.failed[2]
+    scores = caught.value.scores
+    np.testing.assert_allclose(scores[[0, 1, 3], 0], 128.0 / 255.0, rtol=1e-5)
+    assert np.isnan(scores[2]).all()

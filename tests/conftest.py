@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,58 @@ def torchserve(demo_mar: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     server = start_torchserve(demo_mar, tmp_path_factory.mktemp("torchserve"))
     yield server
     server.stop()
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+#: The results tables as the verify check reads them (until `chipscale db-setup` owns the DDL).
+RESULTS_DDL = """
+CREATE TABLE jobs (job text PRIMARY KEY, source text NOT NULL, zoom int);
+CREATE TABLE results (
+    job text NOT NULL REFERENCES jobs (job),
+    z int NOT NULL, x bigint NOT NULL, y bigint NOT NULL,
+    status text NOT NULL, output jsonb, error text,
+    PRIMARY KEY (job, z, x, y)
+);
+"""
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> str:
+    """The machine's PostgreSQL (trust auth); a failure under CI=true, a skip elsewhere."""
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, connect_timeout=3):
+            pass
+    except Exception as exc:
+        unavailable(f"PostgreSQL at {PG_ADMIN}: {exc}")
+    return PG_ADMIN
+
+
+@pytest.fixture
+def empty_db(pg_admin: str) -> Iterator[str]:
+    """A fresh database ``test_<random>``, dropped afterwards; yields its URL."""
+    import psycopg
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        # template0 takes no connections: copying template1 fails while another session
+        # (a concurrent test run) is connected to it
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(pg_admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def results_db(empty_db: str) -> str:
+    """A database holding the results schema."""
+    import psycopg
+
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(RESULTS_DDL)
+    return empty_db

@@ -25,7 +25,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 from click.testing import CliRunner, Result
-from conftest import free_port, unavailable, wait_for_port
+from conftest import RESULTS_DDL, free_port, unavailable, wait_for_port
 from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale import names
@@ -67,62 +67,6 @@ ALL_CHECKS = [
     CHECK_ENDPOINT,
     CHECK_SCHEMA,
 ]
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-#: The results tables as `chipscale db-setup` will create them (the columns verify reads).
-RESULTS_DDL = """
-CREATE TABLE jobs (job text PRIMARY KEY, source text NOT NULL, zoom int);
-CREATE TABLE results (
-    job text NOT NULL REFERENCES jobs (job),
-    z int NOT NULL, x bigint NOT NULL, y bigint NOT NULL,
-    status text NOT NULL, output jsonb, error text,
-    PRIMARY KEY (job, z, x, y)
-);
-"""
-
-
-# ----------------------------------------------------------------------------- PostgreSQL
-
-
-@pytest.fixture(scope="module")
-def pg_admin() -> str:
-    """The machine's PostgreSQL (trust auth); a failure under CI=true, a skip elsewhere."""
-    try:
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN, connect_timeout=3):
-            pass
-    except Exception as exc:
-        unavailable(f"PostgreSQL at {PG_ADMIN}: {exc}")
-    return PG_ADMIN
-
-
-@pytest.fixture
-def empty_db(pg_admin: str) -> Iterator[str]:
-    """A fresh database ``verify_<random>``, dropped afterwards; yields its URL."""
-    import psycopg
-
-    name = f"verify_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        # template0 takes no connections: copying template1 fails while another session
-        # (a concurrent test run) is connected to it
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(pg_admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def results_db(empty_db: str) -> str:
-    """A database holding the results schema."""
-    import psycopg
-
-    with psycopg.connect(empty_db, autocommit=True) as conn:
-        conn.execute(RESULTS_DDL)
-    return empty_db
-
-
 # ----------------------------------------------------------------------------- quotas
 
 

@@ -1,0 +1,85 @@
+"""The operations Lambda's handler, run here against moto's Secrets Manager, the real
+TorchServe fixture and the machine's PostgreSQL: what `chipscale verify --stack` invokes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import boto3
+import pytest
+
+from chipscale import names
+from chipscale.db_credentials import DatabaseSecretError, url_from_secret
+from chipscale.verify import CHECK_ENDPOINT, CHECK_SCHEMA
+
+LAMBDAS = Path(__file__).resolve().parents[1] / "lambdas"
+CONTEXT = SimpleNamespace(
+    function_name="chipscale-operations",
+    memory_limit_in_mb=512,
+    invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:chipscale-operations",
+    aws_request_id="req-1",
+)
+
+
+def test_url_from_secret_encodes_the_password_and_prefers_the_proxy_host() -> None:
+    secret = {"username": "chip", "password": "p@ss/w:rd#1", "host": "db-instance", "port": 5432}
+    url = url_from_secret(secret, host="proxy.internal", dbname="chipscale")
+    assert (
+        url == "postgresql://chip:p%40ss%2Fw%3Ard%231@proxy.internal:5432/chipscale?sslmode=require"
+    )
+    with pytest.raises(DatabaseSecretError, match="lacks password, dbname"):
+        url_from_secret({"username": "chip", "host": "h"})
+
+
+@pytest.fixture
+def operations(moto_server: str, monkeypatch: pytest.MonkeyPatch, results_db: str, torchserve):
+    """The handler module, imported fresh with the stack's environment pointing here."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    database = results_db.rsplit("/", 1)[1]
+    secret = boto3.client("secretsmanager").create_secret(
+        Name=f"chipscale-db-{database}",
+        SecretString=json.dumps(
+            {"username": "postgres", "password": "x y", "host": "instance", "port": 5432}
+        ),
+    )
+    monkeypatch.setenv(names.ENV_DB_SECRET_ARN, secret["ARN"])
+    monkeypatch.setenv(names.ENV_DB_HOST, "127.0.0.1")  # the proxy, in the stack
+    monkeypatch.setenv(names.ENV_DB_NAME, database)
+    monkeypatch.setenv(names.ENV_MODEL_URL, torchserve.predictions_url)
+    monkeypatch.setenv("PGSSLMODE", "disable")  # the local server has no TLS
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "chipscale-operations")
+    monkeypatch.syspath_prepend(str(LAMBDAS))
+    sys.modules.pop("operations", None)
+    return importlib.import_module("operations")
+
+
+def test_verify_action_runs_the_private_checks_inside_the_vpc(operations: Any) -> None:
+    results = operations.handler({"action": "verify"}, CONTEXT)
+    by_name = {r["name"]: r for r in results}
+    assert set(by_name) == {CHECK_ENDPOINT, CHECK_SCHEMA}
+    assert all(r["ok"] for r in results), results
+    assert "demo-landcover" in by_name[CHECK_ENDPOINT]["detail"]
+
+
+def test_a_missing_schema_is_reported_not_raised(operations: Any, results_db: str) -> None:
+    import psycopg
+
+    with psycopg.connect(results_db, autocommit=True) as conn:
+        conn.execute("DROP TABLE results")
+    results = {r["name"]: r for r in operations.handler({"action": "verify"}, CONTEXT)}
+    assert results[CHECK_ENDPOINT]["ok"]
+    assert not results[CHECK_SCHEMA]["ok"]
+    assert "missing table results" in results[CHECK_SCHEMA]["detail"]
+
+
+def test_unknown_action_is_refused(operations: Any) -> None:
+    with pytest.raises(ValueError, match="knows 'verify'"):
+        operations.handler({"action": "drop everything"}, CONTEXT)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ZOOM ?= 19
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean synth
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,21 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.installed-local
 
+# The AWS CDK CLI, pinned by package-lock.json (npm's `latest` aws-cdk is a stale 3.0.0).
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+# Synthesize the stack offline (no AWS credentials, no Docker): cdk.out/chipscale.template.json.
+synth: $(VENV)/.installed-dev node_modules/.installed
+	JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION=20 node_modules/.bin/cdk synth --quiet
+
 demo: $(VENV)/.installed-local
 	$(BIN)/python examples/build_demo_model.py -o examples/demo-model.pt
 	$(BIN)/chipscale run --source examples/rasterio_cogeo.tif --zoom $(DEMO_ZOOM) \
 		--model examples/demo-model.pt --out demo-out
 
-test: $(VENV)/.installed-dev lint
+test: $(VENV)/.installed-dev node_modules/.installed lint
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev
@@ -37,6 +46,7 @@ format: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/tile_read.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/serving.py
 
 clean:
-	rm -rf $(VENV) demo-out chipscale-out .pytest_cache examples/demo-model.pt
+	rm -rf $(VENV) demo-out chipscale-out .pytest_cache examples/demo-model.pt cdk.out

@@ -26,6 +26,10 @@ OUTPUT_DB_SECRET_ARN: Final = "DatabaseSecretArn"
 OUTPUT_DB_PROXY_ENDPOINT: Final = "DatabaseProxyEndpoint"
 OUTPUT_PER_GPU_PARAMETER: Final = "PerGpuConcurrencyParameterName"
 OUTPUT_LOG_GROUP_WORKER: Final = "WorkerLogGroupName"
+OUTPUT_DASHBOARD_URL: Final = "DashboardUrl"
+OUTPUT_ALARM_TOPIC: Final = "AlarmTopicArn"
+#: S3 key (in OUTPUT_MODEL_BUCKET) of the model archive the GPU hosts serve.
+OUTPUT_MODEL_KEY: Final = "ModelArchiveKey"
 
 # ---------------------------------------------------------------------------- metrics
 #: CloudWatch namespace of the worker's EMF metrics (Powertools `namespace`).
@@ -52,6 +56,8 @@ ENV_MODEL_URL: Final = "CHIPSCALE_MODEL_URL"
 ENV_DB_SECRET_ARN: Final = "CHIPSCALE_DB_SECRET_ARN"
 ENV_DB_HOST: Final = "CHIPSCALE_DB_HOST"
 ENV_DB_NAME: Final = "CHIPSCALE_DB_NAME"
+#: Comma-separated ``s3://bucket/prefix/`` sources the worker may read (empty: any http(s)
+#: source, no s3:// one; the worker's IAM role reads only these buckets anyway).
 ENV_ALLOWED_SOURCES: Final = "CHIPSCALE_ALLOWED_SOURCES"
 ENV_MAX_TILES_PER_MESSAGE: Final = "CHIPSCALE_MAX_TILES_PER_MESSAGE"
 ENV_DEFAULT_JOB: Final = "CHIPSCALE_DEFAULT_JOB"
@@ -63,6 +69,21 @@ ENV_EVENT_SOURCE_MAPPING: Final = "CHIPSCALE_EVENT_SOURCE_MAPPING"
 ENV_GPUS_PER_INSTANCE: Final = "CHIPSCALE_GPUS_PER_INSTANCE"
 ENV_PER_GPU_PARAMETER: Final = "CHIPSCALE_PER_GPU_PARAMETER"
 ENV_PER_GPU_DEFAULT: Final = "CHIPSCALE_PER_GPU_CONCURRENCY"
+
+# The GPU hosts' boot script (model_server/gpu_host_boot.sh) reads these from the user data.
+HOST_ENV_REGION: Final = "CHIPSCALE_REGION"
+HOST_ENV_MODEL_BUCKET: Final = "CHIPSCALE_MODEL_BUCKET"
+HOST_ENV_MODEL_KEY: Final = "CHIPSCALE_MODEL_KEY"
+HOST_ENV_MODEL_NAME: Final = "CHIPSCALE_MODEL_NAME"
+HOST_ENV_WORKERS_PER_GPU: Final = "CHIPSCALE_WORKERS_PER_GPU"
+HOST_ENV_ASG_NAME: Final = "CHIPSCALE_ASG_NAME"
+HOST_ENV_LIFECYCLE_HOOK: Final = "CHIPSCALE_LIFECYCLE_HOOK"
+HOST_ENV_WHEELHOUSE_URI: Final = "CHIPSCALE_WHEELHOUSE_URI"
+HOST_ENV_TORCH_VERSION: Final = "CHIPSCALE_TORCH_VERSION"
+HOST_ENV_CW_NAMESPACE: Final = "CHIPSCALE_CW_NAMESPACE"
+#: Log group the hosts may write to (the boot script may point the CloudWatch agent at it).
+HOST_ENV_LOG_GROUP: Final = "CHIPSCALE_LOG_GROUP"
+HOST_ENV_READY_TIMEOUT: Final = "CHIPSCALE_READY_TIMEOUT"
 
 # ---------------------------------------------------------------------------- identifiers
 #: Lifecycle hook that holds a new GPU instance in Pending:Wait until TorchServe is READY.

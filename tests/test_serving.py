@@ -300,9 +300,12 @@ def test_tiles_that_always_break_the_model_become_errors_not_endless_retries(
 
     batch = np.full((4, 3, 256, 256), 128.0, np.float32)
     batch[2, 0, 0, 0] = POISON
-    with TorchServePredictor(
-        slow_batcher.predictions_url, tiles_per_request=1, retries=1, backoff=0.01
-    ) as predictor, pytest.raises(PartialPrediction) as caught:
+    with (
+        TorchServePredictor(
+            slow_batcher.predictions_url, tiles_per_request=1, retries=1, backoff=0.01
+        ) as predictor,
+        pytest.raises(PartialPrediction) as caught,
+    ):
         predictor.predict(batch)
     assert set(caught.value.failed) == {2}
     assert "poison pixel" in caught.value.failed[2]

@@ -1,0 +1,1 @@
+"""The chipscale CDK app: one construct per concern, wired by ``stacks.stack.ChipscaleStack``."""

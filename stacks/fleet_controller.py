@@ -1,0 +1,125 @@
+"""Fleet controller: the worker's Lambda concurrency follows the GPUs in service.
+
+``fleet_controller.handler`` (logic in ``chipscale.fleet``) sets the worker's event source
+mapping to MaximumConcurrency = per-GPU concurrency x GPUs in service, and disables it while
+no GPU is in service, so scale-from-zero never burns messages into the dead-letter queue and
+new GPUs never sit idle. It runs on this group's instance launch/terminate events and every
+minute (a missed event is repaired within a minute).
+
+It is not in the VPC: it calls only AWS APIs (Auto Scaling, Lambda, SSM) over their public
+endpoints, which needs neither a NAT gateway nor three more interface endpoints. Its IAM is
+scoped to this mapping and this parameter; DescribeAutoScalingGroups cannot be scoped.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Duration
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_ssm as ssm
+from constructs import Construct
+
+from chipscale import names
+from stacks.common import LAMBDA_ARCHITECTURE, LAMBDA_RUNTIME, acknowledge, log_group
+from stacks.config import DeploymentConfig
+
+HANDLER = "fleet_controller.handler"
+INSTANCE_EVENTS = ["EC2 Instance Launch Successful", "EC2 Instance Terminate Successful"]
+
+
+class FleetController(Construct):
+    """The controller function, the per-GPU concurrency parameter and the two triggers."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: DeploymentConfig,
+        code: lambda_.Code,
+        asg_name: str,
+        event_source_mapping_id: str,
+        event_source_mapping_arn: str,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.per_gpu_parameter = ssm.StringParameter(
+            self,
+            "PerGpuConcurrency",
+            parameter_name=f"/{config.stack_name}/per-gpu-concurrency",
+            string_value=str(config.per_gpu_concurrency),
+            description="Worker Lambda concurrency per GPU in service (chipscale tune writes it)",
+        )
+        self.log_group = log_group(self, "Logs", retention_days=config.log_retention_days)
+        self.function = lambda_.Function(
+            self,
+            "Function",
+            description="chipscale fleet controller: worker concurrency follows the GPUs",
+            runtime=LAMBDA_RUNTIME,
+            architecture=LAMBDA_ARCHITECTURE,
+            handler=HANDLER,
+            code=code,
+            memory_size=256,
+            timeout=Duration.seconds(30),
+            log_group=self.log_group,
+            environment={
+                names.ENV_ASG_NAME: asg_name,
+                names.ENV_EVENT_SOURCE_MAPPING: event_source_mapping_id,
+                names.ENV_GPUS_PER_INSTANCE: str(config.gpus_per_instance),
+                names.ENV_PER_GPU_PARAMETER: self.per_gpu_parameter.parameter_name,
+                names.ENV_PER_GPU_DEFAULT: str(config.per_gpu_concurrency),
+            },
+        )
+        self.function.add_to_role_policy(
+            iam.PolicyStatement(actions=["autoscaling:DescribeAutoScalingGroups"], resources=["*"])
+        )
+        self.function.add_to_role_policy(
+            iam.PolicyStatement(
+                actions=["lambda:GetEventSourceMapping", "lambda:UpdateEventSourceMapping"],
+                resources=[event_source_mapping_arn],
+            )
+        )
+        self.function.add_to_role_policy(
+            iam.PolicyStatement(
+                actions=["ssm:GetParameter"], resources=[self.per_gpu_parameter.parameter_arn]
+            )
+        )
+        self.instance_events = events.Rule(
+            self,
+            "InstanceEvents",
+            description="chipscale GPU instances launched or terminated",
+            event_pattern=events.EventPattern(
+                source=["aws.autoscaling"],
+                detail_type=INSTANCE_EVENTS,
+                detail={"AutoScalingGroupName": [asg_name]},
+            ),
+            targets=[targets.LambdaFunction(self.function, retry_attempts=2)],
+        )
+        self.schedule = events.Rule(
+            self,
+            "EveryMinute",
+            description="chipscale fleet controller: converge every minute",
+            schedule=events.Schedule.rate(Duration.minutes(1)),
+            targets=[targets.LambdaFunction(self.function, retry_attempts=0)],
+        )
+        role = self.function.role
+        assert role is not None
+        acknowledge(
+            role,
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+            "AWSLambdaBasicExecutionRole]",
+            "AWSLambdaBasicExecutionRole is AWS's minimal policy for a Lambda writing its logs.",
+        )
+        acknowledge(
+            role,
+            "AwsSolutions-IAM5[Resource::*]",
+            "autoscaling:DescribeAutoScalingGroups supports no resource-level permissions; it "
+            "is the only action granted on '*' (read-only).",
+        )
+        acknowledge(
+            self.function,
+            "AwsSolutions-L1",
+            "Python 3.12 is pinned on purpose: it shares the worker's bundle, whose binary "
+            "wheels are built for cp312 (stacks/bundle.py).",
+        )

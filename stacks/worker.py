@@ -1,0 +1,173 @@
+"""Worker: the SQS-triggered Lambda that reads tiles, asks TorchServe, writes results.
+
+It runs ``sqs_worker.handler`` from the shared bundle (``stacks.bundle``) in the ``compute``
+subnets: the S3 gateway endpoint serves s3:// COGs, the NAT gateway (when configured) http(s)
+ones, and its security group lets it out only to HTTPS/HTTP (COG sources and AWS endpoints),
+the model load balancer and the database proxy. Its environment carries names and addresses,
+never a secret: the handler reads the DB password from the secret ARN at cold start.
+
+The SQS event source reports partial batch failures, so one bad pack never retries its batch
+mates. Its MaximumConcurrency is only the initial value: the fleet controller keeps it at
+(per-GPU concurrency x GPUs in service) and disables the mapping while no GPU is in service.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Duration, Stack
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_event_sources as sources
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from chipscale import names
+from stacks.common import LAMBDA_ARCHITECTURE, LAMBDA_RUNTIME, acknowledge, log_group
+from stacks.config import DeploymentConfig
+
+HANDLER = "sqs_worker.handler"
+
+
+def source_prefixes(config: DeploymentConfig) -> list[str]:
+    """The configured source buckets as ``s3://bucket/prefix`` (the worker's allow-list)."""
+    return [f"s3://{source.rstrip('/')}/" for source in config.source_buckets]
+
+
+def _single_tile_defaults(config: DeploymentConfig) -> dict[str, str]:
+    """Job and source for chip-n-scale's ``{"x", "y", "z"}`` messages, when configured."""
+    out = {}
+    if config.default_job:
+        out[names.ENV_DEFAULT_JOB] = config.default_job
+    if config.default_source:
+        out[names.ENV_DEFAULT_SOURCE] = config.default_source
+    return out
+
+
+class Worker(Construct):
+    """The worker function, its log group, security group and SQS event source."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: DeploymentConfig,
+        code: lambda_.Code,
+        vpc: ec2.IVpc,
+        subnets: ec2.SubnetSelection,
+        queue: sqs.IQueue,
+        db_secret: secretsmanager.ISecret,
+        db_host: str,
+        db_name: str,
+        model_url: str,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.security_group = ec2.SecurityGroup(
+            self,
+            "SecurityGroup",
+            vpc=vpc,
+            allow_all_outbound=False,
+            description="chipscale worker Lambda: out to COG sources, the model and the DB proxy",
+        )
+        for port, why in ((443, "HTTPS: COG sources, AWS endpoints"), (80, "HTTP COG sources")):
+            self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(port), why)
+        self.log_group = log_group(self, "Logs", retention_days=config.log_retention_days)
+        self.function = lambda_.Function(
+            self,
+            "Function",
+            description="chipscale worker: tile packs from SQS -> TorchServe -> PostgreSQL",
+            runtime=LAMBDA_RUNTIME,
+            architecture=LAMBDA_ARCHITECTURE,
+            handler=HANDLER,
+            code=code,
+            memory_size=config.lambda_memory_mb,
+            timeout=Duration.seconds(config.lambda_timeout_seconds),
+            reserved_concurrent_executions=config.reserved_concurrency or None,
+            vpc=vpc,
+            vpc_subnets=subnets,
+            security_groups=[self.security_group],
+            log_group=self.log_group,
+            environment={
+                names.ENV_QUEUE_URL: queue.queue_url,
+                names.ENV_MODEL_URL: model_url,
+                names.ENV_DB_SECRET_ARN: db_secret.secret_arn,
+                names.ENV_DB_HOST: db_host,
+                names.ENV_DB_NAME: db_name,
+                names.ENV_ALLOWED_SOURCES: ",".join(source_prefixes(config)),
+                names.ENV_MAX_TILES_PER_MESSAGE: str(config.max_tiles_per_message),
+                **_single_tile_defaults(config),
+                "POWERTOOLS_SERVICE_NAME": names.WORKER_SERVICE,
+                "POWERTOOLS_METRICS_NAMESPACE": names.METRICS_NAMESPACE,
+            },
+        )
+        db_secret.grant_read(self.function)
+        self._grant_sources(config)
+        self.event_source = sources.SqsEventSource(
+            queue,
+            batch_size=config.batch_size,
+            max_batching_window=(
+                Duration.seconds(config.batching_window_seconds)
+                if config.batching_window_seconds
+                else None
+            ),
+            report_batch_item_failures=True,
+            max_concurrency=config.max_concurrency,
+            # With no GPU at deploy (minInstances 0) the mapping starts disabled; the fleet
+            # controller enables it when the first GPU is in service.
+            enabled=config.min_instances > 0,
+        )
+        self.function.add_event_source(self.event_source)
+        self._acknowledge(config)
+
+    @property
+    def event_source_mapping_id(self) -> str:
+        return self.event_source.event_source_mapping_id
+
+    @property
+    def event_source_mapping_arn(self) -> str:
+        return self.event_source.event_source_mapping_arn
+
+    def _grant_sources(self, config: DeploymentConfig) -> None:
+        """Read-only access to the configured source buckets and nothing else in S3."""
+        if not config.source_buckets:
+            return
+        partition = Stack.of(self).partition
+        objects, buckets = [], []
+        for source in config.source_buckets:
+            bucket, _, prefix = source.rstrip("/").partition("/")
+            objects.append(f"arn:{partition}:s3:::{bucket}/{prefix + '/' if prefix else ''}*")
+            buckets.append(f"arn:{partition}:s3:::{bucket}")
+        self.function.add_to_role_policy(
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=objects)
+        )
+        # ListBucket turns a missing key into a 404 (a clear "not found") instead of a 403.
+        self.function.add_to_role_policy(
+            iam.PolicyStatement(actions=["s3:ListBucket"], resources=sorted(set(buckets)))
+        )
+
+    def _acknowledge(self, config: DeploymentConfig) -> None:
+        role = self.function.role
+        assert role is not None
+        for policy in ("AWSLambdaBasicExecutionRole", "AWSLambdaVPCAccessExecutionRole"):
+            acknowledge(
+                role,
+                f"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/{policy}]",
+                f"{policy} is AWS's minimal policy for a Lambda writing its logs"
+                + (" and attaching its VPC network interfaces." if "VPC" in policy else "."),
+            )
+        for source in config.source_buckets:
+            bucket, _, prefix = source.rstrip("/").partition("/")
+            acknowledge(
+                role,
+                f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:s3:::{bucket}/"
+                f"{prefix + '/' if prefix else ''}*]",
+                f"The worker reads any COG under the configured source {source!r} "
+                "(sourceBuckets); read-only, that location only.",
+            )
+        acknowledge(
+            self.function,
+            "AwsSolutions-L1",
+            "Python 3.12 is pinned on purpose: the bundle's binary wheels (rasterio, numpy, "
+            "psycopg) are downloaded for cp312 (stacks/bundle.py); move both together.",
+        )

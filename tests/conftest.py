@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,9 @@ def naip(shared_data: Path) -> Path:
     return shared_data / "naip_m_4709963_se_14_1_20200831.tif"
 
 
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[str]:
-    """A real ``moto_server`` on loopback for S3, SQS and CloudWatch; yields its endpoint URL.
-
-    Credentials and region are dummies set in the environment, where both boto3 and GDAL's
-    ``/vsis3/`` read them.
-    """
+@contextmanager
+def running_moto() -> Iterator[str]:
+    """A ``moto_server`` process of its own on a free loopback port; yields its URL."""
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which(
         "moto_server"
     )
@@ -90,23 +87,36 @@ def moto_server() -> Iterator[str]:
     try:
         if not wait_for_port(port):
             unavailable("moto_server did not start")
-        env = {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1",
-        }
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
         yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real ``moto_server`` on loopback for S3, SQS and CloudWatch; yields its endpoint URL.
+
+    Credentials and region are dummies set in the environment, where both boto3 and GDAL's
+    ``/vsis3/`` read them.
+    """
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        with running_moto() as url:
+            yield url
+    finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 from click.testing import CliRunner, Result
-from conftest import RESULTS_DDL, free_port, unavailable, wait_for_port
+from conftest import RESULTS_DDL, free_port, running_moto
 from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale import names
@@ -439,29 +439,9 @@ def test_verify_action_fails_unconfigured_checks_by_name() -> None:
 def lambda_moto() -> Iterator[str]:
     """A moto server of its own whose Lambda runs without Docker (its invoke answers what the
     test queues): a config flip the session's shared moto server must not see."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-    if exe is None:
-        unavailable("moto_server is not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        if not wait_for_port(port):
-            unavailable("moto_server did not start")
-        url = f"http://127.0.0.1:{port}"
+    with running_moto() as url:
         _post(f"{url}/moto-api/config", {"lambda": {"use_docker": False}})
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _post(url: str, body: Any) -> None:

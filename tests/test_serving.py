@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -16,7 +22,7 @@ import torch
 import urllib3
 import yaml
 from click.testing import CliRunner
-from conftest import start_torchserve
+from conftest import free_port, start_torchserve
 
 from chipscale.cli import cli
 from chipscale.cover import cover
@@ -312,3 +318,49 @@ def test_tiles_that_always_break_the_model_become_errors_not_endless_retries(
     scores = caught.value.scores
     np.testing.assert_allclose(scores[[0, 1, 3], 0], 128.0 / 255.0, rtol=1e-5)
     assert np.isnan(scores[2]).all()
+
+
+def test_chipscale_serve_is_ready_when_it_says_so_and_stops_cleanly(
+    demo_model_file, tmp_path
+) -> None:
+    """`chipscale serve MODEL.pt`: packages on the fly, prints Ready only once the model
+    answers, keeps logs and pid files in the run directory, and Ctrl-C takes TorchServe and
+    its workers down."""
+    port = free_port()
+    while any(_in_use(p) for p in (port + 1, port + 2)):
+        port = free_port()
+    run_dir = tmp_path / "run"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chipscale.cli", "serve", str(demo_model_file),
+         "--port", str(port), "--run-dir", str(run_dir)],
+        cwd=cwd, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if line.startswith("Ready:") or not line:
+                break
+        assert lines[-1].startswith("Ready:"), "".join(lines)
+        url = lines[-1].split()[1]
+        status, answer = post(urllib3.PoolManager(), url, b"")  # no wait: ready means ready
+        assert status == 200 and answer["model"] == "demo-landcover"
+        group = psutil.Process(proc.pid).children(recursive=True)
+        assert group, "TorchServe runs as a child of chipscale serve"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 130
+    time.sleep(1)
+    assert not [p for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert (run_dir / "logs" / "model_log.log").is_file()
+    assert os.listdir(cwd) == []  # nothing in the cwd: no logs/, no key_file.json
+
+
+def _in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -555,7 +555,12 @@ def model_package(
 
 @cli.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address inference and metrics listen on (management stays on loopback).",
+)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
               help="Inference port (management and metrics take the next two).")  # fmt: skip
 @click.option("--run-dir", type=click.Path(file_okay=False),
@@ -585,7 +590,7 @@ def serve(model_path: str, host: str, port: int, run_dir: str | None, **knobs: A
         click.echo(f"  metrics: {server.metrics_url}/metrics   Ctrl-C stops.", err=True)
         assert server.process is not None
         code = server.process.wait()
-        raise ChipscaleError(f"TorchServe exited with {code}; see {run / 'logs'}")
+        raise ChipscaleError(f"TorchServe stopped (launcher exit {code}); see {run / 'logs'}")
     finally:
         server.stop()
 

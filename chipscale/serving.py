@@ -168,9 +168,10 @@ def _venv_tool(name: str) -> str:
 class TorchServe:
     """A local TorchServe serving one ``.mar``, started and stopped by this process.
 
-    Ports default to TorchServe's (8080/8081/8082) on loopback; the run directory holds
-    logs, metrics, the pid file and worker sockets (``TEMP``), so two servers can run side by
-    side and nothing lands in the cwd.
+    Ports default to TorchServe's (8080/8081/8082) on loopback; ``host`` opens inference and
+    metrics to others, never the management API. The run directory holds logs, metrics, the
+    pid file and worker sockets (``TEMP``), so two servers can run side by side and nothing
+    lands in the cwd.
     """
 
     mar: Path
@@ -193,7 +194,9 @@ class TorchServe:
 
     @property
     def management_url(self) -> str:
-        return f"http://{self.host}:{self.management_port}"
+        # Loopback whatever ``host`` is: token authorization is off (config.properties), so
+        # the management API must never listen where others can unregister or rescale models.
+        return f"http://127.0.0.1:{self.management_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -296,18 +299,21 @@ class TorchServe:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the JVM and its workers; a server that does not stop in time is killed."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                process.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        if process.poll() is None:
+            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+                try:
+                    os.killpg(process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    process.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # Even when the launcher is gone (it exits 0 whatever the JVM did), the JVM or its
+        # Python workers may not be: they hold the ports and the model's memory.
         _reap_group(process.pid)
 
     def __enter__(self) -> TorchServe:

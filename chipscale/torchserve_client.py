@@ -79,7 +79,10 @@ DEFAULT_BACKOFF_MAX = 10.0
 RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 #: While scoring, 404 is retried too: a host the Auto Scaling group just started answers
 #: "model not found" until its model is registered. At start it is a wrong URL instead.
-PREDICT_RETRY_STATUSES = RETRY_STATUSES | {404}
+#: 507 (the handler ran out of memory) is not retried as it is: the request is split.
+PREDICT_RETRY_STATUSES = (RETRY_STATUSES - {507}) | {404}
+#: Answers that mean "send fewer tiles at once": too large for the server, out of memory.
+SPLIT_STATUSES = frozenset({413, 507})
 
 _HEADERS = {"Content-Type": "application/octet-stream", "Accept": "application/json"}
 #: Room for the .npy header when sizing requests (numpy pads it to 64 bytes; 4 KiB is plenty).
@@ -87,8 +90,14 @@ _NPY_HEADER_ALLOWANCE = 4096
 _PATH = re.compile(r"/predictions/[^/]+(?:/[^/]+)?/?$")
 
 
-class ModelChanged(ChipscaleError):
-    """The endpoint now serves another model or version than the one this run started with."""
+class ModelChanged(PredictorUnavailable):
+    """The endpoint now serves another model or version than the one this run started with.
+
+    Transient, not a tile error: behind a load balancer it happens while hosts roll to a new
+    model, and storing ``error`` rows would lose tiles that the old (or a restarted) worker
+    can still score. The pack goes back to the queue; a worker rebuilds its predictor to
+    move a job to the new version on purpose.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,7 @@ class _Refused:
 class _TooLarge:
     start: int
     stop: int
+    status: int
 
 
 _Outcome = _Scored | _Refused | _TooLarge
@@ -137,7 +147,7 @@ class TorchServePredictor:
     - ``retries``, ``backoff``, ``backoff_max``: a failed attempt ``k`` (0-based) waits a
       uniformly random time in ``[0, min(backoff_max, backoff * 2**k)]`` ("full jitter": many
       Lambdas retrying a restarted server do not all come back at once);
-    - ``sleep``, ``rng``: injectable for tests.
+    - ``sleep``, ``rng``, ``clock``: injectable for tests.
 
     Defaults, measured: 8 tiles a request, 4 requests in flight. The demo model behind the
     ``torchserve`` test fixture (real TorchServe 0.12, one CPU worker, ``batchSize`` 4,
@@ -185,6 +195,7 @@ class TorchServePredictor:
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         for name, value in (
             ("tiles_per_request", tiles_per_request),
@@ -208,7 +219,10 @@ class TorchServePredictor:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()  # random.Random is not documented as thread-safe
-        self._path, self._pool = _open_pool(url, concurrency, connect_timeout, read_timeout)
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        self._timeouts = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self._clock = clock
+        self._path, self._pool = _open_pool(url, concurrency, self._timeouts)
         self._executor: ThreadPoolExecutor | None = None
         try:
             document = self._read_metadata()
@@ -228,12 +242,16 @@ class TorchServePredictor:
 
     # ------------------------------------------------------------------------- the port
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
         """``(N, bands, size, size)`` -> ``(N, classes)`` float32, in the batch's order.
+
+        ``deadline`` (a :func:`time.monotonic` instant) bounds the whole call, retries
+        included: a Lambda passes its remaining time, so a slow host fails this pack alone
+        (``PredictorUnavailable``) instead of timing out the invocation and its whole batch.
 
         Raises :class:`~chipscale.errors.PartialPrediction` when some requests were refused
         (4xx), :class:`~chipscale.errors.PredictorUnavailable` when one still failed after
-        the retries, :class:`ModelChanged` when the endpoint's model changed.
+        the retries or the deadline, :class:`ModelChanged` when the endpoint's model changed.
         """
         executor = self._executor
         if executor is None:
@@ -243,7 +261,7 @@ class TorchServePredictor:
             raise ModelFormatError(f"a batch must be (N, bands, size, size), got {shape}")
         scores = np.full((len(batch), len(self.info.classes)), np.nan, dtype=np.float32)
         refused: dict[int, str] = {}
-        pending = {self._submit(executor, batch, rows) for rows in self._chunks(batch)}
+        pending = {self._submit(executor, batch, rows, deadline) for rows in self._chunks(batch)}
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -257,7 +275,7 @@ class TorchServePredictor:
                         rows = range(outcome.start, outcome.stop)
                         refused.update(dict.fromkeys(rows, outcome.reason))
                     else:
-                        pending |= self._split(executor, batch, outcome)
+                        pending |= self._split(executor, batch, outcome, deadline)
         except BaseException:
             for future in pending:  # the pack fails whole: send no more of it
                 future.cancel()
@@ -296,39 +314,58 @@ class TorchServePredictor:
         return list(itertools.pairwise(bounds))
 
     def _split(
-        self, executor: ThreadPoolExecutor, batch: np.ndarray, too_large: _TooLarge
+        self,
+        executor: ThreadPoolExecutor,
+        batch: np.ndarray,
+        too_large: _TooLarge,
+        deadline: float | None,
     ) -> set[Future[_Outcome]]:
         start, stop = too_large.start, too_large.stop
         middle = (start + stop) // 2
+        why = (
+            f"max_request_bytes={self.max_request_bytes} is above the server's max_request_size"
+            if too_large.status == 413
+            else "the model ran out of memory (lower tiles_per_request or the handler sub_batch)"
+        )
         log.warning(
-            "TorchServe at %s refused %d tiles as too large (413): sending them in halves; "
-            "max_request_bytes=%d is above the server's max_request_size",
+            "TorchServe at %s answered %d to %d tiles: sending them in halves; %s",
             self.url,
+            too_large.status,
             stop - start,
-            self.max_request_bytes,
+            why,
         )
         return {
-            self._submit(executor, batch, (start, middle)),
-            self._submit(executor, batch, (middle, stop)),
+            self._submit(executor, batch, (start, middle), deadline),
+            self._submit(executor, batch, (middle, stop), deadline),
         }
 
     def _submit(
-        self, executor: ThreadPoolExecutor, batch: np.ndarray, rows: tuple[int, int]
+        self,
+        executor: ThreadPoolExecutor,
+        batch: np.ndarray,
+        rows: tuple[int, int],
+        deadline: float | None,
     ) -> Future[_Outcome]:
         try:
-            return executor.submit(self._send, batch, *rows)
+            return executor.submit(self._send, batch, *rows, deadline)
         except RuntimeError as exc:  # close() ran in another thread
             raise ChipscaleError(f"TorchServePredictor for {self.url} is closed") from exc
 
-    def _send(self, batch: np.ndarray, start: int, stop: int) -> _Outcome:
+    def _send(self, batch: np.ndarray, start: int, stop: int, deadline: float | None) -> _Outcome:
         """One request (run in the pool): its scores, its refusal, or "too large"."""
         tiles = batch[start:stop]
-        answer = self._post(_npy(tiles), f"{stop - start} tiles", PREDICT_RETRY_STATUSES)
+        what = f"{stop - start} tiles"
+        answer = self._post(_npy(tiles), what, PREDICT_RETRY_STATUSES, deadline)
         if 200 <= answer.status < 300:
             return _Scored(start, stop, self._scores(answer.data, stop - start))
+        if answer.status in SPLIT_STATUSES and stop - start > 1:
+            return _TooLarge(start, stop, answer.status)
+        if answer.status == 507:  # one tile and still out of memory: a busy GPU, try later
+            raise PredictorUnavailable(
+                f"TorchServe at {self.url} ran out of memory on a single tile: "
+                f"{_server_message(answer.data)}"
+            )
         if answer.status == 413:
-            if stop - start > 1:
-                return _TooLarge(start, stop)
             reason = (
                 f"the tile ({tiles.nbytes} bytes) exceeds the server's max_request_size "
                 f"(HTTP 413 from {self.url})"
@@ -342,12 +379,25 @@ class TorchServePredictor:
             f"{_server_message(answer.data)}"
         )
 
-    def _post(self, body: bytes, what: str, retry_statuses: Collection[int]) -> _Answer:
-        """POST ``body``, retrying what a retry may fix; the final answer otherwise."""
+    def _post(
+        self,
+        body: bytes,
+        what: str,
+        retry_statuses: Collection[int],
+        deadline: float | None = None,
+    ) -> _Answer:
+        """POST ``body``, retrying what a retry may fix (until ``deadline``, if given); the
+        final answer otherwise."""
         last, final = "", None
         for attempt in range(self.retries + 1):
             if attempt:
-                self._sleep(self._delay(attempt - 1))
+                delay = self._delay(attempt - 1)
+                if deadline is not None and self._clock() + delay >= deadline:
+                    break
+                self._sleep(delay)
+            timeout = self._timeout(deadline)
+            if timeout is None:
+                break
             try:
                 response = self._pool.urlopen(
                     "POST",
@@ -357,6 +407,7 @@ class TorchServePredictor:
                     retries=False,
                     redirect=False,
                     preload_content=True,
+                    timeout=timeout,
                 )
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
@@ -371,9 +422,25 @@ class TorchServePredictor:
             # The model itself raised on these tiles every time, on its own (the handler
             # isolates the request that breaks a batch): refuse them, don't retry forever.
             return final
+        if deadline is not None and self._clock() + self.backoff >= deadline:
+            raise PredictorUnavailable(
+                f"TorchServe at {self.url}: no time left for {what} before the deadline; "
+                f"last: {last or 'no attempt'}"
+            )
         raise PredictorUnavailable(
             f"TorchServe at {self.url} failed on {what} after {self.retries + 1} attempts; "
             f"last: {last}"
+        )
+
+    def _timeout(self, deadline: float | None) -> urllib3.Timeout | None:
+        """This attempt's timeouts, cut to the time left; None when none is left."""
+        if deadline is None:
+            return self._timeouts
+        left = deadline - self._clock()
+        if left <= 0.05:
+            return None
+        return urllib3.Timeout(
+            connect=min(self._connect_timeout, left), read=min(self._read_timeout, left)
         )
 
     def _delay(self, attempt: int) -> float:
@@ -440,7 +507,7 @@ class TorchServePredictor:
 
 
 def _open_pool(
-    url: str, concurrency: int, connect_timeout: float, read_timeout: float
+    url: str, concurrency: int, timeouts: urllib3.Timeout
 ) -> tuple[str, urllib3.HTTPConnectionPool]:
     """The request path and a keep-alive pool of ``concurrency`` connections to the host."""
     parsed = parse_url(url)
@@ -456,7 +523,7 @@ def _open_pool(
         url,
         maxsize=concurrency,
         block=False,
-        timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+        timeout=timeouts,
         retries=False,
     )
     return path, pool

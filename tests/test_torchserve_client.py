@@ -301,7 +301,7 @@ def test_503_twice_then_200_is_retried_and_succeeds(serve, client, sleeps) -> No
     assert len(sleeps) == 2
 
 
-@pytest.mark.parametrize("status", [404, 408, 429, 500, 502, 507])
+@pytest.mark.parametrize("status", [404, 408, 429, 500, 502])
 def test_retryable_statuses_are_retried(serve, client, sleeps, status) -> None:
     """404 too while scoring: a fresh host answers it until its model is registered."""
     server = serve(fail_first(1, (status, {"error": "try again", "status": status})))
@@ -359,6 +359,34 @@ def test_413_splits_the_request_in_halves(serve, client) -> None:
     assert sorted(server.requests[1:]) == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
+def test_out_of_memory_splits_the_request_then_a_single_tile_is_transient(
+    serve, client, sleeps
+) -> None:
+    """507: the handler ran out of memory; the same request again would too, so it is split;
+    one tile still out of memory is a busy GPU, not a bad tile: the pack goes back."""
+    oom = (507, {"error": "out of memory running the model, retry smaller", "status": 507})
+    server = serve(lambda batch: oom if len(batch) > 2 else scores_of(batch))
+    np.testing.assert_array_equal(
+        client(server, tiles_per_request=8).predict(tiles(8)), expected(8)
+    )
+    assert sorted(server.sizes(), reverse=True) == [8, 4, 4, 2, 2, 2, 2]
+    assert sleeps == []  # split at once, not retried as it was
+
+    always = serve(lambda batch: oom)
+    with pytest.raises(PredictorUnavailable, match="out of memory on a single tile"):
+        client(always, tiles_per_request=2).predict(tiles(2))
+
+
+def test_a_deadline_bounds_the_call_retries_included(serve, client) -> None:
+    """A hung host: each attempt is cut to the time left, then the pack fails alone, long
+    before retries x read_timeout (here 5 x 20 s) would have run out."""
+    server = serve(delay=2.0)
+    predictor = client(server, read_timeout=20.0)
+    with pytest.raises(PredictorUnavailable, match="before the deadline"):
+        predictor.predict(tiles(1), deadline=time.monotonic() + 0.5)
+    assert len(server.requests) == 1  # no time left for a second attempt
+
+
 def test_a_single_tile_still_too_large_is_refused(serve, client) -> None:
     server = serve(lambda b: (413, b"") if len(b) > 1 or b[0, 0, 0, 0] == 2 else scores_of(b))
     predictor = client(server, tiles_per_request=4)
@@ -402,11 +430,9 @@ def test_a_client_error_refuses_only_its_requests_tiles(
 def test_requests_really_overlap(serve, client) -> None:
     server = serve(delay=0.3)
     predictor = client(server, tiles_per_request=2, concurrency=4)
-    started = time.perf_counter()
     np.testing.assert_array_equal(predictor.predict(tiles(16)), expected(16))
     assert len(server.requests) == 8
     assert server.max_active == 4  # concurrency, never more
-    assert time.perf_counter() - started < 8 * 0.3 / 2
 
 
 def test_connections_are_kept_alive_and_reused(serve, client) -> None:
@@ -456,6 +482,9 @@ def test_an_answer_that_is_not_scores_is_an_error(serve, client) -> None:
 
 
 def test_a_model_swapped_under_the_job_raises_naming_both_versions(serve, client) -> None:
+    # Transient: while hosts roll to a new model, the pack goes back to the queue; error rows
+    # would lose tiles an old-model host can still score.
+    assert issubclass(ModelChanged, PredictorUnavailable)
     server = serve(lambda batch: scores_of(batch, version="2"))
     with pytest.raises(ModelChanged, match=r"version '2'.*started with 'fake' version '1'"):
         client(server).predict(tiles(3))

@@ -17,8 +17,9 @@ What runs, all in one process and one TorchServe, so the figures share their con
   (``chipscale.torchserve_client.TorchServePredictor``) at 1, 8, 32 and 64 tiles per request.
   The headline is the request size equal to ``--batch``, so the handler runs the model on
   the same batch the in-process figure does. ``batchSize`` 4 requests (``--batch-size``;
-  the figures in bench/results were taken with it), ``maxBatchDelay`` 10 ms; requests in flight per size: enough for two model
-  batches (16 at 1 tile, 8 at 8, 2 at 32 and 64), so the batcher always has work queued.
+  the figures in bench/results were taken with it), ``maxBatchDelay`` 10 ms; requests in
+  flight per size: enough for two model batches (16 at 1 tile, 8 at 8, 2 at 32 and 64), so
+  the batcher always has work queued.
 * ``raw_http`` (at the headline request size): a bare urllib3 loop posting the same .npy
   bodies, which shows what the production client itself costs; it also reads the ``batch``
   field of each answer, to tell how full TorchServe's batches were.

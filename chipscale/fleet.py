@@ -10,14 +10,22 @@ holds a TorchServe request open. Two failures follow from a fixed setting:
   in the queue, whose backlog is what scales the fleet out.
 * With more GPUs than the concurrency feeds, GPUs sit idle; with fewer, requests queue in
   TorchServe until Lambdas time out. So ``MaximumConcurrency`` is **per-GPU concurrency x GPUs
-  in service**, clamped to the range AWS accepts.
+  in service**, clamped to the range AWS accepts (2-1000) and, when the worker has reserved
+  concurrency, to that: an SQS event source allowed more concurrency than the function may
+  use gets throttled, and a throttled batch goes back to the queue with its receive count
+  raised (so it creeps towards the dead-letter queue for nothing).
 
-"In service" means what the load balancer would route to: Auto Scaling ``LifecycleState``
+"In service" means what the load balancer routes to: Auto Scaling ``LifecycleState``
 ``InService`` (an instance held in ``Pending:Wait`` by the launch lifecycle hook until its
-TorchServe workers are READY is not) and ``HealthStatus`` ``Healthy``. The per-GPU value lives
-in an SSM parameter so ``chipscale tune --apply`` can change it without a deploy.
+TorchServe workers are READY is not) and ``HealthStatus`` ``Healthy``, **and**, when the
+model's target group is known, a ``healthy`` target in it (``elbv2:DescribeTargetHealth``).
+An instance that has just left ``Pending:Wait`` is registered as ``initial`` and the load
+balancer answers 503 for it until its health checks pass (healthy threshold x interval, about
+30-40 s); counting it would enable the mapping early and spend a receive of the first batches
+on those 503s. The per-GPU value lives in an SSM parameter so ``chipscale tune --apply`` can
+change it without a deploy.
 
-:func:`desired_mapping` is the pure rule; :func:`sync` reads the three AWS services, applies
+:func:`desired_mapping` is the pure rule; :func:`sync` reads the AWS services, applies
 the rule and writes the mapping only when something changes. The Lambda in
 ``lambdas/fleet_controller.py`` runs :func:`sync` on Auto Scaling events and on a schedule, so
 a missed event is corrected on the next tick. Clients are passed in: nothing here touches AWS
@@ -80,27 +88,39 @@ def clamp_concurrency(value: int) -> int:
     return max(MIN_MAXIMUM_CONCURRENCY, min(MAX_MAXIMUM_CONCURRENCY, value))
 
 
-def desired_mapping(gpus_in_service: int, per_gpu_concurrency: int) -> DesiredMapping:
+def desired_mapping(
+    gpus_in_service: int, per_gpu_concurrency: int, reserved_concurrency: int | None = None
+) -> DesiredMapping:
     """The mapping state for ``gpus_in_service`` GPUs, each fed by ``per_gpu_concurrency``
-    Lambdas.
+    Lambdas, for a worker with ``reserved_concurrency`` (None: none reserved).
 
     Disabled while no GPU is in service (messages wait in the queue rather than fail into the
-    DLQ); otherwise enabled with ``MaximumConcurrency = clamp(per_gpu x gpus, 2, 1000)``.
+    DLQ); otherwise enabled with ``MaximumConcurrency = clamp(min(per_gpu x gpus, reserved),
+    2, 1000)``: never above the worker's reserved concurrency, where the event source would be
+    throttled and each throttled batch would go back to the queue with a receive spent.
 
     >>> desired_mapping(0, 8)
     DesiredMapping(enabled=False, maximum_concurrency=None)
     >>> desired_mapping(4, 8)
     DesiredMapping(enabled=True, maximum_concurrency=32)
+    >>> desired_mapping(4, 8, reserved_concurrency=20)
+    DesiredMapping(enabled=True, maximum_concurrency=20)
     """
     if gpus_in_service < 0:
         raise FleetConfigError(f"GPUs in service must be 0 or more, got {gpus_in_service}")
     if per_gpu_concurrency < 1:
         raise FleetConfigError(f"per-GPU concurrency must be 1 or more, got {per_gpu_concurrency}")
+    if reserved_concurrency is not None and reserved_concurrency < MIN_MAXIMUM_CONCURRENCY:
+        raise FleetConfigError(
+            f"reserved concurrency {reserved_concurrency} is below {MIN_MAXIMUM_CONCURRENCY}, "
+            "the least MaximumConcurrency an SQS event source accepts"
+        )
     if gpus_in_service == 0:
         return DesiredMapping(enabled=False, maximum_concurrency=None)
-    return DesiredMapping(
-        enabled=True, maximum_concurrency=clamp_concurrency(per_gpu_concurrency * gpus_in_service)
-    )
+    wanted = per_gpu_concurrency * gpus_in_service
+    if reserved_concurrency is not None:
+        wanted = min(wanted, reserved_concurrency)
+    return DesiredMapping(enabled=True, maximum_concurrency=clamp_concurrency(wanted))
 
 
 def mapping_changes(
@@ -153,6 +173,14 @@ class LambdaClient(Protocol):
     def update_event_source_mapping(self, **kwargs: Any) -> dict[str, Any]: ...
 
 
+class Elbv2Client(Protocol):
+    """The one Elastic Load Balancing call :func:`sync` makes (a boto3 ``elbv2`` client)."""
+
+    exceptions: Any
+
+    def describe_target_health(self, **kwargs: Any) -> dict[str, Any]: ...
+
+
 class SsmClient(Protocol):
     """The SSM call :func:`sync` makes (a boto3 ``ssm`` client)."""
 
@@ -186,28 +214,62 @@ class SyncResult:
     action: Action
     changes: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    #: The worker's reserved concurrency the concurrency was capped at (None: none).
+    reserved_concurrency: int | None = None
+    #: The target group whose healthy targets were counted (None: Auto Scaling state only).
+    target_group_arn: str | None = None
 
     def as_log(self) -> dict[str, Any]:
         """A JSON-ready dict (the Lambda logs it as one structured record)."""
         return asdict(self)
 
 
-def count_in_service(autoscaling: AutoScalingClient, asg_name: str) -> tuple[int, int]:
-    """(instances in the group, instances InService and Healthy) of Auto Scaling group
-    ``asg_name``."""
+def healthy_targets(elbv2: Elbv2Client, target_group_arn: str) -> frozenset[str]:
+    """Ids of the targets of ``target_group_arn`` whose state is ``healthy``: the ones the load
+    balancer routes to (``initial``, ``unhealthy``, ``draining``, ``unused`` ... are not)."""
+    try:
+        answer = elbv2.describe_target_health(TargetGroupArn=target_group_arn)
+    except elbv2.exceptions.TargetGroupNotFoundException:
+        raise FleetNotFoundError(f"target group {target_group_arn!r} not found") from None
+    return frozenset(
+        str(description["Target"]["Id"])
+        for description in answer.get("TargetHealthDescriptions", [])
+        if description.get("TargetHealth", {}).get("State") == "healthy"
+    )
+
+
+def count_in_service(
+    autoscaling: AutoScalingClient,
+    asg_name: str,
+    *,
+    elbv2: Elbv2Client | None = None,
+    target_group_arn: str | None = None,
+) -> tuple[int, int]:
+    """(instances in the group, instances in service) of Auto Scaling group ``asg_name``.
+
+    In service: ``InService`` and ``Healthy`` in Auto Scaling and, when ``target_group_arn``
+    is given (with an ``elbv2`` client), a ``healthy`` target of that group, i.e. what the
+    load balancer really routes to. The one definition the controller and ``chipscale
+    verify`` share.
+    """
+    if target_group_arn and elbv2 is None:
+        raise FleetConfigError("an elbv2 client is needed to read the target group's health")
     groups = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[asg_name])[
         "AutoScalingGroups"
     ]
     if not groups:
         raise FleetNotFoundError(f"Auto Scaling group {asg_name!r} not found")
     instances = groups[0].get("Instances", [])
-    in_service = sum(
-        1
+    candidates = [
+        str(instance["InstanceId"])
         for instance in instances
         if instance.get("LifecycleState") == "InService"
         and instance.get("HealthStatus") == "Healthy"
-    )
-    return len(instances), in_service
+    ]
+    if candidates and target_group_arn and elbv2 is not None:
+        routed = healthy_targets(elbv2, target_group_arn)
+        candidates = [instance for instance in candidates if instance in routed]
+    return len(instances), len(candidates)
 
 
 def read_per_gpu(
@@ -252,13 +314,17 @@ def sync(
     autoscaling: AutoScalingClient,
     lambda_client: LambdaClient,
     ssm: SsmClient,
+    elbv2: Elbv2Client | None = None,
+    target_group_arn: str | None = None,
+    reserved_concurrency: int | None = None,
 ) -> SyncResult:
     """Make event source mapping ``mapping_uuid`` follow the GPUs in service in ``asg_name``.
 
-    Reads the group, the per-GPU parameter and the mapping, then calls
-    ``update_event_source_mapping`` only if the state or the concurrency differs from
-    :func:`desired_mapping`, so running it every minute costs no writes. Safe to repeat and to
-    run concurrently: each run converges on the same state.
+    Reads the group (and the health of ``target_group_arn``'s targets, when given), the
+    per-GPU parameter and the mapping, then calls ``update_event_source_mapping`` only if the
+    state or the concurrency differs from :func:`desired_mapping` (capped at
+    ``reserved_concurrency`` when the worker has one), so running it every minute costs no
+    writes. Safe to repeat and to run concurrently: each run converges on the same state.
     """
     if gpus_per_instance < 1:
         raise FleetConfigError(f"GPUs per instance must be 1 or more, got {gpus_per_instance}")
@@ -266,10 +332,12 @@ def sync(
         raise FleetConfigError(
             f"default per-GPU concurrency must be 1 or more, got {per_gpu_default}"
         )
-    total, in_service = count_in_service(autoscaling, asg_name)
+    total, in_service = count_in_service(
+        autoscaling, asg_name, elbv2=elbv2, target_group_arn=target_group_arn
+    )
     per_gpu, source, warning = read_per_gpu(ssm, per_gpu_parameter, per_gpu_default)
     state, concurrency = read_mapping(lambda_client, mapping_uuid)
-    desired = desired_mapping(in_service * gpus_per_instance, per_gpu)
+    desired = desired_mapping(in_service * gpus_per_instance, per_gpu, reserved_concurrency)
     changes = mapping_changes(state, concurrency, desired)
     action: Action = "none"
     if changes:
@@ -292,6 +360,8 @@ def sync(
         action=action,
         changes=changes,
         warnings=(warning,) if warning else (),
+        reserved_concurrency=reserved_concurrency,
+        target_group_arn=target_group_arn,
     )
 
 
@@ -307,6 +377,10 @@ class FleetSettings:
     gpus_per_instance: int
     per_gpu_parameter: str | None
     per_gpu_default: int
+    #: The model's target group: only its ``healthy`` targets count as in service.
+    target_group_arn: str | None = None
+    #: The worker's reserved concurrency, the ceiling of MaximumConcurrency (None: none).
+    reserved_concurrency: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> FleetSettings:
@@ -329,18 +403,41 @@ class FleetSettings:
                 raise FleetConfigError(f"{name} must be a positive integer, got {raw!r}")
             return number
 
+        def reserved(name: str) -> int | None:
+            """Unset, empty or 0: no reserved concurrency; else at least AWS's minimum."""
+            raw = environ.get(name, "").strip()
+            if raw in ("", "0"):
+                return None
+            try:
+                number = int(raw)
+            except ValueError:
+                number = 0
+            if number < MIN_MAXIMUM_CONCURRENCY:
+                raise FleetConfigError(
+                    f"{name} must be 0 (none) or an integer of at least "
+                    f"{MIN_MAXIMUM_CONCURRENCY}, got {raw!r}"
+                )
+            return number
+
         return cls(
             asg_name=required(names.ENV_ASG_NAME),
             mapping_uuid=required(names.ENV_EVENT_SOURCE_MAPPING),
             gpus_per_instance=positive(names.ENV_GPUS_PER_INSTANCE),
             per_gpu_parameter=environ.get(names.ENV_PER_GPU_PARAMETER, "").strip() or None,
             per_gpu_default=positive(names.ENV_PER_GPU_DEFAULT),
+            target_group_arn=environ.get(names.ENV_TARGET_GROUP_ARN, "").strip() or None,
+            reserved_concurrency=reserved(names.ENV_RESERVED_CONCURRENCY),
         )
 
     def sync(
-        self, *, autoscaling: AutoScalingClient, lambda_client: LambdaClient, ssm: SsmClient
+        self,
+        *,
+        autoscaling: AutoScalingClient,
+        lambda_client: LambdaClient,
+        ssm: SsmClient,
+        elbv2: Elbv2Client | None = None,
     ) -> SyncResult:
-        """:func:`sync` with these settings."""
+        """:func:`sync` with these settings (``elbv2`` is needed when a target group is set)."""
         return sync(
             self.asg_name,
             self.mapping_uuid,
@@ -350,4 +447,7 @@ class FleetSettings:
             autoscaling=autoscaling,
             lambda_client=lambda_client,
             ssm=ssm,
+            elbv2=elbv2,
+            target_group_arn=self.target_group_arn,
+            reserved_concurrency=self.reserved_concurrency,
         )

@@ -30,6 +30,9 @@ OUTPUT_DASHBOARD_URL: Final = "DashboardUrl"
 OUTPUT_ALARM_TOPIC: Final = "AlarmTopicArn"
 #: S3 key (in OUTPUT_MODEL_BUCKET) of the model archive the GPU hosts serve.
 OUTPUT_MODEL_KEY: Final = "ModelArchiveKey"
+#: ARN of the load balancer's target group of the GPU hosts (its healthy targets are the GPUs
+#: in service for the fleet controller and `chipscale verify`).
+OUTPUT_TARGET_GROUP_ARN: Final = "ModelTargetGroupArn"
 
 # ---------------------------------------------------------------------------- metrics
 #: CloudWatch namespace of the worker's EMF metrics (Powertools `namespace`).
@@ -69,6 +72,10 @@ ENV_EVENT_SOURCE_MAPPING: Final = "CHIPSCALE_EVENT_SOURCE_MAPPING"
 ENV_GPUS_PER_INSTANCE: Final = "CHIPSCALE_GPUS_PER_INSTANCE"
 ENV_PER_GPU_PARAMETER: Final = "CHIPSCALE_PER_GPU_PARAMETER"
 ENV_PER_GPU_DEFAULT: Final = "CHIPSCALE_PER_GPU_CONCURRENCY"
+#: The worker's reserved concurrency (0 or unset: none): MaximumConcurrency never exceeds it.
+ENV_RESERVED_CONCURRENCY: Final = "CHIPSCALE_RESERVED_CONCURRENCY"
+#: The model's target group: only instances that are healthy targets in it count as in service.
+ENV_TARGET_GROUP_ARN: Final = "CHIPSCALE_TARGET_GROUP_ARN"
 
 # The GPU hosts' boot script (model_server/gpu_host_boot.sh) reads these from the user data.
 HOST_ENV_REGION: Final = "CHIPSCALE_REGION"
@@ -81,9 +88,13 @@ HOST_ENV_LIFECYCLE_HOOK: Final = "CHIPSCALE_LIFECYCLE_HOOK"
 HOST_ENV_WHEELHOUSE_URI: Final = "CHIPSCALE_WHEELHOUSE_URI"
 HOST_ENV_TORCH_VERSION: Final = "CHIPSCALE_TORCH_VERSION"
 HOST_ENV_CW_NAMESPACE: Final = "CHIPSCALE_CW_NAMESPACE"
-#: Log group the hosts may write to (the boot script may point the CloudWatch agent at it).
+#: Log group the hosts' CloudWatch agent ships the boot output and TorchServe's logs to.
 HOST_ENV_LOG_GROUP: Final = "CHIPSCALE_LOG_GROUP"
+#: Optional override of the readiness wait (seconds); the stack sets the boot deadline instead.
 HOST_ENV_READY_TIMEOUT: Final = "CHIPSCALE_READY_TIMEOUT"
+#: Epoch second by which the boot must have completed the lifecycle action (the hook's timeout
+#: counted from the start of user data, less a margin): past it the script abandons.
+HOST_ENV_BOOT_DEADLINE: Final = "CHIPSCALE_BOOT_DEADLINE"
 
 # ---------------------------------------------------------------------------- identifiers
 #: Lifecycle hook that holds a new GPU instance in Pending:Wait until TorchServe is READY.

@@ -168,7 +168,8 @@ def check_dead_letter_queue(sqs: Any, dlq_url: str) -> CheckResult:
     if waiting or in_flight:
         raise CheckFailed(
             f"{_queue_name(dlq_url)} holds {waiting + in_flight} messages that failed every "
-            "retry: read the worker's logs, fix the cause, then `chipscale redrive`"
+            "retry: read the worker's logs, fix the cause, then move them back with "
+            "`aws sqs start-message-move-task --source-arn <DLQ ARN>`"
         )
     return CheckResult(CHECK_DLQ, True, f"{_queue_name(dlq_url)}: empty")
 
@@ -201,9 +202,23 @@ class Fleet:
     gpus_per_instance: int
 
 
-def read_fleet(autoscaling: Any, ec2: Any, asg_name: str) -> Fleet:
+def read_fleet(
+    autoscaling: Any,
+    ec2: Any,
+    asg_name: str,
+    *,
+    elbv2: Any = None,
+    target_group_arn: str | None = None,
+) -> Fleet:
     """The group's bounds, and its instance type's vCPUs and GPUs as EC2 describes them
-    (the type comes from the group's launch template, or its mixed-instances override)."""
+    (the type comes from the group's launch template, or its mixed-instances override).
+
+    Instances in service are counted as the fleet controller counts them
+    (:func:`chipscale.fleet.count_in_service`: InService and Healthy, and a healthy target of
+    ``target_group_arn`` when the stack exposes it), so verify and the controller agree on
+    when the event source should be enabled."""
+    from chipscale.fleet import FleetError, count_in_service
+
     groups = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[asg_name])
     if not groups["AutoScalingGroups"]:
         raise CheckFailed(f"Auto Scaling group {asg_name} does not exist")
@@ -214,7 +229,12 @@ def read_fleet(autoscaling: Any, ec2: Any, asg_name: str) -> Fleet:
         raise CheckFailed(f"EC2 does not know instance type {instance_type} in this region")
     info = described[0]
     gpus = sum(int(g.get("Count", 0)) for g in info.get("GpuInfo", {}).get("Gpus", []))
-    in_service = sum(1 for i in group.get("Instances", []) if i["LifecycleState"] == "InService")
+    try:
+        _, in_service = count_in_service(
+            autoscaling, asg_name, elbv2=elbv2, target_group_arn=target_group_arn
+        )
+    except FleetError as exc:
+        raise CheckFailed(str(exc)) from exc
     return Fleet(
         asg_name=asg_name,
         instance_type=instance_type,
@@ -525,7 +545,8 @@ def check_schema(db_url: str, *, schema: str | None = None) -> CheckResult:
         raise CheckFailed(f"{where}: {one_line(exc)}") from exc
     if problems:
         raise CheckFailed(
-            f"{where} schema {schema}: {'; '.join(problems)}: run `chipscale db-setup`"
+            f"{where} schema {schema}: {'; '.join(problems)}: the results schema is not set "
+            "up (`chipscale db-setup` creates it; it arrives with the cloud data-plane work)"
         )
     tables = ", ".join(RESULTS_SCHEMA)
     return CheckResult(CHECK_SCHEMA, True, f"{where} schema {schema}: tables {tables} present")
@@ -664,8 +685,18 @@ def stack_checks(
 
     @cache
     def fleet() -> Fleet:
+        from chipscale import names
+
         asg = _output(outputs, "asg_name")
-        return read_fleet(make_client(session, "autoscaling"), make_client(session, "ec2"), asg)
+        # Older stacks have no target group output: Auto Scaling's state alone then.
+        target_group = outputs.raw.get(names.OUTPUT_TARGET_GROUP_ARN)
+        return read_fleet(
+            make_client(session, "autoscaling"),
+            make_client(session, "ec2"),
+            asg,
+            elbv2=make_client(session, "elbv2") if target_group else None,
+            target_group_arn=target_group,
+        )
 
     @cache
     def capacity() -> Capacity:

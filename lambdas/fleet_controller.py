@@ -18,7 +18,14 @@ from chipscale.fleet import FleetSettings
 logger = Logger(service="chipscale-fleet-controller")
 
 
-_SERVICES = {"autoscaling": "autoscaling", "lambda_client": "lambda", "ssm": "ssm"}
+#: Auto Scaling (the group), ELBv2 (the health of the model's targets), Lambda (the mapping)
+#: and SSM (the per-GPU concurrency).
+_SERVICES = {
+    "autoscaling": "autoscaling",
+    "elbv2": "elbv2",
+    "lambda_client": "lambda",
+    "ssm": "ssm",
+}
 
 
 @cache

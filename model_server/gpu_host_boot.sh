@@ -8,7 +8,12 @@
 # until this script says CONTINUE: the load balancer's health check reads TorchServe's /ping,
 # which answers healthy before the workers have loaded the model, so without the hook new
 # instances would take traffic they cannot serve. On any failure the action is ABANDONed with
-# the reason in the log, and Auto Scaling replaces the instance.
+# the reason in the log, and Auto Scaling replaces the instance: as soon as the region, the
+# group and the hook are known (a bad variable abandons too), and at CHIPSCALE_BOOT_DEADLINE at
+# the latest, before the hook's own timeout would keep the GPU billing for nothing. The
+# CloudWatch agent starts first and ships this output (/var/log/cloud-init-output.log) and
+# TorchServe's logs to CHIPSCALE_LOG_GROUP, so a failed boot is readable after the instance
+# is gone.
 #
 # Usage:
 #   gpu_host_boot.sh                the whole boot (needs every variable below, root)
@@ -27,11 +32,17 @@
 #   CHIPSCALE_ASG_NAME          Auto Scaling group of this instance
 #   CHIPSCALE_LIFECYCLE_HOOK    launch lifecycle hook holding this instance in Pending:Wait
 #   CHIPSCALE_CW_NAMESPACE      CloudWatch namespace of the GPU metrics
+#   CHIPSCALE_LOG_GROUP         CloudWatch Logs group the agent ships the boot and TorchServe
+#                               logs to
+#   CHIPSCALE_BOOT_DEADLINE     optional epoch second by which the lifecycle action must be
+#                               completed (the user data sets it: kernel start + the hook's
+#                               timeout - a margin); past it the boot ABANDONs
 #   CHIPSCALE_WHEELHOUSE_URI    optional s3:// prefix of wheels; empty: PyPI through the NAT
 #   CHIPSCALE_TORCH_VERSION     torch the model was exported with (default 2.13.0)
 # Tuning (optional):
 #   CHIPSCALE_MANAGEMENT_URL    TorchServe management API (default http://127.0.0.1:8081)
-#   CHIPSCALE_READY_TIMEOUT     seconds to wait for READY workers (default 900)
+#   CHIPSCALE_READY_TIMEOUT     seconds to wait for READY workers (default: until the boot
+#                               deadline; 900 without one)
 #   CHIPSCALE_READY_POLL        seconds between readiness polls (default 5)
 #   CHIPSCALE_REGISTER_TIMEOUT  seconds to wait for TorchServe to register the model (600)
 #   CHIPSCALE_EXPECTED_WORKERS  wait-ready only: workers that must be READY (default 1)
@@ -52,16 +63,20 @@ readonly SERVICE_USER=chipscale
 readonly TORCHSERVE_VERSION=0.12.0
 readonly CW_AGENT_DIR=/opt/aws/amazon-cloudwatch-agent
 readonly CW_NAMESPACE_PLACEHOLDER=__CHIPSCALE_CW_NAMESPACE__
+readonly LOG_GROUP_PLACEHOLDER=__CHIPSCALE_LOG_GROUP__
 # Overridable only so the tests can serve it on loopback.
 readonly IMDS=${CHIPSCALE_IMDS_URL:-http://169.254.169.254/latest}
 
 readonly REQUIRED_VARS=(
   CHIPSCALE_REGION CHIPSCALE_MODEL_BUCKET CHIPSCALE_MODEL_KEY CHIPSCALE_MODEL_NAME
   CHIPSCALE_WORKERS_PER_GPU CHIPSCALE_ASG_NAME CHIPSCALE_LIFECYCLE_HOOK CHIPSCALE_CW_NAMESPACE
+  CHIPSCALE_LOG_GROUP
 )
 
 MANAGEMENT_URL=${CHIPSCALE_MANAGEMENT_URL:-http://127.0.0.1:8081}
-READY_TIMEOUT=${CHIPSCALE_READY_TIMEOUT:-900}
+READY_TIMEOUT=${CHIPSCALE_READY_TIMEOUT:-}
+# Without a boot deadline or CHIPSCALE_READY_TIMEOUT, the readiness wait gives up after this.
+readonly DEFAULT_READY_TIMEOUT=900
 READY_POLL=${CHIPSCALE_READY_POLL:-5}
 REGISTER_TIMEOUT=${CHIPSCALE_REGISTER_TIMEOUT:-600}
 # The scaling PUT waits for the workers to start; the unit's TimeoutStartSec (1200) bounds
@@ -69,9 +84,15 @@ REGISTER_TIMEOUT=${CHIPSCALE_REGISTER_TIMEOUT:-600}
 readonly SCALE_TIMEOUT=300
 
 # Set while the full boot runs: the step in progress (for the failure message) and whether the
-# lifecycle action has been completed (so the exit trap abandons it at most once).
+# lifecycle action has been completed (so the exit trap abandons it at most once), and the
+# deadline watchdog's pid.
 STEP="starting"
 LIFECYCLE_DONE=false
+WATCHDOG_PID=""
+# Once the CloudWatch agent runs, an abandoning boot waits this long first: twice the agent's
+# force_flush_interval, so the failure reaches CloudWatch Logs before the instance is gone.
+AGENT_STARTED=false
+readonly LOG_FLUSH_SECONDS=10
 
 # Reads TorchServe's `GET /models/NAME` answer on stdin; prints a one-line summary and exits 0
 # only when there is at least argv[1] workers and every one of them is READY.
@@ -107,9 +128,22 @@ usage_error() {
   exit 2
 }
 
+# Enter the next step of the boot; refuse to start one once the boot deadline has passed.
 step() {
+  if (($(seconds_left) <= 0)); then
+    die "boot deadline passed (epoch $CHIPSCALE_BOOT_DEADLINE) after ${STEP}, before: $*"
+  fi
   STEP=$*
   log "$STEP"
+}
+
+# Seconds until CHIPSCALE_BOOT_DEADLINE (negative once past; a large number without one).
+seconds_left() {
+  if [[ -z ${CHIPSCALE_BOOT_DEADLINE:-} ]]; then
+    echo 999999999
+  else
+    echo $((CHIPSCALE_BOOT_DEADLINE - $(date +%s)))
+  fi
 }
 
 # Every variable named must be set and non-empty; all missing ones are named at once.
@@ -139,7 +173,12 @@ validate_env() {
     usage_error "CHIPSCALE_TORCH_VERSION is not a version: '$CHIPSCALE_TORCH_VERSION'"
   [[ -z $CHIPSCALE_WHEELHOUSE_URI || $CHIPSCALE_WHEELHOUSE_URI == s3://* ]] ||
     usage_error "CHIPSCALE_WHEELHOUSE_URI must be empty or an s3:// prefix, got '$CHIPSCALE_WHEELHOUSE_URI'"
-  [[ $READY_TIMEOUT =~ ^[0-9]+$ ]] || usage_error "CHIPSCALE_READY_TIMEOUT must be whole seconds"
+  [[ $CHIPSCALE_LOG_GROUP =~ ^[A-Za-z0-9._/#-]+$ ]] ||
+    usage_error "CHIPSCALE_LOG_GROUP is not a CloudWatch Logs group name: '$CHIPSCALE_LOG_GROUP'"
+  [[ -z $READY_TIMEOUT || $READY_TIMEOUT =~ ^[0-9]+$ ]] ||
+    usage_error "CHIPSCALE_READY_TIMEOUT must be whole seconds"
+  [[ -z ${CHIPSCALE_BOOT_DEADLINE:-} || $CHIPSCALE_BOOT_DEADLINE =~ ^[0-9]+$ ]] ||
+    usage_error "CHIPSCALE_BOOT_DEADLINE must be epoch seconds, got '$CHIPSCALE_BOOT_DEADLINE'"
 }
 
 require_cmd() {
@@ -309,20 +348,29 @@ install_cloudwatch_agent() {
   rm -f /tmp/amazon-cloudwatch-agent.deb
 }
 
-# cloudwatch-agent.json with the namespace rendered in (validated in validate_env, and
-# CloudWatch namespaces hold no '|', '&' or '\', so sed needs no escaping). One series per GPU,
-# dimensions InstanceId and index: append_dimensions replaces the host dimension with
-# InstanceId, aggregation_dimensions rolls each metric up to (InstanceId, index), and
-# drop_original_metrics drops the originals that also carry the GPU's name and arch.
+# cloudwatch-agent.json with the namespace and the log group rendered in (validated in
+# validate_env: namespaces and log group names hold no '|', '&' or '\', so sed needs no
+# escaping). One series per GPU, dimensions InstanceId and index: append_dimensions replaces
+# the host dimension with InstanceId, aggregation_dimensions rolls each metric up to
+# (InstanceId, index), and drop_original_metrics drops the originals that also carry the GPU's
+# name and arch. The logs section ships this boot's output and TorchServe's logs, one stream
+# per instance and file.
 render_cloudwatch_config() {
-  sed "s|$CW_NAMESPACE_PLACEHOLDER|$CHIPSCALE_CW_NAMESPACE|g" "$HERE/cloudwatch-agent.json"
+  sed -e "s|$CW_NAMESPACE_PLACEHOLDER|$CHIPSCALE_CW_NAMESPACE|g" \
+    -e "s|$LOG_GROUP_PLACEHOLDER|$CHIPSCALE_LOG_GROUP|g" "$HERE/cloudwatch-agent.json"
 }
 
 start_cloudwatch_agent() {
   [[ -x $CW_AGENT_DIR/bin/amazon-cloudwatch-agent-ctl ]] || install_cloudwatch_agent
+  # The agent runs as cwagent; cloud-init writes its output log root:adm 0640.
+  if getent group adm >/dev/null && id -u cwagent >/dev/null 2>&1; then
+    usermod -a -G adm cwagent
+  fi
+  install -d -m 0755 "$PREFIX"
   render_cloudwatch_config >"$PREFIX/cloudwatch-agent.json"
   "$CW_AGENT_DIR/bin/amazon-cloudwatch-agent-ctl" -a fetch-config -m ec2 -s \
     -c "file:$PREFIX/cloudwatch-agent.json"
+  AGENT_STARTED=true
 }
 
 gpu_count() {
@@ -345,11 +393,27 @@ wait_registered() {
   done
 }
 
+# How long a readiness wait starting now may last: CHIPSCALE_READY_TIMEOUT or the seconds left
+# before the boot deadline, whichever is shorter (900 s when neither is set; 0 when past).
+# Sets WAIT_BUDGET and WAIT_LIMIT (what bounds it, for the message).
+wait_budget() {
+  local left
+  left=$(seconds_left)
+  WAIT_BUDGET=${READY_TIMEOUT:-$DEFAULT_READY_TIMEOUT}
+  WAIT_LIMIT=""
+  if [[ -n ${CHIPSCALE_BOOT_DEADLINE:-} ]] && { [[ -z $READY_TIMEOUT ]] || ((left < WAIT_BUDGET)); }; then
+    WAIT_BUDGET=$((left > 0 ? left : 0))
+    WAIT_LIMIT=" (the boot deadline, before the lifecycle hook times out)"
+  fi
+}
+
 # Poll GET /models/NAME until at least `expected` workers exist and all are READY. TorchServe's
 # /ping says Healthy long before that. Returns 1, having logged why, at the deadline.
 wait_ready() {
-  local model=$1 expected=$2 deadline=$((SECONDS + READY_TIMEOUT)) body status="no answer yet"
-  log "waiting up to ${READY_TIMEOUT}s for $expected READY worker(s) of $model at $MANAGEMENT_URL"
+  local model=$1 expected=$2 deadline body status="no answer yet"
+  wait_budget
+  deadline=$(($(date +%s) + WAIT_BUDGET))
+  log "waiting up to ${WAIT_BUDGET}s${WAIT_LIMIT} for $expected READY worker(s) of $model at $MANAGEMENT_URL"
   while :; do
     if body=$(curl -fsS --max-time 10 "$MANAGEMENT_URL/models/$model" 2>&1); then
       if status=$(python3 -c "$WORKERS_READY_PY" "$expected" <<<"$body"); then
@@ -359,8 +423,8 @@ wait_ready() {
     else
       status="management API: ${body:-no answer}"
     fi
-    if ((SECONDS >= deadline)); then
-      log "model $model not ready after ${READY_TIMEOUT}s: $status"
+    if (($(date +%s) >= deadline)); then
+      log "model $model not ready after ${WAIT_BUDGET}s${WAIT_LIMIT}: $status"
       return 1
     fi
     sleep "$READY_POLL"
@@ -394,18 +458,46 @@ finish_boot() {
   step "waiting for $workers READY workers of $model"
   wait_ready "$model" "$workers"
   step "completing the lifecycle action"
+  stop_deadline_watchdog
   complete_lifecycle CONTINUE
 }
 
-# Whatever fails after the variables are known, the instance must not wait out the hook's
-# heartbeat timeout: say ABANDON now so Auto Scaling replaces it.
+# Whatever fails once the lifecycle action can be named, the instance must not wait out the
+# hook's heartbeat timeout: say ABANDON now so Auto Scaling replaces it.
 on_exit() {
   local rc=$?
+  stop_deadline_watchdog
   if ((rc != 0)) && [[ $LIFECYCLE_DONE == false ]]; then
     log "boot failed while ${STEP} (exit $rc): abandoning the launch lifecycle action"
+    [[ $AGENT_STARTED == false ]] || sleep "$LOG_FLUSH_SECONDS"
     complete_lifecycle ABANDON || log "could not abandon; the hook's timeout will end the launch"
   fi
   exit "$rc"
+}
+
+# A step may hang (a package mirror, S3, a GPU that never initialises) where no check of the
+# deadline runs: a background watchdog abandons the launch at CHIPSCALE_BOOT_DEADLINE whatever
+# the boot is doing. Auto Scaling then terminates the instance, this script included.
+start_deadline_watchdog() {
+  [[ -n ${CHIPSCALE_BOOT_DEADLINE:-} ]] || return 0
+  local left
+  left=$(seconds_left)
+  (
+    trap - EXIT
+    sleep "$((left > 0 ? left : 0))"
+    log "boot deadline (epoch $CHIPSCALE_BOOT_DEADLINE) reached before the lifecycle action was completed (the step in progress is the last one logged above): abandoning"
+    # This subshell forked before the agent started: its configuration file says it did.
+    [[ ! -s $PREFIX/cloudwatch-agent.json ]] || sleep "$LOG_FLUSH_SECONDS"
+    complete_lifecycle ABANDON || log "could not abandon; the hook's timeout will end the launch"
+  ) &
+  WATCHDOG_PID=$!
+}
+
+stop_deadline_watchdog() {
+  if [[ -n $WATCHDOG_PID ]]; then
+    kill "$WATCHDOG_PID" 2>/dev/null || true
+    WATCHDOG_PID=""
+  fi
 }
 
 # ------------------------------------------------------------------------------- entry points
@@ -414,10 +506,11 @@ cmd_wait_ready() {
   require_env CHIPSCALE_MODEL_NAME
   : "${CHIPSCALE_EXPECTED_WORKERS:=1}"
   require_positive_int CHIPSCALE_EXPECTED_WORKERS
-  [[ $READY_TIMEOUT =~ ^[0-9]+$ ]] || usage_error "CHIPSCALE_READY_TIMEOUT must be whole seconds"
+  [[ -z $READY_TIMEOUT || $READY_TIMEOUT =~ ^[0-9]+$ ]] ||
+    usage_error "CHIPSCALE_READY_TIMEOUT must be whole seconds"
   require_cmd curl python3
   wait_ready "$CHIPSCALE_MODEL_NAME" "$CHIPSCALE_EXPECTED_WORKERS" ||
-    die "TorchServe workers of $CHIPSCALE_MODEL_NAME not READY within ${READY_TIMEOUT}s"
+    die "TorchServe workers of $CHIPSCALE_MODEL_NAME not READY within ${WAIT_BUDGET}s"
 }
 
 cmd_scale_workers() {
@@ -431,17 +524,26 @@ cmd_scale_workers() {
 }
 
 cmd_boot() {
+  # As soon as the lifecycle action can be named, any failure (a bad variable included)
+  # abandons the launch instead of leaving the instance in Pending:Wait, billing, until the
+  # hook times out.
+  if [[ -n ${CHIPSCALE_REGION:-} && -n ${CHIPSCALE_ASG_NAME:-} && -n ${CHIPSCALE_LIFECYCLE_HOOK:-} ]]; then
+    trap on_exit EXIT
+  fi
+  STEP="checking the environment"
   require_env "${REQUIRED_VARS[@]}"
   : "${CHIPSCALE_WHEELHOUSE_URI:=}" "${CHIPSCALE_TORCH_VERSION:=2.13.0}"
   validate_env
   ((EUID == 0)) || usage_error "run as root (EC2 user data does)"
   export AWS_DEFAULT_REGION=$CHIPSCALE_REGION
-  # From here on, any failure abandons the launch instead of leaving the instance waiting.
-  trap on_exit EXIT
+  start_deadline_watchdog
   require_cmd aws curl nvidia-smi systemctl python3
   detect_package_manager
 
   local java_home python gpus workers
+  # First, so that whatever fails next is shipped to CloudWatch Logs before the instance goes.
+  step "starting the CloudWatch agent (metrics $CHIPSCALE_CW_NAMESPACE, logs $CHIPSCALE_LOG_GROUP)"
+  start_cloudwatch_agent
   step "checking Java 17"
   java_home=$(ensure_java)
   step "finding Python 3.10+"
@@ -453,8 +555,6 @@ cmd_boot() {
   step "counting GPUs"
   gpus=$(gpu_count)
   workers=$((CHIPSCALE_WORKERS_PER_GPU * gpus))
-  step "starting the CloudWatch agent (namespace $CHIPSCALE_CW_NAMESPACE)"
-  start_cloudwatch_agent
   step "starting $UNIT with $workers workers ($CHIPSCALE_WORKERS_PER_GPU x $gpus GPU(s))"
   install_service "$java_home" "$workers"
   finish_boot "$CHIPSCALE_MODEL_NAME" "$workers"

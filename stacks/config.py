@@ -105,8 +105,9 @@ class DeploymentConfig:
     # model
     model_name: str = _describe("Name TorchServe serves the model under.", "chipscale")
     model_archive: str = _describe(
-        "Path of a .mar to upload to the model bucket at deploy (empty: upload it yourself to "
-        "models/<modelName>.mar).",
+        "Path of a .mar to upload to the model bucket at deploy, under the content-addressed "
+        "key models/<modelName>-<sha256[:12]>.mar so a new archive rolls the hosts (empty: "
+        "upload it yourself to models/<modelName>.mar and start an instance refresh).",
         "",
     )
     # worker Lambda and queue
@@ -119,7 +120,10 @@ class DeploymentConfig:
         2,
     )
     reserved_concurrency: int = _describe(
-        "Reserved concurrency of the worker (0 = none; new accounts have only 10 in all).", 0
+        "Reserved concurrency of the worker (0 = none; new accounts have only 10 in all). The "
+        "fleet controller never sets MaximumConcurrency above it, so when set it must cover "
+        "perGpuConcurrency x maxInstances x GPUs per instance.",
+        0,
     )
     max_tiles_per_message: int = _describe("Most tiles one queue message may carry.", 100)
     max_receive_count: int = _describe("Receives before a message moves to the DLQ.", 3)
@@ -273,10 +277,28 @@ class DeploymentConfig:
         need(2 <= self.max_concurrency <= 1000, "maxConcurrency", "between 2 and 1000")
         need(self.reserved_concurrency >= 0, "reservedConcurrency", "0 (none) or more")
         need(
+            self.reserved_concurrency == 0 or self.reserved_concurrency >= 2,
+            "reservedConcurrency",
+            "0 (none) or at least 2: the fleet controller caps the event source's "
+            "MaximumConcurrency at it, and AWS accepts no MaximumConcurrency below 2",
+        )
+        need(
             self.reserved_concurrency == 0 or self.reserved_concurrency >= self.max_concurrency,
             "reservedConcurrency",
             "0 or at least maxConcurrency, or the event source throttles",
         )
+        full_fleet = self.per_gpu_concurrency * self.max_instances * self.gpus_per_instance
+        if 0 < self.reserved_concurrency < full_fleet:
+            p.append(
+                f"reservedConcurrency: {self.reserved_concurrency} is below perGpuConcurrency x "
+                f"maxInstances x GPUs per {self.instance_type} = {self.per_gpu_concurrency} x "
+                f"{self.max_instances} x {self.gpus_per_instance} = {full_fleet}: the fleet "
+                "controller never sets MaximumConcurrency above the reserved concurrency (an SQS "
+                "event source above it is throttled, and each throttled batch returns to the "
+                "queue with a receive spent), so a full fleet would get fewer Lambdas than its "
+                f"GPUs take and sit partly idle. Reserve {full_fleet} or more, lower "
+                "perGpuConcurrency or maxInstances, or set 0 (no reservation)"
+            )
         need(
             self.visibility_timeout_seconds <= 43200,
             "lambdaTimeoutSeconds",

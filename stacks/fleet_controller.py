@@ -1,14 +1,24 @@
 """Fleet controller: the worker's Lambda concurrency follows the GPUs in service.
 
 ``fleet_controller.handler`` (logic in ``chipscale.fleet``) sets the worker's event source
-mapping to MaximumConcurrency = per-GPU concurrency x GPUs in service, and disables it while
-no GPU is in service, so scale-from-zero never burns messages into the dead-letter queue and
-new GPUs never sit idle. It runs on this group's instance launch/terminate events and every
-minute (a missed event is repaired within a minute).
+mapping to MaximumConcurrency = per-GPU concurrency x GPUs in service, capped at the worker's
+reserved concurrency when it has one (``reservedConcurrency``, passed as
+``names.ENV_RESERVED_CONCURRENCY``), and disables it while no GPU is in service, so
+scale-from-zero never burns messages into the dead-letter queue and new GPUs never sit idle.
 
-It is not in the VPC: it calls only AWS APIs (Auto Scaling, Lambda, SSM) over their public
-endpoints, which needs neither a NAT gateway nor three more interface endpoints. Its IAM is
-scoped to this mapping and this parameter; DescribeAutoScalingGroups cannot be scoped.
+A GPU is in service when its instance is ``InService`` and ``Healthy`` in the Auto Scaling
+group **and** a ``healthy`` target of the model's target group (``DescribeTargetHealth`` on
+``names.ENV_TARGET_GROUP_ARN``): for 30-40 s after the lifecycle hook lets an instance in, the
+target is still ``initial`` and the load balancer answers 503, which would cost the first
+batches a receive. It runs on this group's instance launch/terminate events and every minute,
+so the mapping is enabled on the first tick after the target turns healthy (a missed event is
+repaired within a minute too).
+
+It is not in the VPC: it calls only AWS APIs (Auto Scaling, Elastic Load Balancing, Lambda,
+SSM) over their public endpoints, which needs neither a NAT gateway nor more interface
+endpoints. Its IAM is scoped to this mapping and this parameter; DescribeAutoScalingGroups and
+DescribeTargetHealth support no resource-level permissions, so those two (read-only) are on
+``*``.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from chipscale import names
-from stacks.common import LAMBDA_ARCHITECTURE, LAMBDA_RUNTIME, acknowledge, log_group
+from stacks.common import acknowledge, python_function
 from stacks.config import DeploymentConfig
 
 HANDLER = "fleet_controller.handler"
@@ -40,6 +50,7 @@ class FleetController(Construct):
         config: DeploymentConfig,
         code: lambda_.Code,
         asg_name: str,
+        target_group_arn: str,
         event_source_mapping_id: str,
         event_source_mapping_arn: str,
     ) -> None:
@@ -51,28 +62,35 @@ class FleetController(Construct):
             string_value=str(config.per_gpu_concurrency),
             description="Worker Lambda concurrency per GPU in service (chipscale tune writes it)",
         )
-        self.log_group = log_group(self, "Logs", retention_days=config.log_retention_days)
-        self.function = lambda_.Function(
+        parts = python_function(
             self,
-            "Function",
             description="chipscale fleet controller: worker concurrency follows the GPUs",
-            runtime=LAMBDA_RUNTIME,
-            architecture=LAMBDA_ARCHITECTURE,
             handler=HANDLER,
             code=code,
+            log_retention_days=config.log_retention_days,
             memory_size=256,
             timeout=Duration.seconds(30),
-            log_group=self.log_group,
             environment={
                 names.ENV_ASG_NAME: asg_name,
+                names.ENV_TARGET_GROUP_ARN: target_group_arn,
                 names.ENV_EVENT_SOURCE_MAPPING: event_source_mapping_id,
                 names.ENV_GPUS_PER_INSTANCE: str(config.gpus_per_instance),
                 names.ENV_PER_GPU_PARAMETER: self.per_gpu_parameter.parameter_name,
                 names.ENV_PER_GPU_DEFAULT: str(config.per_gpu_concurrency),
+                # 0: none reserved; else MaximumConcurrency never exceeds it.
+                names.ENV_RESERVED_CONCURRENCY: str(config.reserved_concurrency),
             },
         )
+        self.function = parts.function
+        self.log_group = parts.log_group
         self.function.add_to_role_policy(
-            iam.PolicyStatement(actions=["autoscaling:DescribeAutoScalingGroups"], resources=["*"])
+            iam.PolicyStatement(
+                actions=[
+                    "autoscaling:DescribeAutoScalingGroups",
+                    "elasticloadbalancing:DescribeTargetHealth",
+                ],
+                resources=["*"],
+            )
         )
         self.function.add_to_role_policy(
             iam.PolicyStatement(
@@ -107,19 +125,8 @@ class FleetController(Construct):
         assert role is not None
         acknowledge(
             role,
-            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
-            "AWSLambdaBasicExecutionRole]",
-            "AWSLambdaBasicExecutionRole is AWS's minimal policy for a Lambda writing its logs.",
-        )
-        acknowledge(
-            role,
             "AwsSolutions-IAM5[Resource::*]",
-            "autoscaling:DescribeAutoScalingGroups supports no resource-level permissions; it "
-            "is the only action granted on '*' (read-only).",
-        )
-        acknowledge(
-            self.function,
-            "AwsSolutions-L1",
-            "Python 3.12 is pinned on purpose: it shares the worker's bundle, whose binary "
-            "wheels are built for cp312 (stacks/bundle.py).",
+            "autoscaling:DescribeAutoScalingGroups and elasticloadbalancing:DescribeTargetHealth "
+            "support no resource-level permissions (ELBv2 Describe* actions take no resource "
+            "ARN in IAM); they are the only actions granted on '*', both read-only.",
         )

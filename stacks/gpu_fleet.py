@@ -6,7 +6,15 @@ encrypted gp3 root volume, no key pair (Session Manager is the way in), private 
 data downloads ``model_server/`` (an S3 asset) and runs ``gpu_host_boot.sh`` with the
 ``CHIPSCALE_*`` variables it documents; the script installs the configured torch, TorchServe
 and Java, starts TorchServe as a systemd unit with the model archive from the model bucket
-and the repository's ``config.properties``, and starts the CloudWatch agent (nvidia metrics).
+and the repository's ``config.properties``. The CloudWatch agent starts first, so that a boot
+that fails is still on record: it ships ``/var/log/cloud-init-output.log`` (the boot's own
+output) and TorchServe's logs to the ``HostLogs`` group, one stream per instance, before an
+abandoned instance is terminated; it also publishes the nvidia metrics per GPU.
+
+Rollout: the model archive's key is part of the user data. With ``modelArchive`` the archive
+is uploaded under a content-addressed key (``models/<modelName>-<sha256[:12]>.mar``), so a new
+archive is a new launch template version and the group's rolling update replaces the hosts;
+an archive uploaded by hand over the same key needs an instance refresh (docs/deploy.md).
 
 Readiness: the load balancer's health check reads only a status code, and TorchServe's
 ``/ping`` answers healthy before its workers have loaded the model. So a launch lifecycle hook
@@ -14,7 +22,10 @@ Readiness: the load balancer's health check reads only a status code, and TorchS
 Pending:Wait, out of the target group, until the boot script has seen every worker READY and
 calls ``complete-lifecycle-action CONTINUE``; a boot that fails or times out is abandoned
 and replaced. The hook is part of the group itself (not a separate resource), so even the
-instances of the group's first launch wait for it.
+instances of the group's first launch wait for it. The user data gives the script an absolute
+deadline (``CHIPSCALE_BOOT_DEADLINE``: the instance's boot time plus the hook's timeout, less
+a margin), so a slow boot abandons with its reason instead of waiting out the hook while the
+GPU bills.
 
 Scaling: target tracking on backlog per instance, (visible + in-flight messages) / instances
 in service, and a step policy that takes the group from 0 to 1 instance as soon as messages
@@ -44,6 +55,16 @@ from stacks.config import REPO_ROOT, DeploymentConfig
 BOOT_SCRIPT = "gpu_host_boot.sh"
 HOST_DIR = "/opt/chipscale"
 ROOT_DEVICE = "/dev/xvda"  # Amazon Linux 2023
+#: Seconds the boot deadline keeps before the hook's own timeout: time for the script to say
+#: ABANDON (and the agent to flush the log) between the EC2 launch and the kernel's start.
+BOOT_DEADLINE_MARGIN = 120
+
+
+def boot_deadline_budget(config: DeploymentConfig) -> int:
+    """Seconds from the instance's kernel start by which the boot must have completed the
+    lifecycle action: the hook's timeout less a margin (a quarter of it for short hooks)."""
+    hook = config.lifecycle_hook_timeout_seconds
+    return hook - min(BOOT_DEADLINE_MARGIN, hook // 4)
 
 
 def asg_name(config: DeploymentConfig) -> str:
@@ -130,7 +151,13 @@ class GpuFleet(Construct):
                 additional_types=[autoscaling.AdditionalHealthCheckType.ELB],
                 grace_period=Duration.minutes(2),
             ),
-            update_policy=autoscaling.UpdatePolicy.rolling_update(),
+            # A new launch template version (a new model key, a new boot file asset) replaces
+            # the hosts one at a time; with minInstances 0 nothing has to stay in service
+            # (CloudFormation wants MinInstancesInService below MaxSize).
+            update_policy=autoscaling.UpdatePolicy.rolling_update(
+                max_batch_size=1,
+                min_instances_in_service=min(config.min_instances, config.max_instances - 1),
+            ),
         )
         self._lifecycle_hook()
         self._load_balancer(vpc, subnets, logs_bucket)
@@ -164,12 +191,19 @@ class GpuFleet(Construct):
             names.HOST_ENV_WHEELHOUSE_URI: self.wheelhouse_uri(model_bucket),
             names.HOST_ENV_TORCH_VERSION: self.config.torch_version,
             names.HOST_ENV_CW_NAMESPACE: names.GPU_METRICS_NAMESPACE,
+            # The CloudWatch agent ships the boot's output and TorchServe's logs here.
             names.HOST_ENV_LOG_GROUP: self.host_logs.log_group_name,
-            # The hook's timeout bounds the whole boot; the script's READY wait fits inside it.
-            names.HOST_ENV_READY_TIMEOUT: str(
-                max(60, self.config.lifecycle_hook_timeout_seconds - 300)
-            ),
         }
+
+    def boot_deadline_command(self) -> str:
+        """The user data line exporting the boot's absolute deadline (epoch seconds): the
+        kernel's start (now less /proc/uptime) plus :func:`boot_deadline_budget`, so time spent
+        before user data and in every install step counts against the hook's timeout."""
+        return (
+            f"export {names.HOST_ENV_BOOT_DEADLINE}="
+            "$(( $(date +%s) - $(cut -d. -f1 /proc/uptime) + "
+            f"{boot_deadline_budget(self.config)} ))"
+        )
 
     def _user_data(self, model_bucket: s3.IBucket) -> ec2.UserData:
         """Fetch ``model_server/`` and run the boot script; abandon the launch on any error
@@ -190,6 +224,7 @@ class GpuFleet(Construct):
         user_data.add_commands(
             "set -euo pipefail",
             *(f"export {key}={_quote(value)}" for key, value in env.items()),
+            self.boot_deadline_command(),
             abandon,
             "trap abandon ERR",
             f"mkdir -p {HOST_DIR}",

@@ -7,10 +7,14 @@ plugin, so an unacknowledged finding fails ``cdk synth``.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from aws_cdk import App, Environment, Stack, Tags, Validations
+from aws_cdk import App, Environment, Stack, Stage, Tags, Validations
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_s3_deployment as s3_deployment
 from cdk_nag import AwsSolutionsChecks
@@ -24,6 +28,7 @@ from stacks.fleet_controller import FleetController
 from stacks.gpu_fleet import GpuFleet
 from stacks.monitoring import Monitoring
 from stacks.network import Network
+from stacks.operations import PURPOSE as OPERATIONS_PURPOSE
 from stacks.operations import Operations
 from stacks.queue import TileQueue
 from stacks.results_db import DATABASE_NAME, ResultsDatabase
@@ -84,8 +89,6 @@ class ChipscaleStack(Stack):
             code=code,
             vpc=network.vpc,
             subnets=network.compute_subnets,
-            results_bucket=storage.results_bucket,
-            queues=[queues.queue, queues.dead_letter_queue],
             db_secret=database.secret,
             db_host=database.endpoint,
             db_name=DATABASE_NAME,
@@ -97,6 +100,7 @@ class ChipscaleStack(Stack):
             config=config,
             code=code,
             asg_name=fleet.group.auto_scaling_group_name,
+            target_group_arn=fleet.target_group.target_group_arn,
             event_source_mapping_id=worker.event_source_mapping_id,
             event_source_mapping_arn=worker.event_source_mapping_arn,
         )
@@ -110,6 +114,13 @@ class ChipscaleStack(Stack):
             )
         database.allow_from(worker.security_group, "worker Lambda")
         database.allow_from(operations.security_group, "operations Lambda")
+        # TorchServe's Prometheus metrics (8082) for the operations Lambda alone: the
+        # monitor's fallback reads them from inside the VPC (config.properties, the unit).
+        fleet.security_group.connections.allow_from(
+            operations.security_group,
+            ec2.Port.tcp(names.METRICS_PORT),
+            "operations Lambda to TorchServe metrics",
+        )
         monitoring = Monitoring(
             self,
             "Monitoring",
@@ -133,7 +144,7 @@ class ChipscaleStack(Stack):
             names.OUTPUT_WORKER_FUNCTION: (worker.function.function_name, "Worker Lambda"),
             names.OUTPUT_OPERATIONS_FUNCTION: (
                 operations.function.function_name,
-                "Operations Lambda (db-setup, status, export)",
+                f"Operations Lambda in the VPC ({OPERATIONS_PURPOSE})",
             ),
             names.OUTPUT_CONTROLLER_FUNCTION: (
                 controller.function.function_name,
@@ -155,6 +166,10 @@ class ChipscaleStack(Stack):
             names.OUTPUT_DASHBOARD_URL: (monitoring.dashboard_url, "CloudWatch dashboard"),
             names.OUTPUT_ALARM_TOPIC: (monitoring.topic.topic_arn, "SNS topic of the alarms"),
             names.OUTPUT_MODEL_KEY: (model_key, "S3 key of the model archive the hosts serve"),
+            names.OUTPUT_TARGET_GROUP_ARN: (
+                fleet.target_group.target_group_arn,
+                "Target group of the GPU hosts (healthy targets = GPUs in service)",
+            ),
         }
         for key, (value, description) in outputs.items():
             add_output(self, key, value, description)
@@ -164,16 +179,22 @@ class ChipscaleStack(Stack):
         )
 
     def _model_archive(self, storage: Storage) -> str:
-        """The model archive's key; upload ``modelArchive`` there at deploy when it is set."""
+        """The model archive's key; upload ``modelArchive`` there at deploy when it is set.
+
+        An uploaded archive gets a content-addressed key, ``models/<modelName>-<sha12>.mar``:
+        the key is in the hosts' user data, so a new archive makes a new launch template
+        version and the group's rolling update replaces the hosts (the same key would leave
+        old hosts serving the old model beside new ones serving the new). Without
+        ``modelArchive`` the key is fixed, ``models/<modelName>.mar``, and an archive uploaded
+        there by hand is rolled out with an instance refresh (docs/deploy.md)."""
         if not self.config.model_archive:
             return f"{MODEL_PREFIX}{self.config.model_name}.mar"
         archive = self.config.model_archive_path
+        name = model_archive_name(self.config.model_name, archive)
         deployment = s3_deployment.BucketDeployment(
             self,
             "ModelArchive",
-            sources=[
-                s3_deployment.Source.asset(str(archive.parent), exclude=["*", f"!{archive.name}"])
-            ],
+            sources=[s3_deployment.Source.asset(str(_stage_archive(archive, name, self)))],
             destination_bucket=storage.model_bucket,
             destination_key_prefix=MODEL_PREFIX,
             prune=False,  # other archives (and older versions) stay
@@ -182,7 +203,7 @@ class ChipscaleStack(Stack):
         )
         self.model_deployment = deployment
         self._acknowledge_bucket_deployment(storage)
-        return f"{MODEL_PREFIX}{archive.name}"
+        return f"{MODEL_PREFIX}{name}"
 
     def _acknowledge_bucket_deployment(self, storage: Storage) -> None:
         """CDK's BucketDeployment brings its own singleton Lambda; its findings, each why."""
@@ -224,6 +245,31 @@ class ChipscaleStack(Stack):
             "reachable only from the proxy's security group; rotate between runs "
             "(docs/deploy.md, Design choices).",
         )
+
+
+def model_archive_name(model_name: str, archive: Path) -> str:
+    """``<model_name>-<first 12 hex digits of the archive's sha256>.mar``."""
+    digest = hashlib.sha256()
+    with archive.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return f"{model_name}-{digest.hexdigest()[:12]}.mar"
+
+
+def _stage_archive(archive: Path, name: str, scope: Construct) -> Path:
+    """A directory holding only ``archive`` under ``name``, for the deployment's asset: in the
+    app's output directory (a hard link where the file system allows, else a copy), so it
+    outlives this call as long as the staged assets beside it."""
+    stage = Stage.of(scope)
+    folder = Path(stage.outdir if stage else ".") / ".chipscale-model" / name.removesuffix(".mar")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    if not target.exists():
+        try:
+            os.link(archive, target)
+        except OSError:
+            shutil.copyfile(archive, target)
+    return folder
 
 
 def create_app(context: Mapping[str, Any] | None = None, *, outdir: str | None = None) -> App:

@@ -23,7 +23,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from chipscale import names
-from stacks.common import LAMBDA_ARCHITECTURE, LAMBDA_RUNTIME, acknowledge, log_group
+from stacks.common import acknowledge, python_function
 from stacks.config import DeploymentConfig
 
 HANDLER = "sqs_worker.handler"
@@ -63,31 +63,20 @@ class Worker(Construct):
         model_url: str,
     ) -> None:
         super().__init__(scope, construct_id)
-        self.security_group = ec2.SecurityGroup(
+        parts = python_function(
             self,
-            "SecurityGroup",
-            vpc=vpc,
-            allow_all_outbound=False,
-            description="chipscale worker Lambda: out to COG sources, the model and the DB proxy",
-        )
-        for port, why in ((443, "HTTPS: COG sources, AWS endpoints"), (80, "HTTP COG sources")):
-            self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(port), why)
-        self.log_group = log_group(self, "Logs", retention_days=config.log_retention_days)
-        self.function = lambda_.Function(
-            self,
-            "Function",
             description="chipscale worker: tile packs from SQS -> TorchServe -> PostgreSQL",
-            runtime=LAMBDA_RUNTIME,
-            architecture=LAMBDA_ARCHITECTURE,
+            security_group_description=(
+                "chipscale worker Lambda: out to COG sources, the model and the DB proxy"
+            ),
             handler=HANDLER,
             code=code,
+            log_retention_days=config.log_retention_days,
             memory_size=config.lambda_memory_mb,
             timeout=Duration.seconds(config.lambda_timeout_seconds),
             reserved_concurrent_executions=config.reserved_concurrency or None,
             vpc=vpc,
             vpc_subnets=subnets,
-            security_groups=[self.security_group],
-            log_group=self.log_group,
             environment={
                 names.ENV_QUEUE_URL: queue.queue_url,
                 names.ENV_MODEL_URL: model_url,
@@ -101,6 +90,12 @@ class Worker(Construct):
                 "POWERTOOLS_METRICS_NAMESPACE": names.METRICS_NAMESPACE,
             },
         )
+        self.function = parts.function
+        self.log_group = parts.log_group
+        assert parts.security_group is not None
+        self.security_group = parts.security_group
+        for port, why in ((443, "HTTPS: COG sources, AWS endpoints"), (80, "HTTP COG sources")):
+            self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(port), why)
         db_secret.grant_read(self.function)
         self._grant_sources(config)
         self.event_source = sources.SqsEventSource(
@@ -133,29 +128,43 @@ class Worker(Construct):
         if not config.source_buckets:
             return
         partition = Stack.of(self).partition
-        objects, buckets = [], []
+        objects = []
+        whole: set[str] = set()  # buckets with a whole-bucket source
+        prefixed: dict[str, set[str]] = {}  # bucket -> the prefixes of its sources
         for source in config.source_buckets:
             bucket, _, prefix = source.rstrip("/").partition("/")
             objects.append(f"arn:{partition}:s3:::{bucket}/{prefix + '/' if prefix else ''}*")
-            buckets.append(f"arn:{partition}:s3:::{bucket}")
+            if prefix:
+                prefixed.setdefault(bucket, set()).add(f"{prefix}/*")
+            else:
+                whole.add(bucket)
         self.function.add_to_role_policy(
             iam.PolicyStatement(actions=["s3:GetObject"], resources=objects)
         )
         # ListBucket turns a missing key into a 404 (a clear "not found") instead of a 403.
-        self.function.add_to_role_policy(
-            iam.PolicyStatement(actions=["s3:ListBucket"], resources=sorted(set(buckets)))
-        )
+        # A bucket configured only with prefixes may be listed under those prefixes alone (the
+        # s3:prefix condition), so the worker cannot enumerate the rest of the bucket.
+        if whole:
+            self.function.add_to_role_policy(
+                iam.PolicyStatement(
+                    actions=["s3:ListBucket"],
+                    resources=[f"arn:{partition}:s3:::{b}" for b in sorted(whole)],
+                )
+            )
+        for bucket, prefixes in sorted(prefixed.items()):
+            if bucket in whole:
+                continue  # already listable as a whole
+            self.function.add_to_role_policy(
+                iam.PolicyStatement(
+                    actions=["s3:ListBucket"],
+                    resources=[f"arn:{partition}:s3:::{bucket}"],
+                    conditions={"StringLike": {"s3:prefix": sorted(prefixes)}},
+                )
+            )
 
     def _acknowledge(self, config: DeploymentConfig) -> None:
         role = self.function.role
         assert role is not None
-        for policy in ("AWSLambdaBasicExecutionRole", "AWSLambdaVPCAccessExecutionRole"):
-            acknowledge(
-                role,
-                f"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/{policy}]",
-                f"{policy} is AWS's minimal policy for a Lambda writing its logs"
-                + (" and attaching its VPC network interfaces." if "VPC" in policy else "."),
-            )
         for source in config.source_buckets:
             bucket, _, prefix = source.rstrip("/").partition("/")
             acknowledge(
@@ -165,9 +174,3 @@ class Worker(Construct):
                 f"The worker reads any COG under the configured source {source!r} "
                 "(sourceBuckets); read-only, that location only.",
             )
-        acknowledge(
-            self.function,
-            "AwsSolutions-L1",
-            "Python 3.12 is pinned on purpose: the bundle's binary wheels (rasterio, numpy, "
-            "psycopg) are downloaded for cp312 (stacks/bundle.py); move both together.",
-        )

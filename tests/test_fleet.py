@@ -1,12 +1,16 @@
 """The fleet controller: Lambda concurrency follows the GPUs in service.
 
 The rule is a pure function, checked on a table and with Hypothesis. ``sync`` runs against a
-real moto server (Auto Scaling group from a launch template, SQS queue, Lambda function and
-its event source mapping, SSM parameter). Two things moto cannot show are pinned with
-recorded responses through botocore's Stubber: an instance held in ``Pending:Wait`` by the
-launch lifecycle hook (moto puts instances InService at once and does not implement
-CompleteLifecycleAction), and a mapping in a transition (moto's mappings switch state
-instantly, so they never answer ``Updating`` or ``ResourceInUseException``).
+real moto server (Auto Scaling group from a launch template attached to an ELBv2 target group,
+SQS queue, Lambda function and its event source mapping, SSM parameter). What moto reports for
+target health: an instance of the group is registered and ``healthy`` at once, a deregistered
+one ``unused`` (Target.NotRegistered); it never reports ``initial``. Three things moto cannot
+show are pinned with recorded responses through botocore's Stubber: an instance held in
+``Pending:Wait`` by the launch lifecycle hook (moto puts instances InService at once and does
+not implement CompleteLifecycleAction), a target still ``initial`` after the hook let its
+instance in (the load balancer answers 503 for it), and a mapping in a transition (moto's
+mappings switch state instantly, so they never answer ``Updating`` or
+``ResourceInUseException``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from chipscale import names
+from chipscale import verify as verify_module
 from chipscale.fleet import (
     MAX_MAXIMUM_CONCURRENCY,
     MIN_MAXIMUM_CONCURRENCY,
@@ -35,6 +40,7 @@ from chipscale.fleet import (
     FleetConfigError,
     FleetNotFoundError,
     FleetSettings,
+    count_in_service,
     desired_mapping,
     mapping_changes,
     sync,
@@ -61,10 +67,41 @@ def test_desired_mapping_table(gpus: int, per_gpu: int, expected: DesiredMapping
     assert desired_mapping(gpus, per_gpu) == expected
 
 
-@pytest.mark.parametrize(("gpus", "per_gpu"), [(-1, 8), (1, 0), (1, -3)])
-def test_desired_mapping_rejects_nonsense(gpus: int, per_gpu: int) -> None:
+@pytest.mark.parametrize(
+    ("gpus", "per_gpu", "reserved", "expected"),
+    [
+        (0, 8, 20, DesiredMapping(enabled=False, maximum_concurrency=None)),
+        (2, 8, 20, DesiredMapping(enabled=True, maximum_concurrency=16)),  # under the cap
+        (4, 8, 20, DesiredMapping(enabled=True, maximum_concurrency=20)),  # capped
+        (1, 1, 2, DesiredMapping(enabled=True, maximum_concurrency=2)),  # AWS's floor
+        (200, 8, 5000, DesiredMapping(enabled=True, maximum_concurrency=1000)),  # AWS's ceiling
+        (4, 8, None, DesiredMapping(enabled=True, maximum_concurrency=32)),  # none reserved
+    ],
+)
+def test_desired_mapping_never_exceeds_reserved_concurrency(
+    gpus: int, per_gpu: int, reserved: int | None, expected: DesiredMapping
+) -> None:
+    assert desired_mapping(gpus, per_gpu, reserved) == expected
+
+
+@given(gpus=st.integers(1, 500), per_gpu=st.integers(1, 100), reserved=st.integers(2, 2000))
+def test_enabled_concurrency_stays_within_the_reservation(
+    gpus: int, per_gpu: int, reserved: int
+) -> None:
+    """An event source above the worker's reserved concurrency is throttled, and every
+    throttled batch goes back to the queue with a receive spent: never ask for more."""
+    concurrency = desired_mapping(gpus, per_gpu, reserved).maximum_concurrency
+    assert concurrency is not None
+    assert MIN_MAXIMUM_CONCURRENCY <= concurrency <= min(reserved, MAX_MAXIMUM_CONCURRENCY)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "per_gpu", "reserved"),
+    [(-1, 8, None), (1, 0, None), (1, -3, None), (1, 8, 1), (0, 8, 0)],
+)
+def test_desired_mapping_rejects_nonsense(gpus: int, per_gpu: int, reserved: int | None) -> None:
     with pytest.raises(FleetConfigError):
-        desired_mapping(gpus, per_gpu)
+        desired_mapping(gpus, per_gpu, reserved)
 
 
 @given(gpus=st.integers(1, 10_000), per_gpu=st.integers(1, 10_000))
@@ -121,23 +158,42 @@ class Fleet:
     autoscaling: Any
     lambda_client: Any
     ssm: Any
+    elbv2: Any
     asg_name: str
     mapping_uuid: str
     parameter: str
+    target_group_arn: str
     updates: list[dict[str, Any]] = field(default_factory=list)
 
-    def sync(self, parameter: str | None = None, **clients: Any) -> Any:
-        """One controller run with this fleet's names and moto clients (or ``clients``)."""
+    def sync(
+        self,
+        parameter: str | None = None,
+        *,
+        target_group: bool = True,
+        reserved: int | None = None,
+        **clients: Any,
+    ) -> Any:
+        """One controller run with this fleet's names and moto clients (or ``clients``),
+        counting healthy targets of the group's target group unless ``target_group`` is off."""
         chosen = {"autoscaling": self.autoscaling, "lambda_client": self.lambda_client}
-        chosen |= {"ssm": self.ssm} | clients
+        chosen |= {"ssm": self.ssm, "elbv2": self.elbv2} | clients
         return sync(
             self.asg_name,
             self.mapping_uuid,
             GPUS_PER_INSTANCE,
             self.parameter if parameter is None else parameter,
             PER_GPU_DEFAULT,
+            target_group_arn=self.target_group_arn if target_group else None,
+            reserved_concurrency=reserved,
             **chosen,
         )
+
+    def target_states(self) -> dict[str, str]:
+        answer = self.elbv2.describe_target_health(TargetGroupArn=self.target_group_arn)
+        return {
+            d["Target"]["Id"]: d["TargetHealth"]["State"]
+            for d in answer["TargetHealthDescriptions"]
+        }
 
     def mapping(self) -> tuple[str, int | None]:
         answer = self.lambda_client.get_event_source_mapping(UUID=self.mapping_uuid)
@@ -163,8 +219,9 @@ def worker_zip() -> bytes:
 @pytest.fixture
 def fleet(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Fleet:
     """A fresh fleet in moto, with unique names (the moto server is shared by the session):
-    an empty Auto Scaling group from a g5 launch template, and an enabled event source mapping
-    from an SQS queue to a worker function (creating a function in moto needs no Docker)."""
+    an empty Auto Scaling group from a g5 launch template, attached to a target group as the
+    stack's group is to the model's, and an enabled event source mapping from an SQS queue to
+    a worker function (creating a function in moto needs no Docker)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     suffix = uuid.uuid4().hex[:10]
     ec2 = boto3.client("ec2", endpoint_url=moto_server)
@@ -173,6 +230,7 @@ def fleet(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Fleet:
     sqs = boto3.client("sqs", endpoint_url=moto_server)
     iam = boto3.client("iam", endpoint_url=moto_server)
     ssm = boto3.client("ssm", endpoint_url=moto_server)
+    elbv2 = boto3.client("elbv2", endpoint_url=moto_server)
 
     template = f"gpu-{suffix}"
     ec2.create_launch_template(  # moto does not check that the AMI exists
@@ -187,6 +245,18 @@ def fleet(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Fleet:
         MaxSize=10,
         DesiredCapacity=0,
         AvailabilityZones=["us-east-1a"],
+    )
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]
+    target_group_arn = elbv2.create_target_group(
+        Name=f"tg-{suffix}",
+        Protocol="HTTP",
+        Port=names.INFERENCE_PORT,
+        VpcId=vpc["VpcId"],
+        TargetType="instance",
+        HealthCheckPath="/ping",
+    )["TargetGroups"][0]["TargetGroupArn"]
+    autoscaling.attach_load_balancer_target_groups(
+        AutoScalingGroupName=asg_name, TargetGroupARNs=[target_group_arn]
     )
     role = iam.create_role(
         RoleName=f"worker-{suffix}",
@@ -220,14 +290,17 @@ def fleet(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Fleet:
         FunctionName=function,
         BatchSize=10,
         ScalingConfig={"MaximumConcurrency": 5},
+        FunctionResponseTypes=["ReportBatchItemFailures"],  # as the stack's
     )
     result = Fleet(
         autoscaling=autoscaling,
         lambda_client=lambda_client,
         ssm=ssm,
+        elbv2=elbv2,
         asg_name=asg_name,
         mapping_uuid=mapping["UUID"],
         parameter=f"/chipscale-{suffix}/per-gpu-concurrency",
+        target_group_arn=target_group_arn,
     )
     # Count the writes the controller makes, on the real client: "nothing changed" must mean
     # no UpdateEventSourceMapping call at all.
@@ -322,6 +395,81 @@ def test_unhealthy_and_standby_instances_are_not_in_service(fleet: Fleet) -> Non
     assert fleet.mapping() == ("Enabled", GPUS_PER_INSTANCE * PER_GPU_DEFAULT)
 
 
+def test_only_healthy_targets_are_in_service(fleet: Fleet) -> None:
+    """An instance InService in Auto Scaling but not a healthy target (here deregistered:
+    moto reports it ``unused``) gets no Lambdas: the load balancer would not route to it."""
+    routed, dropped = fleet.scale(2)
+    assert fleet.target_states() == {routed: "healthy", dropped: "healthy"}  # moto: at once
+    fleet.elbv2.deregister_targets(TargetGroupArn=fleet.target_group_arn, Targets=[{"Id": dropped}])
+    assert fleet.target_states() == {routed: "healthy"}
+    result = fleet.sync()
+    assert (result.instances_total, result.instances_in_service) == (2, 1)
+    assert result.target_group_arn == fleet.target_group_arn
+    assert fleet.mapping() == ("Enabled", GPUS_PER_INSTANCE * PER_GPU_DEFAULT)
+    # Auto Scaling's state alone (no target group) would have counted both.
+    assert fleet.sync(target_group=False).instances_in_service == 2
+
+
+def test_reserved_concurrency_caps_the_mapping(fleet: Fleet) -> None:
+    fleet.scale(3)  # 3 x 4 GPUs x 8 = 96 wanted
+    result = fleet.sync(reserved=20)
+    assert result.desired == DesiredMapping(enabled=True, maximum_concurrency=20)
+    assert result.reserved_concurrency == 20
+    assert fleet.mapping() == ("Enabled", 20)
+
+
+def test_missing_target_group_is_a_clear_error(fleet: Fleet) -> None:
+    fleet.scale(1)
+    missing = fleet.target_group_arn.replace("tg-", "gone-")
+    with pytest.raises(FleetNotFoundError, match=r"target group .* not found"):
+        count_in_service(
+            fleet.autoscaling, fleet.asg_name, elbv2=fleet.elbv2, target_group_arn=missing
+        )
+    with pytest.raises(FleetConfigError, match="elbv2 client"):
+        count_in_service(fleet.autoscaling, fleet.asg_name, target_group_arn=missing)
+
+
+def test_verify_counts_in_service_as_the_controller_does(fleet: Fleet) -> None:
+    """``chipscale verify`` reads the fleet with the controller's own count: an instance that
+    is not a healthy target is not "in service" there either, so a mapping the controller
+    left disabled passes the event source check instead of failing with "Disabled while 1
+    GPU instances are in service"."""
+    (instance,) = fleet.scale(1)
+    fleet.elbv2.deregister_targets(
+        TargetGroupArn=fleet.target_group_arn, Targets=[{"Id": instance}]
+    )
+    fleet.sync()  # the controller: no GPU in service, mapping disabled
+    assert fleet.mapping()[0] == "Disabled"
+    ec2 = boto3.client("ec2")
+    seen = verify_module.read_fleet(
+        fleet.autoscaling,
+        ec2,
+        fleet.asg_name,
+        elbv2=fleet.elbv2,
+        target_group_arn=fleet.target_group_arn,
+    )
+    assert seen.in_service == 0
+    queue_url = _mapping_queue_url(fleet)
+    (result,) = verify_module.run_checks(
+        [
+            verify_module.Check(
+                verify_module.CHECK_EVENT_SOURCE,
+                lambda: verify_module.check_event_source(
+                    fleet.lambda_client, fleet.mapping_uuid, queue_url, seen
+                ),
+            )
+        ]
+    )
+    assert result.ok, result.detail
+    # Without the target group (an older stack), Auto Scaling's state alone counts it.
+    assert verify_module.read_fleet(fleet.autoscaling, ec2, fleet.asg_name).in_service == 1
+
+
+def _mapping_queue_url(fleet: Fleet) -> str:
+    arn = fleet.lambda_client.get_event_source_mapping(UUID=fleet.mapping_uuid)["EventSourceArn"]
+    return boto3.client("sqs").get_queue_url(QueueName=arn.rsplit(":", 1)[-1])["QueueUrl"]
+
+
 def test_missing_group_or_mapping_is_a_clear_error(fleet: Fleet) -> None:
     with pytest.raises(FleetNotFoundError, match="Auto Scaling group 'no-such-group' not found"):
         sync(
@@ -406,6 +554,27 @@ RECORDED_GROUP_WITH_HOOK_WAIT = {
 }
 
 
+#: DescribeTargetHealth as AWS answers it in the 30-40 s after the lifecycle hook let
+#: i-...60002 in: registered, health checks not yet passed (the load balancer answers 503).
+RECORDED_TARGET_HEALTH_INITIAL = {
+    "TargetHealthDescriptions": [
+        {
+            "Target": {
+                "Id": "i-0a1b2c3d4e5f60002",
+                "Port": names.INFERENCE_PORT,
+                "AvailabilityZone": "us-east-1b",
+            },
+            "HealthCheckPort": str(names.INFERENCE_PORT),
+            "TargetHealth": {
+                "State": "initial",
+                "Reason": "Elb.RegistrationInProgress",
+                "Description": "Target registration is in progress",
+            },
+        }
+    ]
+}
+
+
 def recorded_mapping(state: str, concurrency: int) -> dict[str, Any]:
     """A GetEventSourceMapping answer for an SQS mapping in ``state``."""
     return {
@@ -450,10 +619,52 @@ def test_instance_in_pending_wait_is_not_in_service(
         RECORDED_GROUP_WITH_HOOK_WAIT,
         {"AutoScalingGroupNames": [fleet.asg_name]},
     )
-    result = fleet.sync(autoscaling=stubbed_autoscaling.client)
+    result = fleet.sync(autoscaling=stubbed_autoscaling.client, target_group=False)
     stubbed_autoscaling.assert_no_pending_responses()
     assert (result.instances_total, result.instances_in_service) == (3, 1)
     assert fleet.mapping() == ("Enabled", GPUS_PER_INSTANCE * PER_GPU_DEFAULT)
+
+
+@pytest.fixture
+def stubbed_elbv2() -> Iterator[Stubber]:
+    client = boto3.client(
+        "elbv2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    with Stubber(client) as stubber:
+        yield stubber
+
+
+def test_target_still_initial_is_not_in_service(
+    fleet: Fleet, stubbed_autoscaling: Stubber, stubbed_elbv2: Stubber
+) -> None:
+    """The one InService instance's target is still ``initial``: no GPU in service, the
+    mapping stays disabled, and no receive is spent on the load balancer's 503s. Once the
+    target is ``healthy``, the next run enables it."""
+    for _ in range(2):
+        stubbed_autoscaling.add_response(
+            "describe_auto_scaling_groups",
+            RECORDED_GROUP_WITH_HOOK_WAIT,
+            {"AutoScalingGroupNames": [fleet.asg_name]},
+        )
+    arn = (
+        "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/chipscale/0a1b2c3d4e5f6071"
+    )
+    stubbed_elbv2.add_response(
+        "describe_target_health", RECORDED_TARGET_HEALTH_INITIAL, {"TargetGroupArn": arn}
+    )
+    healthy = json.loads(json.dumps(RECORDED_TARGET_HEALTH_INITIAL))
+    healthy["TargetHealthDescriptions"][0]["TargetHealth"] = {"State": "healthy"}
+    stubbed_elbv2.add_response("describe_target_health", healthy, {"TargetGroupArn": arn})
+    clients = {"autoscaling": stubbed_autoscaling.client, "elbv2": stubbed_elbv2.client}
+    fleet.target_group_arn = arn
+
+    result = fleet.sync(**clients)
+    assert (result.instances_total, result.instances_in_service) == (3, 0)
+    assert fleet.mapping() == ("Disabled", 5)
+    result = fleet.sync(**clients)
+    assert result.instances_in_service == 1
+    assert fleet.mapping() == ("Enabled", GPUS_PER_INSTANCE * PER_GPU_DEFAULT)
+    stubbed_elbv2.assert_no_pending_responses()
 
 
 def test_mapping_in_transition_is_left_for_the_next_run(
@@ -476,7 +687,11 @@ def test_mapping_in_transition_is_left_for_the_next_run(
             "ScalingConfig": {"MaximumConcurrency": GPUS_PER_INSTANCE * PER_GPU_DEFAULT},
         },
     )
-    result = fleet.sync(autoscaling=stubbed_autoscaling.client, lambda_client=stubbed_lambda.client)
+    result = fleet.sync(
+        autoscaling=stubbed_autoscaling.client,
+        lambda_client=stubbed_lambda.client,
+        target_group=False,
+    )
     stubbed_lambda.assert_no_pending_responses()
     assert result.action == "busy"
     assert result.state_before == "Updating"
@@ -493,7 +708,11 @@ def test_mapping_already_enabling_needs_no_update(
         "get_event_source_mapping",
         recorded_mapping("Enabling", GPUS_PER_INSTANCE * PER_GPU_DEFAULT),
     )
-    result = fleet.sync(autoscaling=stubbed_autoscaling.client, lambda_client=stubbed_lambda.client)
+    result = fleet.sync(
+        autoscaling=stubbed_autoscaling.client,
+        lambda_client=stubbed_lambda.client,
+        target_group=False,
+    )
     stubbed_lambda.assert_no_pending_responses()  # and no update_event_source_mapping stubbed
     assert (result.action, result.changes) == ("none", {})
 
@@ -502,12 +721,15 @@ def test_mapping_already_enabling_needs_no_update(
 
 
 def controller_env(fleet: Fleet) -> dict[str, str]:
+    """The environment the stack gives the controller (stacks/fleet_controller.py)."""
     return {
         names.ENV_ASG_NAME: fleet.asg_name,
+        names.ENV_TARGET_GROUP_ARN: fleet.target_group_arn,
         names.ENV_EVENT_SOURCE_MAPPING: fleet.mapping_uuid,
         names.ENV_GPUS_PER_INSTANCE: str(GPUS_PER_INSTANCE),
         names.ENV_PER_GPU_PARAMETER: fleet.parameter,
         names.ENV_PER_GPU_DEFAULT: str(PER_GPU_DEFAULT),
+        names.ENV_RESERVED_CONCURRENCY: "0",
     }
 
 
@@ -539,6 +761,26 @@ def test_settings_parameter_is_optional() -> None:
         names.ENV_PER_GPU_DEFAULT: "6",
     }
     assert FleetSettings.from_env(env) == FleetSettings("g", "m", 8, None, 6)
+    # What the stack sets with reservedConcurrency 0: none reserved.
+    assert FleetSettings.from_env(env | {names.ENV_RESERVED_CONCURRENCY: "0"}) == (
+        FleetSettings("g", "m", 8, None, 6)
+    )
+
+
+def test_settings_read_the_target_group_and_the_reservation() -> None:
+    env = {
+        names.ENV_ASG_NAME: "g",
+        names.ENV_EVENT_SOURCE_MAPPING: "m",
+        names.ENV_GPUS_PER_INSTANCE: "1",
+        names.ENV_PER_GPU_DEFAULT: "4",
+        names.ENV_TARGET_GROUP_ARN: "arn:tg",
+        names.ENV_RESERVED_CONCURRENCY: "40",
+    }
+    settings = FleetSettings.from_env(env)
+    assert (settings.target_group_arn, settings.reserved_concurrency) == ("arn:tg", 40)
+    for bad in ("1", "-5", "lots"):
+        with pytest.raises(FleetConfigError, match=f"{names.ENV_RESERVED_CONCURRENCY} must be"):
+            FleetSettings.from_env(env | {names.ENV_RESERVED_CONCURRENCY: bad})
 
 
 # ------------------------------------------------------------------------------- the Lambda
@@ -576,6 +818,7 @@ def test_handler_syncs_against_moto_and_logs_json(
     assert len(sync_logs) == 1
     assert sync_logs[0]["fleet"]["desired"] == {"enabled": True, "maximum_concurrency": 64}
     assert sync_logs[0]["trigger"] == "EC2 Instance Launch Successful"
+    assert sync_logs[0]["fleet"]["target_group_arn"] == fleet.target_group_arn
     assert sync_logs[0]["function_name"] == FakeContext.function_name
     # The parameter does not exist here: the fallback is logged as a warning of its own.
     assert any(r.get("level") == "WARNING" and fleet.parameter in r["message"] for r in records)

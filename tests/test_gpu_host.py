@@ -48,6 +48,7 @@ REQUIRED = [
     names.HOST_ENV_ASG_NAME,
     names.HOST_ENV_LIFECYCLE_HOOK,
     names.HOST_ENV_CW_NAMESPACE,
+    names.HOST_ENV_LOG_GROUP,
 ]
 
 
@@ -121,24 +122,36 @@ def test_names_only_the_missing_variable() -> None:
         ("CHIPSCALE_WORKERS_PER_GPU", "0", "CHIPSCALE_WORKERS_PER_GPU must be a positive"),
         ("CHIPSCALE_MODEL_NAME", "a b", "CHIPSCALE_MODEL_NAME may hold only"),
         ("CHIPSCALE_CW_NAMESPACE", "gpu|x", "CHIPSCALE_CW_NAMESPACE is not a CloudWatch"),
+        ("CHIPSCALE_LOG_GROUP", "a|b", "CHIPSCALE_LOG_GROUP is not a CloudWatch Logs group"),
         ("CHIPSCALE_WHEELHOUSE_URI", "https://x/", "CHIPSCALE_WHEELHOUSE_URI must be empty"),
         ("CHIPSCALE_TORCH_VERSION", "latest", "CHIPSCALE_TORCH_VERSION is not a version"),
+        ("CHIPSCALE_BOOT_DEADLINE", "soon", "CHIPSCALE_BOOT_DEADLINE must be epoch seconds"),
+        ("CHIPSCALE_MODEL_BUCKET", "", "missing environment variable(s): CHIPSCALE_MODEL_BUCKET"),
     ],
 )
-def test_refuses_invalid_values_before_doing_anything(name: str, value: str, message: str) -> None:
-    env = {
-        "CHIPSCALE_REGION": "us-east-1",
-        "CHIPSCALE_MODEL_BUCKET": "models",
-        "CHIPSCALE_MODEL_KEY": "models/demo.mar",
-        "CHIPSCALE_MODEL_NAME": "demo",
-        "CHIPSCALE_WORKERS_PER_GPU": "2",
-        "CHIPSCALE_ASG_NAME": "gpu",
-        "CHIPSCALE_LIFECYCLE_HOOK": names.LIFECYCLE_HOOK_LAUNCH,
-        "CHIPSCALE_CW_NAMESPACE": names.GPU_METRICS_NAMESPACE,
-    } | {name: value}
-    result = run_boot(env=env)
+def test_invalid_values_abandon_the_launch_before_doing_anything(
+    name: str, value: str, message: str, tmp_path: Path
+) -> None:
+    """A bad variable is found before anything is installed, and since the group, the hook and
+    the region are known, the launch is ABANDONed at once: the instance does not wait in
+    Pending:Wait, billing, for the hook's whole timeout."""
+    with serve([["READY"]]) as server:  # plays IMDSv2 for the instance id
+        env = host_env(server.url, tmp_path) | {name: value}
+        result = run_boot(env=env)
     assert result.returncode == 2
     assert message in result.stderr
+    assert "boot failed while checking the environment (exit 2)" in result.stderr
+    assert aws_calls(tmp_path) == [lifecycle_call("ABANDON")]
+
+
+def test_without_the_hook_named_there_is_nothing_to_abandon(tmp_path: Path) -> None:
+    with serve([["READY"]]) as server:
+        env = host_env(server.url, tmp_path)
+        del env["CHIPSCALE_LIFECYCLE_HOOK"]
+        result = run_boot(env=env)
+    assert result.returncode == 2
+    assert "missing environment variable(s): CHIPSCALE_LIFECYCLE_HOOK" in result.stderr
+    assert aws_calls(tmp_path) == []
 
 
 def test_unknown_command_is_a_usage_error() -> None:
@@ -171,17 +184,61 @@ def test_cloudwatch_agent_config_collects_per_gpu_metrics() -> None:
         assert metric in nvidia["drop_original_metrics"]
 
 
-def test_boot_renders_the_namespace_into_the_agent_config() -> None:
-    """The script's own renderer (sourced, not run) gives valid JSON with the namespace."""
+LOG_GROUP = "chipscale-GpuFleetHostLogs1A2B3C4D-x9Y8z7W6v5U4"
+
+
+def test_cloudwatch_agent_config_ships_the_boot_and_torchserve_logs() -> None:
+    """The boot's own output (cloud-init-output.log, where a failed boot says why) and
+    TorchServe's logs go to the stack's host log group, one stream per instance and file."""
+    config = json.loads(CW_CONFIG.read_text())
+    files = config["logs"]["logs_collected"]["files"]["collect_list"]
+    by_path = {entry["file_path"]: entry for entry in files}
+    assert set(by_path) == {"/var/log/cloud-init-output.log", "/var/log/chipscale/*.log"}
+    for entry in files:
+        assert entry["log_group_name"] == "__CHIPSCALE_LOG_GROUP__"
+        assert entry["log_stream_name"].startswith("{instance_id}/")
+    streams = [entry["log_stream_name"] for entry in files]
+    assert len(set(streams)) == len(streams)
+    # TorchServe's logs are where the unit sends them.
+    env = unit_environment(unit_settings(UNIT.read_text()))
+    assert by_path["/var/log/chipscale/*.log"]["file_path"].startswith(env["LOG_LOCATION"])
+    assert config["logs"]["force_flush_interval"] <= 5
+
+
+def test_boot_renders_the_namespace_and_log_group_into_the_agent_config() -> None:
+    """The script's own renderer (sourced, not run) gives valid JSON with both filled in."""
     script = f'source "{BOOT}"; render_cloudwatch_config'
-    env = base_env(CHIPSCALE_CW_NAMESPACE=names.GPU_METRICS_NAMESPACE)
+    env = base_env(
+        CHIPSCALE_CW_NAMESPACE=names.GPU_METRICS_NAMESPACE, CHIPSCALE_LOG_GROUP=LOG_GROUP
+    )
     result = subprocess.run(
         [bash(), "-c", script], env=env, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
     rendered = json.loads(result.stdout)
     assert rendered["metrics"]["namespace"] == names.GPU_METRICS_NAMESPACE
+    files = rendered["logs"]["logs_collected"]["files"]["collect_list"]
+    assert {entry["log_group_name"] for entry in files} == {LOG_GROUP}
     assert "__CHIPSCALE" not in result.stdout
+
+
+def test_the_agent_starts_before_anything_that_can_fail_for_long() -> None:
+    """The agent must run before Java, Python, pip and the model download, so that their
+    failure reaches CloudWatch Logs before the abandoned instance is terminated."""
+    body = BOOT.read_text().split("\ncmd_boot() {", 1)[1].split("\n}\n", 1)[0]
+    order = [
+        body.index(call)
+        for call in (
+            "trap on_exit EXIT",
+            "start_cloudwatch_agent",
+            "ensure_java",
+            "ensure_python",
+            "create_venv",
+            "download_model",
+            "install_service",
+        )
+    ]
+    assert order == sorted(order)
 
 
 # ------------------------------------------------------------------------------- systemd
@@ -206,11 +263,16 @@ def unit_environment(settings: dict[str, list[str]]) -> dict[str, str]:
 
 def test_unit_restarts_and_overrides_torchserve_with_ts_variables() -> None:
     settings = unit_settings(UNIT.read_text())
-    assert settings["Restart"] == ["on-failure"]
+    # always: the launcher exits 0 whatever the JVM did (a crash, ExitOnOutOfMemoryError), so
+    # on-failure would never restart it; the start limit bounds a crash loop.
+    assert settings["Restart"] == ["always"]
+    assert settings["StartLimitBurst"] == ["5"] and settings["StartLimitIntervalSec"] == ["600"]
     assert settings["Type"] == ["simple"]
     env = unit_environment(settings)
     assert env["TS_INFERENCE_ADDRESS"] == f"http://0.0.0.0:{names.INFERENCE_PORT}"
     assert env["TS_MANAGEMENT_ADDRESS"] == f"http://127.0.0.1:{names.MANAGEMENT_PORT}"
+    # All interfaces: the hosts' security group admits it from the operations Lambda alone
+    # (tests/test_stack.py::test_metrics_port_is_admitted_from_the_operations_lambda_only).
     assert env["TS_METRICS_ADDRESS"] == f"http://0.0.0.0:{names.METRICS_PORT}"
     assert env["TS_MODEL_STORE"] == "/opt/chipscale/model-store"
     assert env["LOG_LOCATION"] == env["METRICS_LOCATION"] == "/var/log/chipscale"
@@ -381,30 +443,51 @@ def test_wait_ready_fails_when_the_management_api_never_answers() -> None:
     assert "not READY within 1s" in result.stderr
 
 
-def finish_boot(url: str, tmp_path: Path, timeout: int) -> tuple[Any, list[str]]:
-    """The boot's last step (sourced from the script, under its EXIT trap) against the fake
-    server; ``aws`` is a stand-in that records its arguments (AWS itself cannot run here)."""
+def host_env(url: str, tmp_path: Path) -> dict[str, str]:
+    """A host's full environment, as the user data exports it, with IMDSv2 played by the fake
+    server at ``url`` and ``aws`` a stand-in on PATH that records its arguments (AWS itself
+    cannot run here)."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "aws-calls"
+    bin_dir.mkdir(exist_ok=True)
     aws = bin_dir / "aws"
-    aws.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
+    aws.write_text(f'#!/bin/sh\necho "$*" >> "{tmp_path / "aws-calls"}"\n')
     aws.chmod(0o755)
     env = base_env(
         CHIPSCALE_REGION="eu-west-1",
+        CHIPSCALE_MODEL_BUCKET="models",
+        CHIPSCALE_MODEL_KEY="models/demo-0123456789ab.mar",
+        CHIPSCALE_MODEL_NAME=MODEL,
+        CHIPSCALE_WORKERS_PER_GPU="1",
         CHIPSCALE_ASG_NAME="chipscale-gpu",
         CHIPSCALE_LIFECYCLE_HOOK=names.LIFECYCLE_HOOK_LAUNCH,
+        CHIPSCALE_CW_NAMESPACE=names.GPU_METRICS_NAMESPACE,
+        CHIPSCALE_LOG_GROUP=LOG_GROUP,
         CHIPSCALE_MANAGEMENT_URL=url,
         CHIPSCALE_IMDS_URL=f"{url}/latest",
-        CHIPSCALE_READY_TIMEOUT=str(timeout),
         CHIPSCALE_READY_POLL="0.1",
     )
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def aws_calls(tmp_path: Path) -> list[str]:
+    calls = tmp_path / "aws-calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def finish_boot(
+    url: str, tmp_path: Path, timeout: int | None, **extra: str
+) -> tuple[Any, list[str]]:
+    """The boot's last step (sourced from the script, under its EXIT trap) against the fake
+    server, with the stand-in ``aws``."""
+    env = host_env(url, tmp_path) | extra
+    if timeout is not None:
+        env["CHIPSCALE_READY_TIMEOUT"] = str(timeout)
     script = f'source "{BOOT}"; trap on_exit EXIT; finish_boot {MODEL} 2'
     result = subprocess.run(
         [bash(), "-c", script], env=env, capture_output=True, text=True, timeout=60, check=False
     )
-    return result, calls.read_text().splitlines() if calls.exists() else []
+    return result, aws_calls(tmp_path)
 
 
 def lifecycle_call(result: str) -> str:
@@ -430,6 +513,62 @@ def test_boot_abandons_the_launch_when_workers_never_get_ready(tmp_path: Path) -
     assert calls == [lifecycle_call("ABANDON")]
     assert "not ready after 1s: 1/2 workers READY" in result.stderr
     assert "boot failed while waiting for 2 READY workers of demo (exit 1)" in result.stderr
+
+
+def test_boot_deadline_bounds_the_readiness_wait(tmp_path: Path) -> None:
+    """With the user data's absolute deadline (and no CHIPSCALE_READY_TIMEOUT), the wait ends
+    at the deadline, whatever was spent before it, and the launch is abandoned with that
+    reason: before the lifecycle hook's own timeout would."""
+    with serve([["READY", "STARTING"]]) as server:
+        started = time.monotonic()
+        deadline = str(int(time.time()) + 2)
+        result, calls = finish_boot(server.url, tmp_path, None, CHIPSCALE_BOOT_DEADLINE=deadline)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert elapsed < 15
+    assert calls == [lifecycle_call("ABANDON")]
+    assert "(the boot deadline, before the lifecycle hook times out)" in result.stderr
+    assert "boot failed while waiting for 2 READY workers of demo (exit 1)" in result.stderr
+
+
+def test_a_step_after_the_boot_deadline_abandons(tmp_path: Path) -> None:
+    with serve([["READY", "READY"]]) as server:
+        past = str(int(time.time()) - 1)
+        result, calls = finish_boot(server.url, tmp_path, 30, CHIPSCALE_BOOT_DEADLINE=past)
+    assert result.returncode == 1
+    assert calls == [lifecycle_call("ABANDON")]
+    assert "boot deadline passed" in result.stderr
+    assert "before: waiting for 2 READY workers of demo" in result.stderr
+
+
+def test_watchdog_abandons_a_step_that_hangs_past_the_deadline(tmp_path: Path) -> None:
+    """A step that never returns (a stuck mirror, S3) cannot check the deadline: the watchdog
+    abandons the launch at the deadline whatever the boot is doing."""
+    with serve([["READY"]]) as server:
+        env = host_env(server.url, tmp_path)
+        env["CHIPSCALE_BOOT_DEADLINE"] = str(int(time.time()) + 1)
+        script = f'source "{BOOT}"; start_deadline_watchdog; sleep 4'  # the hanging step
+        result = subprocess.run(
+            [bash(), "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 0, result.stderr
+    assert aws_calls(tmp_path) == [lifecycle_call("ABANDON")]
+    assert "boot deadline (epoch" in result.stderr
+
+
+def test_a_boot_that_finishes_stops_its_watchdog(tmp_path: Path) -> None:
+    with serve([["READY", "READY"]]) as server:
+        env = host_env(server.url, tmp_path)
+        env["CHIPSCALE_BOOT_DEADLINE"] = str(int(time.time()) + 2)
+        script = (
+            f'source "{BOOT}"; trap on_exit EXIT; start_deadline_watchdog; '
+            f"finish_boot {MODEL} 2; sleep 4"  # past the deadline: nothing more may happen
+        )
+        result = subprocess.run(
+            [bash(), "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 0, result.stderr
+    assert aws_calls(tmp_path) == [lifecycle_call("CONTINUE")]
 
 
 def test_wait_ready_against_a_real_torchserve(torchserve: Any) -> None:

@@ -9,11 +9,13 @@ the template the first synth writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +32,10 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk.assertions import Match, Template
 
 from chipscale import names
+from stacks.common import LAMBDA_RUNTIME, RUNTIME_PIN_REASON
 from stacks.config import REPO_ROOT, DeploymentConfig, load_cdk_json_context
-from stacks.stack import create_app
+from stacks.gpu_fleet import boot_deadline_budget
+from stacks.stack import create_app, model_archive_name
 
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
@@ -105,6 +109,17 @@ def flat(value: Any) -> str:
 def test_every_output_key_of_the_names_module_is_a_stack_output(raw: dict[str, Any]) -> None:
     keys = {getattr(names, n) for n in dir(names) if n.startswith("OUTPUT_")}
     assert keys <= set(raw["Outputs"]), keys - set(raw["Outputs"])
+
+
+def test_target_group_output_is_the_model_target_group(raw: dict[str, Any]) -> None:
+    (key, _) = one(raw, "AWS::ElasticLoadBalancingV2::TargetGroup")
+    assert raw["Outputs"][names.OUTPUT_TARGET_GROUP_ARN]["Value"] == {"Ref": key}
+
+
+def test_operations_output_says_what_the_function_does_today(raw: dict[str, Any]) -> None:
+    description = raw["Outputs"][names.OUTPUT_OPERATIONS_FUNCTION]["Description"]
+    assert description.startswith("Operations Lambda in the VPC (verify today;")
+    assert "with the cloud data plane" in description
 
 
 def test_no_output_or_environment_carries_a_secret_value(raw: dict[str, Any]) -> None:
@@ -209,6 +224,17 @@ def test_worker_reads_only_the_configured_buckets_and_the_secret(raw: dict[str, 
     ]
     actions = {a for s in s3_statements for a in as_list(s["Action"])}
     assert actions == {"s3:GetObject", "s3:ListBucket"}
+    # A source with a prefix lists its bucket under that prefix only; a whole bucket, all.
+    listing = {
+        flat(s["Resource"]): s.get("Condition")
+        for s in s3_statements
+        if "s3:ListBucket" in as_list(s["Action"])
+    }
+    assert len(listing) == 2
+    (whole,) = [c for r, c in listing.items() if "example-cogs" in r]
+    (prefixed,) = [c for r, c in listing.items() if "imagery-bucket" in r]
+    assert whole is None
+    assert prefixed == {"StringLike": {"s3:prefix": ["naip/2020/*"]}}
     secrets = [s for s in worker if "secretsmanager" in flat(s["Action"])]
     assert len(secrets) == 1 and "SecretAttachment" in flat(secrets[0]["Resource"])
     assert set(secrets[0]["Action"]) == {
@@ -220,7 +246,11 @@ def test_worker_reads_only_the_configured_buckets_and_the_secret(raw: dict[str, 
 
 
 def test_no_wildcard_action_on_wildcard_resource(raw: dict[str, Any]) -> None:
-    allowed_on_star = {"autoscaling:DescribeAutoScalingGroups", "cloudwatch:PutMetricData"}
+    allowed_on_star = {
+        "autoscaling:DescribeAutoScalingGroups",  # no resource-level permissions
+        "elasticloadbalancing:DescribeTargetHealth",  # likewise (ELBv2 Describe*)
+        "cloudwatch:PutMetricData",  # likewise; bound to the GPU namespace below
+    }
     for statement in statements(raw):
         actions = as_list(statement["Action"])
         assert all(a != "*" and not a.endswith(":*") for a in actions), statement
@@ -248,6 +278,28 @@ def test_no_security_group_is_open_to_the_internet(raw: dict[str, Any]) -> None:
     assert rules
     for rule in rules:
         assert rule.get("CidrIp") not in {"0.0.0.0/0"} and rule.get("CidrIpv6") != "::/0", rule
+
+
+def test_metrics_port_is_admitted_from_the_operations_lambda_only(raw: dict[str, Any]) -> None:
+    """TorchServe's Prometheus port (bound on all interfaces by the unit) is reachable from
+    the operations Lambda's security group and from nothing else; 8080 from the ALB alone."""
+    to_hosts = [
+        r["Properties"]
+        for r in of_type(raw, "AWS::EC2::SecurityGroupIngress").values()
+        if "HostSecurityGroup" in flat(r["Properties"]["GroupId"])
+    ]
+    by_port = {r["FromPort"]: flat(r["SourceSecurityGroupId"]) for r in to_hosts}
+    assert set(by_port) == {names.INFERENCE_PORT, names.METRICS_PORT}
+    assert "OperationsSecurityGroup" in by_port[names.METRICS_PORT]
+    assert "LoadBalancerSecurityGroup" in by_port[names.INFERENCE_PORT]
+    assert all(r["ToPort"] == r["FromPort"] for r in to_hosts)
+    egress = [
+        r["Properties"]
+        for r in of_type(raw, "AWS::EC2::SecurityGroupEgress").values()
+        if "OperationsSecurityGroup" in flat(r["Properties"]["GroupId"])
+        and "HostSecurityGroup" in flat(r["Properties"].get("DestinationSecurityGroupId"))
+    ]
+    assert [r["FromPort"] for r in egress] == [names.METRICS_PORT]
 
 
 def test_vpc_endpoints_and_flow_logs(raw: dict[str, Any], template: Template) -> None:
@@ -398,7 +450,36 @@ def test_user_data_runs_the_boot_script_with_its_environment(raw: dict[str, Any]
     assert "export CHIPSCALE_MODEL_KEY=models/chipscale.mar\n" in script
     assert f"export CHIPSCALE_CW_NAMESPACE={names.GPU_METRICS_NAMESPACE}\n" in script
     assert "export CHIPSCALE_WHEELHOUSE_URI=''\n" in script  # default: PyPI through the NAT
+    assert "export CHIPSCALE_LOG_GROUP='<ref>'\n" in script  # the HostLogs group, for the agent
+    assert names.HOST_ENV_READY_TIMEOUT not in script  # the absolute deadline replaces it
     assert script.rstrip().endswith("exec bash gpu_host_boot.sh")
+    # The boot's deadline is set before anything else can fail or take time.
+    assert script.index(f"export {names.HOST_ENV_BOOT_DEADLINE}=") < script.index("trap abandon")
+
+
+def test_user_data_boot_deadline_counts_from_the_kernel_start(raw: dict[str, Any]) -> None:
+    """Run the user data's deadline line: kernel start (now - uptime) + the hook's timeout
+    less the margin, in epoch seconds, so install time counts against the hook."""
+    (_, lt) = one(raw, "AWS::EC2::LaunchTemplate")
+    parts = lt["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Join"][1]
+    script = "".join(p if isinstance(p, str) else "<ref>" for p in parts)
+    (line,) = [
+        x for x in script.splitlines() if x.startswith(f"export {names.HOST_ENV_BOOT_DEADLINE}=")
+    ]
+    config = DeploymentConfig.from_context(load_cdk_json_context(REPO_ROOT / "cdk.json").get)
+    budget = boot_deadline_budget(config)
+    assert 0 < config.lifecycle_hook_timeout_seconds - budget <= 120
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    before = int(time.time())
+    result = subprocess.run(
+        ["bash", "-c", f'{line}; echo "${names.HOST_ENV_BOOT_DEADLINE}"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    deadline = int(result.stdout)
+    expected = before - int(uptime) + budget
+    assert abs(deadline - expected) <= 2
 
 
 def test_user_data_is_shellcheck_clean(raw: dict[str, Any]) -> None:
@@ -449,6 +530,10 @@ def test_auto_scaling_group_and_lifecycle_hook(raw: dict[str, Any]) -> None:
     ]
     assert all("computeSubnet" in flat(s) for s in props["VPCZoneIdentifier"])
     assert props["MetricsCollection"]  # GroupInServiceInstances for the scaling math
+    # A new launch template version (a new model key) rolls the hosts one at a time.
+    rolling = asg["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    assert rolling["MaxBatchSize"] == 1
+    assert rolling["MinInstancesInService"] == 0  # minInstances 0
 
 
 def test_instance_role_is_scoped(raw: dict[str, Any]) -> None:
@@ -527,9 +612,12 @@ def test_fleet_controller(raw: dict[str, Any], template: Template) -> None:
     env = fn["Environment"]["Variables"]
     assert env[names.ENV_GPUS_PER_INSTANCE] == "1"
     assert env[names.ENV_PER_GPU_DEFAULT] == "4"
+    assert env[names.ENV_RESERVED_CONCURRENCY] == "0"  # none reserved by default
     assert "Ref" in flat(env[names.ENV_EVENT_SOURCE_MAPPING])
     assert "Ref" in flat(env[names.ENV_ASG_NAME])
     assert "Ref" in flat(env[names.ENV_PER_GPU_PARAMETER])
+    (target_group, _) = one(raw, "AWS::ElasticLoadBalancingV2::TargetGroup")
+    assert env[names.ENV_TARGET_GROUP_ARN] == {"Ref": target_group}
     template.has_resource_properties(
         "AWS::SSM::Parameter",
         {"Type": "String", "Value": "4", "Name": "/chipscale/per-gpu-concurrency"},
@@ -552,28 +640,55 @@ def test_fleet_controller(raw: dict[str, Any], template: Template) -> None:
     by_action = {a: s for s in controller for a in as_list(s["Action"])}
     assert set(by_action) == {
         "autoscaling:DescribeAutoScalingGroups",
+        "elasticloadbalancing:DescribeTargetHealth",
         "lambda:GetEventSourceMapping",
         "lambda:UpdateEventSourceMapping",
         "ssm:GetParameter",
     }
+    # Neither supports resource-level permissions (acknowledged as IAM5 with that reason).
+    assert by_action["elasticloadbalancing:DescribeTargetHealth"]["Resource"] == "*"
     assert ":event-source-mapping:" in flat(
         by_action["lambda:UpdateEventSourceMapping"]["Resource"]
     )
     assert "PerGpuConcurrency" in flat(by_action["ssm:GetParameter"]["Resource"])
 
 
-def test_operations_function(raw: dict[str, Any]) -> None:
+def test_operations_function_has_only_what_verify_needs(raw: dict[str, Any]) -> None:
+    """verify is its one action today: the secret, the proxy and the load balancer. No S3 or
+    SQS grant for export/status before they exist."""
     fn = _function(raw, "operations.handler")
     assert fn["VpcConfig"]["SubnetIds"]
+    assert fn["Description"].endswith(
+        "verify today; db-setup, status and export with the cloud data plane"
+    )
     env = fn["Environment"]["Variables"]
-    assert {
+    assert set(env) == {
         names.ENV_DB_SECRET_ARN,
         names.ENV_DB_HOST,
-        names.ENV_RESULTS_BUCKET,
+        names.ENV_DB_NAME,
         names.ENV_MODEL_URL,
-    } <= set(env)
-    s3_statements = [s for s in statements(raw, "Operations") if "s3:" in flat(s["Action"])]
-    assert len(s3_statements) == 1 and "StorageResults" in flat(s3_statements[0]["Resource"])
+    }
+    operations = statements(raw, "Operations")
+    actions = {a for s in operations for a in as_list(s["Action"])}
+    assert actions == {"secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"}
+
+
+def test_every_function_is_built_by_the_one_helper(raw: dict[str, Any]) -> None:
+    """Worker, operations and controller: the pinned runtime and architecture, a log group
+    of their own, and an L1 reason derived from the runtime (no hard-coded version)."""
+    handlers = {"sqs_worker.handler", "operations.handler", "fleet_controller.handler"}
+    groups = set(of_type(raw, "AWS::Logs::LogGroup"))
+    for handler in handlers:
+        fn = _function(raw, handler)
+        assert fn["Runtime"] == LAMBDA_RUNTIME.name
+        assert fn["Architectures"] == ["x86_64"]
+        assert fn["LoggingConfig"]["LogGroup"]["Ref"] in groups
+    assert RUNTIME_PIN_REASON.startswith(f"{LAMBDA_RUNTIME.name} is pinned on purpose")
+    for module in ("worker.py", "operations.py", "fleet_controller.py", "common.py"):
+        source = (REPO_ROOT / "stacks" / module).read_text()
+        assert "Python 3.12" not in source and "cp312" not in source, module
+        if module != "common.py":
+            assert "lambda_.Function(" not in source, module
 
 
 # ---------------------------------------------------------------------------- monitoring, tags
@@ -700,13 +815,14 @@ def variant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str
     with zipfile.ZipFile(archive, "w") as mar:
         mar.writestr("MAR-INF/MANIFEST.json", "{}")
     (work / "notes.txt").write_text("not part of the upload")
-    outdir = tmp_path_factory.mktemp("cdk.out.variant")
+    outdir = tmp_path_factory.mktemp("cdk.out.variant") / "cdk.out"
+    (outdir.parent / "archive-path").write_text(str(archive))
     template, _ = synth(
         outdir,
         modelArchive=str(archive),
         natGateways="0",
         wheelhousePrefix="wheels/",
-        reservedConcurrency="20",
+        reservedConcurrency="40",  # at least 4 per GPU x 4 GPUs x 2 instances
         maxConcurrency="10",
         dbMultiAz="true",
         dbDeletionProtection="false",
@@ -723,12 +839,14 @@ def test_variant_options(variant: tuple[dict[str, Any], Path]) -> None:
     assert not of_type(raw, "AWS::EC2::NatGateway")
     assert not of_type(raw, "AWS::EC2::InternetGateway")
     worker = _function(raw, "sqs_worker.handler")
-    assert worker["ReservedConcurrentExecutions"] == 20
+    assert worker["ReservedConcurrentExecutions"] == 40
     env = worker["Environment"]["Variables"]
     assert env[names.ENV_DEFAULT_JOB] == "legacy"
     assert env[names.ENV_DEFAULT_SOURCE] == "s3://example-cogs/area.tif"
     controller = _function(raw, "fleet_controller.handler")
     assert controller["Environment"]["Variables"][names.ENV_GPUS_PER_INSTANCE] == "4"
+    # The controller caps MaximumConcurrency at the worker's reservation.
+    assert controller["Environment"]["Variables"][names.ENV_RESERVED_CONCURRENCY] == "40"
     (_, db) = one(raw, "AWS::RDS::DBInstance")
     assert db["Properties"]["MultiAZ"] is True and db["Properties"]["DeletionProtection"] is False
     (_, esm) = one(raw, "AWS::Lambda::EventSourceMapping")
@@ -736,12 +854,34 @@ def test_variant_options(variant: tuple[dict[str, Any], Path]) -> None:
     (_, lt) = one(raw, "AWS::EC2::LaunchTemplate")
     parts = lt["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Join"][1]
     script = "".join(p if isinstance(p, str) else "<ref>" for p in parts)
-    assert "export CHIPSCALE_MODEL_KEY=models/demo-model.mar\n" in script
+    # The archive's key is content-addressed: a new archive is new user data, hence a new
+    # launch template version, which the rolling update rolls out.
+    name = model_archive_name("chipscale", Path(variant_archive(outdir)))
+    assert name.startswith("chipscale-") and len(name) == len("chipscale-") + 12 + len(".mar")
+    assert f"export CHIPSCALE_MODEL_KEY=models/{name}\n" in script
     assert "export CHIPSCALE_WHEELHOUSE_URI='s3://<ref>/wheels/'\n" in script
     assert of_type(raw, "Custom::CDKBucketDeployment")  # the archive is uploaded at deploy
-    assert raw["Outputs"][names.OUTPUT_MODEL_KEY]["Value"] == "models/demo-model.mar"
-    staged = [p for p in outdir.glob("asset.*") if (p / "demo-model.mar").exists()]
-    assert len(staged) == 1 and [p.name for p in staged[0].iterdir()] == ["demo-model.mar"]
+    assert raw["Outputs"][names.OUTPUT_MODEL_KEY]["Value"] == f"models/{name}"
+    staged = [p for p in outdir.glob("asset.*") if (p / name).exists()]
+    assert len(staged) == 1 and [p.name for p in staged[0].iterdir()] == [name]
+    (_, asg) = one(raw, "AWS::AutoScaling::AutoScalingGroup")
+    assert asg["UpdatePolicy"]["AutoScalingRollingUpdate"]["MinInstancesInService"] == 1
+
+
+def variant_archive(outdir: Path) -> str:
+    """The .mar the variant synth uploaded (written beside its cdk.out by the fixture)."""
+    return (outdir.parent / "archive-path").read_text()
+
+
+def test_model_archive_name_follows_the_content(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.mar", tmp_path / "b.mar"
+    first.write_bytes(b"model one")
+    second.write_bytes(b"model two")
+    digest = hashlib.sha256(b"model one").hexdigest()[:12]
+    assert model_archive_name("demo", first) == f"demo-{digest}.mar"
+    assert model_archive_name("demo", second) != model_archive_name("demo", first)
+    second.write_bytes(b"model one")  # same content, another file: same key
+    assert model_archive_name("demo", second) == model_archive_name("demo", first)
 
 
 def test_cfn_lint_is_clean_on_the_variant(variant: tuple[dict[str, Any], Path]) -> None:

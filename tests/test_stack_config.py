@@ -119,6 +119,28 @@ def test_rules_across_keys() -> None:
         config_of(modelArchive="no/such/model.mar")
 
 
+def test_reserved_concurrency_must_feed_the_full_fleet() -> None:
+    """The controller caps MaximumConcurrency at the reservation, so a reservation below
+    per-GPU concurrency x instances x GPUs would starve a full fleet: refused, with why."""
+    # 4 per GPU x 2 instances x 4 GPUs (g5.12xlarge) = 32
+    with pytest.raises(ConfigError) as failure:
+        config_of(reservedConcurrency=20, instanceType="g5.12xlarge")
+    message = str(failure.value)
+    assert "reservedConcurrency: 20 is below perGpuConcurrency x maxInstances x GPUs per " in (
+        message
+    )
+    assert "g5.12xlarge = 4 x 2 x 4 = 32" in message
+    assert "throttled" in message and "Reserve 32 or more" in message
+    config = config_of(reservedConcurrency=32, instanceType="g5.12xlarge")
+    assert config.reserved_concurrency == 32
+    assert config_of(reservedConcurrency=0).reserved_concurrency == 0  # none: no rule
+
+
+def test_reserved_concurrency_below_the_event_source_minimum_is_refused() -> None:
+    with pytest.raises(ConfigError, match="reservedConcurrency: 0 \\(none\\) or at least 2"):
+        config_of(reservedConcurrency=1, perGpuConcurrency=1, maxInstances=1, maxConcurrency=2)
+
+
 def test_app_exits_with_the_message_and_no_traceback() -> None:
     """What ``cdk synth -c instanceType=p4d.24xlarge`` shows: the CLI passes the context
     in CDK_CONTEXT_JSON, app.py prints the config error alone and exits non-zero."""

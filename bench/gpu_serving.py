@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -260,12 +259,6 @@ def torchserve_unavailable() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def torchserve_client(
     model_file: Path, work: Path, args: argparse.Namespace
@@ -281,13 +274,7 @@ def torchserve_client(
         threads=args.threads,
     )
     mar = package_model(model_file, work / "mar", config=config, force=True)
-    server = TorchServe(
-        mar,
-        work / "torchserve",
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
-    )
+    server = TorchServe.on_free_ports(mar, work / "torchserve")
     server.start()
     try:
         try:

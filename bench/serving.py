@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -219,12 +218,6 @@ def other_load(start: CpuSnapshot, end: CpuSnapshot, ours: set[int]) -> dict[str
 # ---------------------------------------------------------------------------------- running
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def java_version() -> str:
     java = shutil.which("java")
     if java is None:
@@ -236,13 +229,7 @@ def java_version() -> str:
 @contextlib.contextmanager
 def torchserve(model: Path, work: Path, config: ServingConfig) -> Iterator[TorchServe]:
     mar = package_model(model, work / "mar", config=config, force=True)
-    server = TorchServe(
-        mar,
-        work / "torchserve",
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
-    )
+    server = TorchServe.on_free_ports(mar, work / "torchserve")
     server.start()
     try:
         yield server

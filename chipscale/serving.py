@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -184,6 +185,18 @@ class TorchServe:
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
+    @classmethod
+    def on_free_ports(cls, mar: Path, run_dir: Path, **kwargs: Any) -> TorchServe:
+        """A server on ports the OS has free now (tests and benchmarks run side by side)."""
+        return cls(
+            mar,
+            run_dir,
+            inference_port=free_port(),
+            management_port=free_port(),
+            metrics_port=free_port(),
+            **kwargs,
+        )
+
     @property
     def model_name(self) -> str:
         return self.mar.stem
@@ -321,6 +334,13 @@ class TorchServe:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _reap_group(pgid: int) -> None:

@@ -145,13 +145,7 @@ def start_torchserve(mar: Path, run_dir: Path) -> Any:
 
     if shutil.which("java") is None:
         unavailable("java (TorchServe's frontend) is not installed")
-    server = TorchServe(
-        mar,
-        run_dir,
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
-    )
+    server = TorchServe.on_free_ports(mar, run_dir)
     try:
         return server.start()
     except ServingError as exc:

@@ -267,7 +267,11 @@ def main() -> None:
     )
     parser.add_argument("--no-raw-http", action="store_true", help="skip the raw HTTP figure")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 32 tiles: a smoke run")
-    parser.add_argument("--out", default=None, help=f"JSON file (default {RESULTS}; none --quick)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"JSON file, and a .png plot beside it (default {RESULTS}; none with --quick)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.tiles = 2, min(args.tiles, 32)
@@ -463,6 +467,35 @@ def main() -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+        print(f"plot: {plot(result, out.with_suffix('.png'))}", file=sys.stderr)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """tiles/s by tiles per request against the in-process line: the figure people look at
+    first, next to the JSON that holds the conditions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["by_tiles_per_request"]
+    labels = [f"{r['tiles_per_request']}\n({r['concurrency']} in flight)" for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    bars = ax.bar(labels, [r["tiles_per_s"] for r in rows], color="#4c72b0", label="TorchServe")
+    ax.bar_label(bars, labels=[f"{r['ratio_to_in_process']:.2f}x" for r in rows], padding=2)
+    in_process = result["tiles_per_s"]["in_process"]
+    ax.axhline(in_process, color="#dd8452", linestyle="--", label=f"in-process {in_process}")
+    ax.axhline(0.8 * in_process, color="grey", linestyle=":", label="goal 0.8x in-process")
+    top = max([in_process, *(r["tiles_per_s"] for r in rows)])
+    ax.set_ylim(0, top * 1.2)  # room for the ratio labels
+    ax.set_xlabel("tiles per request")
+    ax.set_ylabel("tiles/s")
+    ax.set_title("Serving the benchmark ResNet: TorchServe vs in-process (CPU)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -294,10 +294,7 @@ def torchserve_client(
         settings = {
             "version": importlib.metadata.version("torchserve"),
             "config": "model_server/config.properties",
-            "workers": config.workers,
-            "batchSize": config.batch_size,
-            "maxBatchDelay_ms": config.max_batch_delay_ms,
-            "handler_sub_batch": config.sub_batch,
+            **config.settings(),
             "client": kind,
             "tiles_per_request": args.tiles_per_request,
             "concurrency": args.concurrency,

@@ -445,11 +445,7 @@ def main() -> None:
         "torchserve": {
             "version": importlib.metadata.version("torchserve"),
             "config": "model_server/config.properties",
-            "workers": config.workers,
-            "batchSize": config.batch_size,
-            "maxBatchDelay_ms": config.max_batch_delay_ms,
-            "handler_sub_batch": config.sub_batch,
-            "handler_threads": config.threads,
+            **config.settings(),
         },
         "client": client_kind,
         "cpus": os.cpu_count(),

@@ -70,6 +70,17 @@ class ServingConfig:
         if self.max_batch_delay_ms < 0:
             raise ServingError(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
 
+    def settings(self) -> dict[str, int]:
+        """The knobs under TorchServe's names (what benchmarks report beside their figures)."""
+        return {
+            "workers": self.workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay_ms": self.max_batch_delay_ms,
+            "responseTimeout_s": self.response_timeout_s,
+            "handler_sub_batch": self.sub_batch,
+            "handler_threads": self.threads,
+        }
+
     def to_yaml(self) -> str:
         """TorchServe's model-config YAML (plain keys; written by hand to need no yaml lib)."""
         return "\n".join(

@@ -591,22 +591,23 @@ def recorded_mapping(state: str, concurrency: int) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def stubbed_autoscaling() -> Iterator[Stubber]:
+def _stubbed(service: str) -> Iterator[Stubber]:
+    """A client of ``service`` answering only recorded responses (what moto cannot produce)."""
     client = boto3.client(
-        "autoscaling", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+        service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
     )
     with Stubber(client) as stubber:
         yield stubber
+
+
+@pytest.fixture
+def stubbed_autoscaling() -> Iterator[Stubber]:
+    yield from _stubbed("autoscaling")
 
 
 @pytest.fixture
 def stubbed_lambda() -> Iterator[Stubber]:
-    client = boto3.client(
-        "lambda", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
-    )
-    with Stubber(client) as stubber:
-        yield stubber
+    yield from _stubbed("lambda")
 
 
 def test_instance_in_pending_wait_is_not_in_service(
@@ -627,11 +628,7 @@ def test_instance_in_pending_wait_is_not_in_service(
 
 @pytest.fixture
 def stubbed_elbv2() -> Iterator[Stubber]:
-    client = boto3.client(
-        "elbv2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
-    )
-    with Stubber(client) as stubber:
-        yield stubber
+    yield from _stubbed("elbv2")
 
 
 def test_target_still_initial_is_not_in_service(

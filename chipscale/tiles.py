@@ -40,6 +40,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -56,6 +57,7 @@ from rasterio.warp import calculate_default_transform, transform_bounds
 
 from chipscale.errors import SourceError, SourceUnavailable, one_line
 from chipscale.gdal_env import gdal_env, is_remote
+from chipscale.tile_endpoint import TileEndpointReader, is_tile_endpoint
 from chipscale.tilelist import make_tile
 from chipscale.types import ImageData
 
@@ -123,12 +125,50 @@ _TRANSIENT = re.compile(
 )
 
 
-def _source_error(source: str | os.PathLike[str], exc: BaseException) -> SourceError:
-    """The error to raise for a failed open or read of ``source``, transient or not."""
+#: GDAL's generic open failures, which name no cause. After a transient failure of the same
+#: path they are what GDAL answers from its cache of that failure (see ``_STALE``).
+_GENERIC = re.compile(
+    r"does not exist in the file system|not recognized as being in a supported file format"
+)
+
+
+def _source_error(
+    source: str | os.PathLike[str], exc: BaseException, *, after_outage: bool = False
+) -> SourceError:
+    """The error to raise for a failed open or read of ``source``, transient or not.
+
+    ``after_outage``: the last open of this path failed transiently, so a generic "does not
+    exist" is GDAL repeating that failure, not the server saying the object is gone (S3
+    says that as "The specified key does not exist" or "HTTP response code: 404").
+    """
     text = f"cannot read raster {os.fspath(source)}: {one_line(exc)}"
-    if is_remote(os.fspath(source)) and _TRANSIENT.search(str(exc)):
+    message = str(exc)
+    if is_remote(os.fspath(source)) and (
+        _TRANSIENT.search(message) or (after_outage and _GENERIC.search(message))
+    ):
         return SourceUnavailable(text)
     return SourceError(text)
+
+
+#: Remote paths whose last open failed transiently. GDAL caches what it learnt about a
+#: network path for the life of the process, failures included: after a refused connection
+#: the next open of the same path answers "does not exist in the file system" (or "not
+#: recognized as being in a supported file format") without asking the server, even once the
+#: server is back, so a message the queue redelivers to the same warm worker became
+#: permanent ``error`` rows (measured with GDAL 3.10 against moto). Opens of such a path
+#: bypass GDAL's cache (``CPL_VSIL_CURL_NON_CACHED``, which also drops the stale entry when
+#: the dataset closes) and read a generic failure as transient, until one open succeeds or
+#: fails for a stated reason.
+_STALE: set[str] = set()
+_STALE_LOCK = threading.Lock()
+
+
+def _mark_stale(path: str, stale: bool) -> None:
+    with _STALE_LOCK:
+        if stale:
+            _STALE.add(path)
+        else:
+            _STALE.discard(path)
 
 
 def open_source(source: str | os.PathLike[str], overview_level: int | None = None) -> DatasetReader:
@@ -137,10 +177,22 @@ def open_source(source: str | os.PathLike[str], overview_level: int | None = Non
     Call it inside :func:`chipscale.gdal_env.gdal_env` so the cloud settings apply.
     """
     kwargs = {} if overview_level is None else {"overview_level": overview_level}
+    path = gdal_path(source)
+    with _STALE_LOCK:
+        stale = path in _STALE
     try:
-        return rasterio.open(gdal_path(source), **kwargs)
+        # GDAL splits the option's value at ":", so for an http(s) URL it bypasses the cache
+        # of every /vsicurl/http path during this one open: harmless, and rare.
+        with rasterio.Env(CPL_VSIL_CURL_NON_CACHED=path) if stale else nullcontext():
+            dataset = rasterio.open(path, **kwargs)
     except (RasterioError, OSError) as exc:
-        raise _source_error(source, exc) from None
+        error = _source_error(source, exc, after_outage=stale)
+        if is_remote(path) and (stale or not error.permanent):
+            _mark_stale(path, not error.permanent)
+        raise error from None
+    if stale:
+        _mark_stale(path, False)
+    return dataset
 
 
 def tile_transform(x: int, y: int, z: int, size: int) -> Affine:
@@ -548,7 +600,15 @@ def read_tiles(
     bool, True where valid. A tile that misses the source has an all-False mask.
     Raises :class:`~chipscale.errors.SourceError` when the source cannot be read and
     :class:`~chipscale.errors.InvalidTileError` for a tile off the grid.
+
+    An XYZ tile endpoint (``https://host/{z}/{x}/{y}.png``, see
+    :mod:`chipscale.tile_endpoint`) is read by a :class:`TileEndpointReader` instead;
+    ``max_window`` does not apply to it.
     """
+    if is_tile_endpoint(source):
+        with TileEndpointReader(source, size=size, bands=bands, resampling=resampling) as endpoint:
+            yield from endpoint.read(tiles)
+        return
     with TileReader(
         source, size=size, bands=bands, resampling=resampling, max_window=max_window
     ) as reader:
@@ -564,19 +624,23 @@ _local = threading.local()
 
 def cached_reader(
     source: str | os.PathLike[str], *, size: int = 256, bands: Sequence[int] | None = None
-) -> TileReader:
-    """An open :class:`TileReader` for ``source`` from this thread's small LRU cache.
+) -> TileReader | TileEndpointReader:
+    """An open reader for ``source`` from this thread's small LRU cache: a
+    :class:`TileReader`, or a :class:`TileEndpointReader` for an XYZ tile endpoint.
 
     Per thread because a reader is not thread-safe. The least recently used reader is closed
     when the cache is full. Sources are taken to be immutable while a process runs (COGs in a
     bucket): a file rewritten in place needs :func:`clear_reader_cache`.
     """
-    cache: OrderedDict[tuple, TileReader] = getattr(_local, "readers", None) or OrderedDict()
+    cache: OrderedDict[tuple, TileReader | TileEndpointReader] = (
+        getattr(_local, "readers", None) or OrderedDict()
+    )
     _local.readers = cache
     key = (os.fspath(source), size, tuple(bands) if bands is not None else None)
     reader = cache.pop(key, None)
     if reader is None:
-        reader = TileReader(source, size=size, bands=bands)
+        kind = TileEndpointReader if is_tile_endpoint(source) else TileReader
+        reader = kind(source, size=size, bands=bands)
         while len(cache) >= READER_CACHE_SIZE:
             cache.popitem(last=False)[1].close()
     cache[key] = reader
@@ -600,7 +664,8 @@ def read_tile(
     resampling: Resampling | str = Resampling.nearest,
 ) -> ImageData:
     """Read one tile (the CLI's ``chipscale tile``); see :func:`read_tiles`."""
-    with TileReader(source, size=size, bands=bands, resampling=resampling) as reader:
+    kind = TileEndpointReader if is_tile_endpoint(source) else TileReader
+    with kind(source, size=size, bands=bands, resampling=resampling) as reader:
         return reader.tile(tile)
 
 

@@ -71,6 +71,26 @@ class JobInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Rejection:
+    """A queue message that can never succeed and has no tile to carry an ``error`` row
+    (not JSON, wrong schema, a tile off the grid): kept with its reason in the store's
+    ``rejects`` table instead of being retried until the dead-letter queue.
+
+    ``message_id`` is the queue's id (SQS MessageId): recording the same delivery twice keeps
+    one row. ``body`` is the message as received, cut to :data:`MAX_REJECTED_BODY` characters.
+    """
+
+    message_id: str
+    reason: str
+    body: str
+    job: str | None = None
+
+
+#: Characters of a rejected message body kept in the rejects table.
+MAX_REJECTED_BODY = 4096
+
+
+@dataclass(frozen=True, slots=True)
 class ResultRow:
     """One stored result as read back for export."""
 

@@ -47,10 +47,14 @@ CHECK_ENDPOINT: Final = "model endpoint"
 CHECK_SCHEMA: Final = "database schema"
 
 #: The results schema ``chipscale db-setup`` creates: table -> primary key columns, in order
-#: (None: any key). The one place verify learns what "schema present" means.
+#: (None: any key). The one place verify learns what "schema present" means. A copy of
+#: ``chipscale.stores.postgres.TABLES`` (a test holds them equal), so that importing this
+#: module does not import psycopg.
 RESULTS_SCHEMA: Final[Mapping[str, tuple[str, ...] | None]] = {
-    "jobs": None,
+    "jobs": ("job",),
     "results": ("job", "z", "x", "y"),
+    "rejects": ("message_id",),
+    "schema_version": ("version",),
 }
 
 #: Service Quotas codes (service code, quota code, quota name as the console shows it).
@@ -546,7 +550,7 @@ def check_schema(db_url: str, *, schema: str | None = None) -> CheckResult:
     if problems:
         raise CheckFailed(
             f"{where} schema {schema}: {'; '.join(problems)}: the results schema is not set "
-            "up (`chipscale db-setup` creates it; it arrives with the cloud data-plane work)"
+            "up or is out of date: run `chipscale db-setup --stack NAME` (or `--db URL`)"
         )
     tables = ", ".join(RESULTS_SCHEMA)
     return CheckResult(CHECK_SCHEMA, True, f"{where} schema {schema}: tables {tables} present")

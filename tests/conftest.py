@@ -6,11 +6,15 @@ failed promise.
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import glob
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -182,16 +186,10 @@ def torchserve(demo_mar: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 # ----------------------------------------------------------------------------- PostgreSQL
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-#: The results tables as the verify check reads them (until `chipscale db-setup` owns the DDL).
-RESULTS_DDL = """
-CREATE TABLE jobs (job text PRIMARY KEY, source text NOT NULL, zoom int);
-CREATE TABLE results (
-    job text NOT NULL REFERENCES jobs (job),
-    z int NOT NULL, x bigint NOT NULL, y bigint NOT NULL,
-    status text NOT NULL, output jsonb, error text,
-    PRIMARY KEY (job, z, x, y)
-);
-"""
+try:  # the real schema, as `chipscale db-setup` creates it (tests that build it by hand)
+    from chipscale.stores.postgres import SCHEMA as RESULTS_DDL
+except ImportError:  # no psycopg: every PostgreSQL fixture skips anyway
+    RESULTS_DDL = ""
 
 
 @pytest.fixture(scope="session")
@@ -226,9 +224,94 @@ def empty_db(pg_admin: str) -> Iterator[str]:
 
 @pytest.fixture
 def results_db(empty_db: str) -> str:
-    """A database holding the results schema."""
-    import psycopg
+    """A fresh database holding the results schema, set up as `chipscale db-setup` does."""
+    from chipscale.stores.postgres import setup_database
 
-    with psycopg.connect(empty_db, autocommit=True) as conn:
-        conn.execute(RESULTS_DDL)
+    setup_database(empty_db)
     return empty_db
+
+
+def postgres_bin() -> Path | None:
+    """The newest PostgreSQL server binaries on this machine (Debian's layout)."""
+    found = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if Path(p, "initdb").exists()]
+    return max(found, key=lambda p: int(p.parent.name), default=None) if found else None
+
+
+class ThrowawayPostgres:
+    """A private PostgreSQL cluster on a free loopback port, for tests that stop, restart or
+    break the server: never the shared one on 5432. Run as the ``postgres`` user (the server
+    refuses root), its directory owned by that user; trust auth, user ``postgres``."""
+
+    def __init__(self, root: Path, bin_dir: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.bin = bin_dir
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        as_postgres = [] if getpass.getuser() == "postgres" else ["runuser", "-u", "postgres", "--"]
+        done = subprocess.run(
+            [*as_postgres, str(self.bin / tool), *args], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} {' '.join(args)} failed: {done.stderr.strip()}")
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "--auth=trust", "-U", "postgres")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        log = str(self.root / "server.log")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def terminate_backends(self) -> int:
+        """End every client connection but this one, as a failover or RDS Proxy's idle
+        timeout does; returns how many were ended."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+
+@pytest.fixture
+def throwaway_pg() -> Iterator[ThrowawayPostgres]:
+    """A private PostgreSQL cluster of this test's own (``.url``, ``.stop()``, ``.start()``,
+    ``.restart()``, ``.terminate_backends()``), stopped and removed afterwards."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        unavailable("PostgreSQL server binaries (initdb, pg_ctl) not found")
+    if getpass.getuser() != "postgres" and (os.geteuid() != 0 or not shutil.which("runuser")):
+        unavailable("a throwaway PostgreSQL cluster needs root (runuser -u postgres)")
+    # /tmp, not tmp_path: pytest's base folder is private to root, out of the postgres
+    # user's reach.
+    root = Path(tempfile.mkdtemp(prefix="chipscale-pg-"))
+    shutil.chown(root, "postgres", "postgres")
+    server = ThrowawayPostgres(root, bin_dir)
+    try:
+        server.init()
+        server.start()
+    except RuntimeError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        unavailable(f"throwaway PostgreSQL did not start: {exc}")
+    try:
+        yield server
+    finally:
+        if server.running():
+            with contextlib.suppress(RuntimeError):
+                server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -14,8 +14,16 @@ import pytest
 from mercantile import Tile
 
 from chipscale.errors import StoreError, StoreUnavailable
-from chipscale.stores import ResultStore, SQLiteStore, open_store, sqlite_path
-from chipscale.types import JobInfo, TileResult
+from chipscale.stores import (
+    SCHEMA_VERSION,
+    ResultStore,
+    SQLiteStore,
+    open_store,
+    setup_store,
+    sqlite_path,
+)
+from chipscale.stores.sqlite import MIGRATIONS
+from chipscale.types import MAX_REJECTED_BODY, JobInfo, Rejection, TileResult
 
 
 def ok(job: str, x: int, y: int, z: int = 18, score: float = 0.5) -> TileResult:
@@ -40,8 +48,6 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     with open_store(str(tmp_path / "deep" / "b.sqlite")):
         pass
     assert (tmp_path / "deep" / "b.sqlite").is_file()
-    with pytest.raises(StoreError, match="PostgreSQL arrives with the cloud data plane"):
-        open_store("postgresql://u:p@localhost/db")
     with pytest.raises(StoreError, match="mysql://x"):
         open_store("mysql://x")
 
@@ -58,7 +64,7 @@ def test_schema_idempotent_and_versioned(tmp_path: Path) -> None:
     for _ in range(2):
         open_store(str(path)).close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.execute("PRAGMA user_version = 99")
     conn.commit()
@@ -236,3 +242,57 @@ def test_kill_mid_run_leaves_consistent_db(tmp_path: Path) -> None:
         total = s.counts("j")["total"]
     assert total >= 500
     assert total % 100 == 0  # every write() landed whole or not at all
+
+
+def test_rejects_recorded_once_per_message_id(store: SQLiteStore) -> None:
+    bad = Rejection("m-1", "not JSON", "{nope", None)
+    store.reject([bad])
+    store.reject([Rejection("m-1", "not JSON (again)", "{nope", "j")])  # delivered again
+    store.reject([Rejection("m-2", "zoom 40 is outside 0..30", "x" * 10_000, "j")])
+    assert store.rejects() == [
+        Rejection("m-1", "not JSON (again)", "{nope", "j"),
+        Rejection("m-2", "zoom 40 is outside 0..30", "x" * MAX_REJECTED_BODY, "j"),
+    ]
+    assert [r.message_id for r in store.rejects("j")] == ["m-1", "m-2"]
+    assert store.rejects("other") == []
+    conn = sqlite3.connect(store.path)
+    assert conn.execute("SELECT attempts FROM rejects ORDER BY message_id").fetchall() == [
+        (2,),
+        (1,),
+    ]
+    conn.close()
+    with pytest.raises(StoreError, match="no message id"):
+        store.reject([Rejection("", "why", "body")])
+
+
+def test_version_1_file_upgrades_in_place(tmp_path: Path) -> None:
+    """A results file written by the first release (no rejects table) opens, keeps its rows
+    and gains the rejects table; the upgraded schema is the one a new file gets."""
+    old = tmp_path / "v1.db"
+    conn = sqlite3.connect(old)
+    conn.executescript(MIGRATIONS[0])
+    conn.execute(
+        "INSERT INTO results (job, z, x, y, status, output, attempts, created_at, updated_at) "
+        "VALUES ('j', 18, 1, 2, 'ok', '{\"a\":1}', 1, '2025-01-01T00:00:00.000Z', "
+        "'2025-01-01T00:00:00.000Z')"
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with open_store(str(old)) as s:
+        assert [(r.job, r.x, r.y, r.output) for r in s.iter_results()] == [("j", 1, 2, {"a": 1})]
+        s.reject([Rejection("m", "bad", "body")])
+        assert len(s.rejects()) == 1
+    fresh = tmp_path / "new.db"
+    assert "version 2" in setup_store(str(fresh))
+    assert _schema(old) == _schema(fresh)
+
+
+def _schema(path: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        rows = conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+        return [("user_version", str(version)), *rows]
+    finally:
+        conn.close()

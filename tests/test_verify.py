@@ -199,7 +199,10 @@ def test_healthy_stack_passes_every_check(
     assert details[CHECK_LAMBDA_QUOTA].startswith("need 18 (worker up to 8 + 10 headroom)")
     assert "AWS default" in details[CHECK_LAMBDA_QUOTA]
     assert details[CHECK_EVENT_SOURCE].startswith("Disabled, MaximumConcurrency 2, batch 4")
-    assert "schema public: tables jobs, results present" in details[CHECK_SCHEMA]
+    assert (
+        "schema public: tables jobs, results, rejects, schema_version present"
+        in details[CHECK_SCHEMA]
+    )
 
 
 def test_missing_queue_fails_by_name(

@@ -1,33 +1,54 @@
 """Result stores: the ResultStore port and its adapters, chosen by URL.
 
 >>> store = open_store("sqlite:///results/run.db")   # doctest: +SKIP
+>>> store = open_store("postgresql://chip:secret@db.internal:5432/chipscale")   # doctest: +SKIP
 
 URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, or a bare path ending
-``.db``, ``.sqlite`` or ``.sqlite3``. ``postgresql://`` URLs are reserved for the PostgreSQL
-adapter, which arrives with the cloud data plane.
+``.db``, ``.sqlite`` or ``.sqlite3``: the embedded default. ``postgresql://`` (or
+``postgres://``) URLs open :class:`~chipscale.stores.postgres.PostgresStore`, the cloud's
+store, which needs psycopg (the ``worker`` extra): it is imported only when such a URL is
+opened, so local runs install nothing more.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from chipscale.errors import StoreError
 from chipscale.stores.base import DONE_STATUSES, STATUSES, ResultStore
 from chipscale.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 
+if TYPE_CHECKING:
+    from chipscale.stores.postgres import PostgresStore, setup_database
+
 __all__ = [
     "DONE_STATUSES",
     "SCHEMA_VERSION",
     "STATUSES",
+    "PostgresStore",
     "ResultStore",
     "SQLiteStore",
+    "is_postgres_url",
     "open_store",
+    "setup_database",
+    "setup_store",
     "sqlite_path",
 ]
 
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+_LAZY = {"PostgresStore", "setup_database"}
+
+
+def __getattr__(name: str) -> Any:
+    """``PostgresStore`` and ``setup_database`` on first use: psycopg is an optional extra."""
+    if name in _LAZY:
+        from chipscale.stores import postgres
+
+        return getattr(postgres, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def sqlite_path(url: str | os.PathLike[str]) -> Path | None:
@@ -52,26 +73,62 @@ def sqlite_path(url: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def open_store(url: str | os.PathLike[str]) -> ResultStore:
-    """Open (creating if needed) the result store a URL names.
+def is_postgres_url(url: str | os.PathLike[str]) -> bool:
+    """Whether ``url`` names a PostgreSQL database (``postgresql://`` or ``postgres://``)."""
+    return os.fspath(url).lower().startswith(_POSTGRES_SCHEMES)
+
+
+def open_store(url: str | os.PathLike[str], *, create: bool = True) -> ResultStore:
+    """Open the result store a URL names, creating (or upgrading) its schema if needed.
+
+    ``create=False`` is for PostgreSQL workers in the cloud: a database without the current
+    schema is then a StoreError naming ``chipscale db-setup`` instead of DDL run by every cold
+    start. A SQLite file is always created: it is the local convenience store.
 
     Raises
     ------
     StoreError
-        For an unknown scheme, a PostgreSQL URL (not yet supported), or a file that is not a
-        SQLite database.
+        For an unknown scheme, a file that is not a SQLite database, a PostgreSQL URL without
+        psycopg installed, or a schema that is missing (``create=False``) or newer than this
+        chipscale.
+    StoreUnavailable
+        When the database cannot be reached now (a retry may succeed).
     """
     text = os.fspath(url)
-    if text.lower().startswith(_POSTGRES_SCHEMES):
-        # The hook for the PostgreSQL adapter (chipscale.stores.postgres).
-        raise StoreError(
-            "PostgreSQL arrives with the cloud data plane: use a SQLite store for now "
-            "(sqlite:///path/results.db)"
-        )
+    if is_postgres_url(text):
+        return _postgres().PostgresStore(text, create=create)
+    return SQLiteStore(_sqlite_file(text))
+
+
+def setup_store(url: str | os.PathLike[str]) -> str:
+    """Create or migrate the results schema a URL names (``chipscale db-setup``); returns a
+    one-line summary. Idempotent, and safe to run from several processes at once."""
+    text = os.fspath(url)
+    if is_postgres_url(text):
+        return _postgres().setup_database(text)
+    path = _sqlite_file(text)
+    with SQLiteStore(path):
+        pass
+    return f"results schema of SQLite store {str(path)!r} is at version {SCHEMA_VERSION}"
+
+
+def _sqlite_file(text: str) -> Path:
     path = sqlite_path(text)
     if path is None:
         raise StoreError(
             f"Unknown results store URL {text!r}: expected sqlite:///relative/path.db, "
-            f"sqlite:////absolute/path.db or a path ending {', '.join(SQLITE_SUFFIXES)}"
+            f"sqlite:////absolute/path.db, a path ending {', '.join(SQLITE_SUFFIXES)}, "
+            "or postgresql://user:password@host/dbname"
         )
-    return SQLiteStore(path)
+    return path
+
+
+def _postgres() -> Any:
+    try:
+        from chipscale.stores import postgres
+    except ImportError as exc:
+        raise StoreError(
+            f"PostgreSQL stores need psycopg ({exc.name} is not installed): "
+            "pip install 'chipscale[worker]'"
+        ) from None
+    return postgres

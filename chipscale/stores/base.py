@@ -18,7 +18,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 from mercantile import Tile
 
 from chipscale.errors import StoreError
-from chipscale.types import JobInfo, ResultRow, TileResult
+from chipscale.types import JobInfo, Rejection, ResultRow, TileResult
 
 #: The values of ``results.status``, in the order counts and legends show them.
 STATUSES: tuple[str, ...] = ("ok", "empty", "error")
@@ -44,6 +44,14 @@ class ResultStore(Protocol):
 
     def write(self, results: Sequence[TileResult]) -> None:
         """Upsert results in one transaction; a re-written tile gets ``attempts + 1``."""
+        ...
+
+    def reject(self, rejections: Sequence[Rejection]) -> None:
+        """Record messages that can never succeed, keyed by message id (a repeat is one row)."""
+        ...
+
+    def rejects(self, job: str | None = None) -> list[Rejection]:
+        """The rejected messages (of one job), oldest first."""
         ...
 
     def done_tiles(self, job: str) -> set[Tile]:

@@ -32,12 +32,13 @@ from chipscale.stores.base import (
     utc_now,
     validate_results,
 )
-from chipscale.types import JobInfo, ResultRow, TileResult
+from chipscale.types import MAX_REJECTED_BODY, JobInfo, Rejection, ResultRow, TileResult
 
-#: Bump with a migration in :data:`MIGRATIONS` when the schema changes.
-SCHEMA_VERSION = 1
+#: Bump with a migration in :data:`MIGRATIONS` when the schema changes. The numbering is
+#: the PostgreSQL adapter's: a version means the same tables in both stores.
+SCHEMA_VERSION = 2
 
-SCHEMA = """
+_CREATE_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
     job           TEXT PRIMARY KEY,
     source        TEXT NOT NULL,
@@ -70,8 +71,26 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE INDEX IF NOT EXISTS results_job_status ON results (job, status, z, x, y);
 """
 
-#: ``{from_version: sql}`` applied in order to bring an older file up to SCHEMA_VERSION.
-MIGRATIONS: dict[int, str] = {}
+# Messages that can never succeed (see chipscale.types.Rejection), one row per message id.
+_ADD_REJECTS = """
+CREATE TABLE IF NOT EXISTS rejects (
+    message_id    TEXT PRIMARY KEY,
+    job           TEXT,
+    reason        TEXT NOT NULL,
+    body          TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 1,
+    created_at    TEXT NOT NULL,
+    updated_at    TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+#: ``{from_version: sql}``: applied in order, from 0 (a new file), to bring a file up to
+#: SCHEMA_VERSION. A new file replays them all, so an upgraded file and a new one cannot
+#: drift apart.
+MIGRATIONS: dict[int, str] = {0: _CREATE_V1, 1: _ADD_REJECTS}
+
+#: The whole schema as one script (for reading): every migration in order.
+SCHEMA = "".join(MIGRATIONS[v] for v in range(SCHEMA_VERSION))
 
 _UPSERT_RESULT = """
 INSERT INTO results (job, z, x, y, status, output, model_name, model_version, error,
@@ -84,6 +103,17 @@ ON CONFLICT (job, z, x, y) DO UPDATE SET
     model_version = excluded.model_version,
     error = excluded.error,
     attempts = results.attempts + 1,
+    updated_at = excluded.updated_at
+"""
+
+_UPSERT_REJECT = """
+INSERT INTO rejects (message_id, job, reason, body, attempts, created_at, updated_at)
+VALUES (?, ?, ?, ?, 1, ?, ?)
+ON CONFLICT (message_id) DO UPDATE SET
+    job = coalesce(excluded.job, rejects.job),
+    reason = excluded.reason,
+    body = excluded.body,
+    attempts = rejects.attempts + 1,
     updated_at = excluded.updated_at
 """
 
@@ -209,11 +239,7 @@ class SQLiteStore:
             with self._immediate():
                 # Read again under the write lock: another process may have just done it.
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    steps = [SCHEMA]
-                else:
-                    steps = [MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)]
-                for script in steps:
+                for script in (MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)):
                     for statement in _statements(script):
                         self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -301,6 +327,37 @@ class SQLiteStore:
                     self._conn.executemany(_UPSERT_RESULT, params)
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path, f"writing {len(params)} results") from None
+
+    def reject(self, rejections: Sequence[Rejection]) -> None:
+        """Record messages that can never succeed, keyed by message id: a repeat delivery
+        is one row, its ``attempts`` counting deliveries and its reason the latest."""
+        if not rejections:
+            return
+        now = utc_now()
+        params = []
+        for r in rejections:
+            if not isinstance(r.message_id, str) or not r.message_id:
+                raise StoreError(f"Rejected message has no message id: {r.reason!r}")
+            params.append((r.message_id, r.job, r.reason, r.body[:MAX_REJECTED_BODY], now, now))
+        with self._lock:
+            self._check_open()
+            try:
+                with self._immediate():
+                    self._conn.executemany(_UPSERT_REJECT, params)
+            except sqlite3.Error as exc:
+                raise _translate(
+                    exc, self.path, f"recording {len(params)} rejected messages"
+                ) from None
+
+    def rejects(self, job: str | None = None) -> list[Rejection]:
+        """The rejected messages (of one job), oldest first: for status and tests."""
+        where, params = ("WHERE job = ?", (job,)) if job is not None else ("", ())
+        rows = self._read(
+            f"SELECT message_id, reason, body, job FROM rejects {where} "
+            "ORDER BY created_at, message_id",
+            params,
+        )
+        return [Rejection(*row) for row in rows]
 
     def done_tiles(self, job: str) -> set[Tile]:
         """The tiles of a job with status ``ok`` or ``empty``: what a resume skips."""

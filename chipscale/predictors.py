@@ -36,8 +36,11 @@ class Predictor(Protocol):
 
     info: ModelInfo
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
         """``(N, bands, size, size)`` in the source dtype -> ``(N, classes)`` float32 scores.
+
+        ``deadline`` is a :func:`time.monotonic` instant a remote predictor must answer by; an
+        in-process model has no network to wait on and ignores it.
 
         Raises :class:`~chipscale.errors.PredictorUnavailable` for transient failures and
         :class:`~chipscale.errors.ModelFormatError` when the batch does not fit the model.
@@ -96,7 +99,7 @@ class InProcessPredictor:
     def __repr__(self) -> str:
         return f"InProcessPredictor({str(self.path)!r}, {self.runtime!r})"
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
         from model_server import chipscale_runtime as rt
 
         runtime = self.runtime

@@ -56,8 +56,13 @@ def process_pack(
     predictor: Predictor,
     store: ResultStore,
     bands: Sequence[int] | None = None,
+    deadline: float | None = None,
 ) -> PackOutcome:
-    """Run one pack through read, predict and write; see the module docstring for failures."""
+    """Run one pack through read, predict and write; see the module docstring for failures.
+
+    ``deadline`` (a :func:`time.monotonic` instant) bounds the prediction: the Lambda passes
+    its remaining time so a slow model server fails this pack alone, not the invocation.
+    """
     info = predictor.info
     seconds: dict[str, float] = {}
     outputs: dict[Tile, dict[str, float]] = {}
@@ -72,7 +77,7 @@ def process_pack(
         with _timed(seconds, "predict"):
             if batch is not None:
                 try:
-                    scores, refused = predictor.predict(batch), {}
+                    scores, refused = predictor.predict(batch, deadline=deadline), {}
                 except PartialPrediction as exc:  # only some tiles refused: keep the rest
                     scores, refused = exc.scores, exc.failed
                     log.warning("job %s: %s", message.job, exc)

@@ -41,7 +41,9 @@ class BundlingError(RuntimeError):
     """The local pip bundling failed."""
 
 
-def pip_install_command(python: str, wheel: Path, target: Path) -> list[str]:
+def pip_install_command(
+    python: str, wheel: Path, target: Path, python_version: str = PYTHON_VERSION
+) -> list[str]:
     """``pip install`` of ``wheel[worker]`` into ``target`` with manylinux wheels only."""
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     return [
@@ -54,7 +56,7 @@ def pip_install_command(python: str, wheel: Path, target: Path) -> list[str]:
         "--only-binary=:all:",
         *platforms,
         "--python-version",
-        PYTHON_VERSION,
+        python_version,
         "--implementation",
         "cp",
         "--target",
@@ -64,9 +66,16 @@ def pip_install_command(python: str, wheel: Path, target: Path) -> list[str]:
 
 
 def build_bundle(
-    out_dir: Path, *, repo_root: Path = REPO_ROOT, python: str = sys.executable
+    out_dir: Path,
+    *,
+    repo_root: Path = REPO_ROOT,
+    python: str = sys.executable,
+    python_version: str = PYTHON_VERSION,
 ) -> Path:
     """Build the Lambda bundle into ``out_dir`` (created if needed) and return it.
+
+    ``python_version`` is the Lambda runtime's; a test builds one for its own interpreter to
+    import the handlers from the bundle alone.
 
     The distribution is built as a wheel from a copy of its files (so the build leaves no
     ``build/`` in the checkout), then installed with its dependencies as Lambda wheels; the
@@ -89,7 +98,7 @@ def build_bundle(
         wheel_args = ["wheel", "--quiet", "--no-deps", *isolation, "--wheel-dir", str(wheels)]
         _run([python, "-m", "pip", *wheel_args, str(src)])
         (wheel,) = wheels.glob("chipscale-*.whl")
-        _run(pip_install_command(python, wheel, out_dir))
+        _run(pip_install_command(python, wheel, out_dir, python_version))
     for handler in sorted((repo_root / "lambdas").glob("*.py")):
         shutil.copy2(handler, out_dir / handler.name)
     for cache in list(out_dir.rglob("__pycache__")):

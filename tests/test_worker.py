@@ -68,7 +68,7 @@ class FlakyPredictor:
         self.inner, self.failures, self.calls = inner, failures, 0
         self.info = inner.info
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
         self.calls += 1
         if self.calls <= self.failures:
             raise PredictorUnavailable("model server unreachable")
@@ -134,7 +134,7 @@ def test_unreachable_source_goes_back_to_the_queue(predictor, store) -> None:
 class RefusingPredictor(FlakyPredictor):
     """A model that refuses its input for good (what a TorchServe 4xx will be)."""
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
         raise ModelFormatError("model refuses tiles of this kind")
 
 

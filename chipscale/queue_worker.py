@@ -1,0 +1,250 @@
+"""The cloud worker: one SQS message in, one pack through :func:`process_pack`, metrics out.
+
+``lambdas/sqs_worker.py`` wires this to Powertools' BatchProcessor, which turns an exception
+from :meth:`QueueWorker.handle` into a ``batchItemFailures`` entry for that message alone, so
+its neighbours in the batch are deleted and never redone. What an exception means follows
+:mod:`chipscale.errors`:
+
+* a message that can never succeed (not JSON, wrong schema, a tile off the grid, more tiles
+  than ``max_tiles_per_message``, a source outside the allow-list) is recorded in the store's
+  ``rejects`` table with its reason and *returned from*, so SQS deletes it instead of
+  redelivering it until the dead-letter queue;
+* a source that is not a raster, or tiles the model refuses, become ``error`` rows inside
+  :func:`process_pack`;
+* everything else (model server, database, S3 throttling, an invocation about to time out,
+  a bug) raises: the message comes back after its visibility timeout and lands in the
+  dead-letter queue after ``maxReceiveCount`` tries. Writes are upserts, so a redelivery
+  never duplicates a tile.
+
+Connections (the model server's keep-alive pool, the database) are opened on first use and
+kept for the life of the container.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chipscale import names
+from chipscale.errors import ChipscaleError, InvalidMessageError, TransientError
+from chipscale.messages import PackMessage, parse_message
+from chipscale.packs import DEFAULT_MAX_TILES
+from chipscale.predictors import Predictor
+from chipscale.stores import ResultStore
+from chipscale.torchserve_client import ModelChanged
+from chipscale.types import MAX_REJECTED_BODY, Rejection
+from chipscale.worker import PackOutcome, process_pack
+
+log = logging.getLogger(__name__)
+
+#: Seconds of an invocation kept back from the model call: enough to write the pack's rows
+#: and return the batch response before Lambda kills the invocation.
+DEADLINE_MARGIN_S = 5.0
+
+
+class WorkerConfigError(ChipscaleError):
+    """The worker's environment is incomplete or malformed (a deploy error)."""
+
+
+class OutOfTime(TransientError):
+    """Too little of the invocation is left to start a pack: SQS delivers it again."""
+
+
+class MetricsSink(Protocol):
+    """What the worker needs of Powertools' ``Metrics``: one call per data point."""
+
+    def add_metric(self, name: str, unit: Any, value: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """The worker's configuration, set by the stack as environment variables (names.ENV_*)."""
+
+    model_url: str
+    max_tiles: int = DEFAULT_MAX_TILES
+    default_job: str | None = None
+    default_source: str | None = None
+    #: ``s3://bucket/prefix/`` and ``http(s)://host/...`` prefixes the worker may read.
+    allowed_sources: tuple[str, ...] = ()
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> WorkerSettings:
+        """Read the settings; a missing model URL or a malformed number is a deploy error."""
+        model_url = environ.get(names.ENV_MODEL_URL, "").strip()
+        if not model_url:
+            raise WorkerConfigError(f"{names.ENV_MODEL_URL} is not set")
+        raw_max = environ.get(names.ENV_MAX_TILES_PER_MESSAGE) or str(DEFAULT_MAX_TILES)
+        try:
+            max_tiles = int(raw_max)
+        except ValueError:
+            raise WorkerConfigError(
+                f"{names.ENV_MAX_TILES_PER_MESSAGE}={raw_max!r} is not a number"
+            ) from None
+        allowed = environ.get(names.ENV_ALLOWED_SOURCES, "")
+        return cls(
+            model_url=model_url,
+            max_tiles=max_tiles,
+            default_job=environ.get(names.ENV_DEFAULT_JOB) or None,
+            default_source=environ.get(names.ENV_DEFAULT_SOURCE) or None,
+            allowed_sources=tuple(p.strip() for p in allowed.split(",") if p.strip()),
+        )
+
+
+def source_refusal(source: str, allowed: Sequence[str]) -> str | None:
+    """Why the cloud worker must not read ``source``, or None when it may.
+
+    s3:// sources must lie under an allowed ``s3://`` prefix (the worker's IAM role reads only
+    those buckets anyway; refusing here records a clear reason instead of an AccessDenied).
+    http(s) sources must match an allowed http(s) prefix when any is configured, and are
+    open otherwise. Anything else (a local path, a GDAL ``/vsi`` path) would read the
+    Lambda's own file system and is refused.
+
+    >>> source_refusal("s3://tiles/a/x.tif", ["s3://tiles/a/"]) is None
+    True
+    >>> source_refusal("s3://tiles-b/x.tif", ["s3://tiles/"])
+    "source 's3://tiles-b/x.tif' is outside the allowed sources: s3://tiles/"
+    """
+    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
+    if scheme == "s3":
+        candidates = [p for p in allowed if p.startswith("s3://")]
+    elif scheme in ("http", "https"):
+        candidates = [p for p in allowed if p.startswith(("http://", "https://"))]
+        if not candidates:
+            return None
+    else:
+        return f"source {source!r} is not an s3:// or http(s):// URL"
+    if any(source.startswith(_as_prefix(p)) for p in candidates):
+        return None
+    listed = ", ".join(candidates) or "(no s3:// source is configured)"
+    return f"source {source!r} is outside the allowed sources: {listed}"
+
+
+def _as_prefix(allowed: str) -> str:
+    """``s3://bucket`` allows ``s3://bucket/...``, never ``s3://bucket-other/...``."""
+    scheme, _, rest = allowed.partition("://")
+    return allowed if "/" in rest else f"{scheme}://{rest}/"
+
+
+def job_of(body: str) -> str | None:
+    """The job named by a body that failed validation, if it is readable at all (for status)."""
+    try:
+        job = json.loads(body).get("job")
+    except (ValueError, AttributeError):
+        return None
+    return job[:200] if isinstance(job, str) else None
+
+
+class QueueWorker:
+    """Handles one message at a time with connections kept across invocations.
+
+    ``open_predictor`` and ``open_store`` are called on first use, so a container whose
+    first message is malformed still records it, and a cold start does not fail on a model
+    server that is still booting (the message is retried instead).
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        open_predictor: Callable[[str], Predictor],
+        open_store: Callable[[], ResultStore],
+        metrics: MetricsSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._open_predictor = open_predictor
+        self._open_store = open_store
+        self._metrics = metrics
+        self._clock = clock
+        self._predictor: Predictor | None = None
+        self._store: ResultStore | None = None
+
+    @property
+    def store(self) -> ResultStore:
+        if self._store is None:
+            self._store = self._open_store()
+        return self._store
+
+    @property
+    def predictor(self) -> Predictor:
+        if self._predictor is None:
+            self._predictor = self._open_predictor(self.settings.model_url)
+        return self._predictor
+
+    def handle(
+        self, message_id: str, body: str, *, remaining_s: float | None = None
+    ) -> PackOutcome | None:
+        """Process one message; None when it was rejected for good (and recorded).
+
+        ``remaining_s`` is the invocation's time left (Lambda's remaining time): the model
+        call must end :data:`DEADLINE_MARGIN_S` before it, and a pack is not started at all
+        without that margin.
+        """
+        settings = self.settings
+        try:
+            message = parse_message(
+                body,
+                default_job=settings.default_job,
+                default_source=settings.default_source,
+                max_tiles=settings.max_tiles,
+            )
+        except InvalidMessageError as exc:
+            self._reject(message_id, str(exc), body, job_of(body))
+            return None
+        refusal = source_refusal(message.source, settings.allowed_sources)
+        if refusal is not None:
+            self._reject(message_id, refusal, body, message.job)
+            return None
+        return self._process(message, remaining_s)
+
+    def _process(self, message: PackMessage, remaining_s: float | None) -> PackOutcome:
+        deadline = None
+        if remaining_s is not None:
+            if remaining_s <= DEADLINE_MARGIN_S:
+                raise OutOfTime(f"{remaining_s:.1f} s left in the invocation: pack left for retry")
+            deadline = self._clock() + remaining_s - DEADLINE_MARGIN_S
+        try:
+            outcome = process_pack(
+                message, predictor=self.predictor, store=self.store, deadline=deadline
+            )
+        except ModelChanged:
+            # Hosts rolled to another model: the next message starts on the new version.
+            self._drop_predictor()
+            raise
+        self._record(outcome)
+        return outcome
+
+    def _reject(self, message_id: str, reason: str, body: str, job: str | None) -> None:
+        log.warning("message %s rejected: %s", message_id, reason)
+        rejection = Rejection(message_id, reason, body[:MAX_REJECTED_BODY], job)
+        self.store.reject([rejection])
+        self._add(names.METRIC_MESSAGES_REJECTED, "Count", 1)
+
+    def _record(self, outcome: PackOutcome) -> None:
+        self._add(names.METRIC_TILES_OK, "Count", outcome.ok)
+        self._add(names.METRIC_TILES_EMPTY, "Count", outcome.empty)
+        self._add(names.METRIC_TILES_ERROR, "Count", outcome.error)
+        self._add(names.METRIC_READ_SECONDS, "Seconds", outcome.read_seconds)
+        self._add(names.METRIC_PREDICT_SECONDS, "Seconds", outcome.predict_seconds)
+        self._add(names.METRIC_WRITE_SECONDS, "Seconds", outcome.write_seconds)
+
+    def _add(self, name: str, unit: str, value: float) -> None:
+        if self._metrics is not None:
+            self._metrics.add_metric(name=name, unit=unit, value=value)
+
+    def _drop_predictor(self) -> None:
+        predictor, self._predictor = self._predictor, None
+        if predictor is not None:
+            predictor.close()
+
+    def close(self) -> None:
+        """Release the connections (tests; a Lambda container just ends)."""
+        self._drop_predictor()
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()

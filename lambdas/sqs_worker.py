@@ -1,0 +1,55 @@
+"""SQS worker Lambda: a batch of pack messages in, partial batch failures out.
+
+Thin on purpose: Powertools' BatchProcessor runs each record through
+:class:`chipscale.queue_worker.QueueWorker` and reports only the records that raised, so one
+failing message never sends its neighbours back. Connections live for the container.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.utilities.batch import (
+    BatchProcessor,
+    EventType,
+    process_partial_response,
+)
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+from chipscale import names
+from chipscale.db_credentials import url_from_environment
+from chipscale.predictors import open_predictor
+from chipscale.queue_worker import QueueWorker, WorkerSettings
+from chipscale.stores import open_store
+
+logger = Logger(service=names.WORKER_SERVICE)
+metrics = Metrics(namespace=names.METRICS_NAMESPACE, service=names.WORKER_SERVICE)
+processor = BatchProcessor(event_type=EventType.SQS)
+
+
+@functools.cache
+def worker() -> QueueWorker:
+    """The container's worker, built on the first invocation (not at import)."""
+    secrets = boto3.client("secretsmanager")
+    return QueueWorker(
+        WorkerSettings.from_environ(),
+        open_predictor=open_predictor,
+        open_store=lambda: open_store(url_from_environment(secrets), create=False),
+        metrics=metrics,
+    )
+
+
+def record_handler(record: SQSRecord, lambda_context: Any) -> None:
+    remaining_s = lambda_context.get_remaining_time_in_millis() / 1000.0
+    worker().handle(record.message_id, record.body, remaining_s=remaining_s)
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )

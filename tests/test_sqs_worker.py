@@ -1,0 +1,352 @@
+"""The SQS worker Lambda, run here as Lambda runs it: events built from real ReceiveMessage
+output of moto's SQS, the handler module imported from lambdas/, results in the machine's
+PostgreSQL through the stack's secret, the model in process or behind the real TorchServe."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import boto3
+import pytest
+from mercantile import Tile
+
+from chipscale import names
+from chipscale.cover import cover
+from chipscale.messages import PackMessage
+from chipscale.packs import pack_tiles
+from chipscale.queue_worker import (
+    DEADLINE_MARGIN_S,
+    OutOfTime,
+    QueueWorker,
+    WorkerConfigError,
+    WorkerSettings,
+    source_refusal,
+)
+from chipscale.stores import open_store
+
+LAMBDAS = Path(__file__).resolve().parents[1] / "lambdas"
+ZOOM = 19
+
+
+class Context(SimpleNamespace):
+    """The parts of Lambda's context object the handler and Powertools read."""
+
+    def __init__(self, remaining_ms: int = 60_000) -> None:
+        super().__init__(
+            function_name="chipscale-worker",
+            memory_limit_in_mb=2048,
+            invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:chipscale-worker",
+            aws_request_id="req-1",
+        )
+        self.remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+def sqs_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
+    """The event Lambda's SQS event source builds from ReceiveMessage's ``Messages``."""
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m.get("Attributes", {}),
+                "messageAttributes": {},
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": "us-east-1",
+            }
+            for m in messages
+        ]
+    }
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_settings_come_from_the_stack_environment() -> None:
+    env = {
+        names.ENV_MODEL_URL: "http://model.internal:8080/predictions/m",
+        names.ENV_MAX_TILES_PER_MESSAGE: "64",
+        names.ENV_ALLOWED_SOURCES: "s3://tiles/a/, s3://other/",
+        names.ENV_DEFAULT_JOB: "j",
+    }
+    settings = WorkerSettings.from_environ(env)
+    assert settings.max_tiles == 64
+    assert settings.allowed_sources == ("s3://tiles/a/", "s3://other/")
+    assert (settings.default_job, settings.default_source) == ("j", None)
+    with pytest.raises(WorkerConfigError, match=names.ENV_MODEL_URL):
+        WorkerSettings.from_environ({})
+    with pytest.raises(WorkerConfigError, match="not a number"):
+        WorkerSettings.from_environ({**env, names.ENV_MAX_TILES_PER_MESSAGE: "ten"})
+
+
+@pytest.mark.parametrize(
+    ("source", "allowed", "refused"),
+    [
+        ("s3://tiles/a/x.tif", ["s3://tiles/a/"], False),
+        ("s3://tiles/b/x.tif", ["s3://tiles/a/"], True),
+        ("s3://tiles-evil/x.tif", ["s3://tiles"], True),  # a bucket name is not a prefix
+        ("s3://tiles/x.tif", ["s3://tiles"], False),
+        ("s3://tiles/x.tif", [], True),
+        ("https://example.com/x.tif", [], False),  # http(s) is open unless listed
+        ("https://example.com/x.tif", ["https://imagery.example/"], True),
+        ("/var/task/chipscale/names.py", ["s3://tiles/"], True),
+        ("/vsicurl/http://x/y.tif", [], True),
+    ],
+)
+def test_source_allow_list(source: str, allowed: list[str], refused: bool) -> None:
+    assert (source_refusal(source, allowed) is not None) is refused
+
+
+# ----------------------------------------------------------------------------- the handler
+
+
+@pytest.fixture
+def queue(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """A moto queue with its dead-letter queue, as the stack makes them."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    sqs = boto3.client("sqs")
+    name = f"work-{socket.gethostname()}-{id(monkeypatch)}"
+    dlq = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    url = sqs.create_queue(
+        QueueName=name,
+        Attributes={
+            "VisibilityTimeout": "1",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"}),
+        },
+    )["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    yield SimpleNamespace(url=url, arn=arn, dlq=dlq, sqs=sqs)
+
+
+def receive_all(queue: SimpleNamespace) -> list[dict[str, Any]]:
+    """Every visible message, ten at a time (SQS's ReceiveMessage limit)."""
+    messages: list[dict[str, Any]] = []
+    while True:
+        got = queue.sqs.receive_message(
+            QueueUrl=queue.url,
+            MaxNumberOfMessages=10,
+            AttributeNames=["All"],
+            VisibilityTimeout=30,
+        ).get("Messages", [])
+        if not got:
+            return messages
+        messages.extend(got)
+
+
+def run_batches(module: Any, queue: SimpleNamespace, messages: list[dict[str, Any]]) -> list[str]:
+    """Hand messages to the handler ten a batch, delete what succeeded (as the event source
+    does) and return the ids reported as failures."""
+    failed: list[str] = []
+    for start in range(0, len(messages), 10):
+        batch = messages[start : start + 10]
+        response = module.handler(sqs_event(batch, queue.arn), Context())
+        ids = [item["itemIdentifier"] for item in response["batchItemFailures"]]
+        failed.extend(ids)
+        done = [m for m in batch if m["MessageId"] not in ids]
+        if done:
+            queue.sqs.delete_message_batch(
+                QueueUrl=queue.url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)
+                ],
+            )
+    return failed
+
+
+@pytest.fixture
+def lambda_env(
+    moto_server: str, monkeypatch: pytest.MonkeyPatch, results_db: str, bucket: str
+) -> SimpleNamespace:
+    """The worker's environment as the stack sets it, pointing at moto and local services."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    database = results_db.rsplit("/", 1)[1]
+    secret = boto3.client("secretsmanager").create_secret(
+        Name=f"chipscale-db-{database}",
+        SecretString=json.dumps(
+            {"username": "postgres", "password": "pw;'x", "host": "instance", "port": 5432}
+        ),
+    )
+    monkeypatch.setenv(names.ENV_DB_SECRET_ARN, secret["ARN"])
+    monkeypatch.setenv(names.ENV_DB_HOST, "127.0.0.1")
+    monkeypatch.setenv(names.ENV_DB_NAME, database)
+    monkeypatch.setenv("PGSSLMODE", "disable")
+    monkeypatch.setenv(names.ENV_ALLOWED_SOURCES, f"s3://{bucket}/")
+    monkeypatch.setenv(names.ENV_MAX_TILES_PER_MESSAGE, "100")
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", names.METRICS_NAMESPACE)
+    return SimpleNamespace(db=results_db, bucket=bucket, source=f"s3://{bucket}/aerial.tif")
+
+
+def load_handler(monkeypatch: pytest.MonkeyPatch, model_url: str) -> Any:
+    """lambdas/sqs_worker.py imported fresh, as a new Lambda container would."""
+    monkeypatch.setenv(names.ENV_MODEL_URL, model_url)
+    monkeypatch.syspath_prepend(str(LAMBDAS))
+    sys.modules.pop("sqs_worker", None)
+    return importlib.import_module("sqs_worker")
+
+
+def send_packs(queue: SimpleNamespace, bodies: list[str]) -> None:
+    for start in range(0, len(bodies), 10):
+        entries = [
+            {"Id": str(i), "MessageBody": body} for i, body in enumerate(bodies[start : start + 10])
+        ]
+        response = queue.sqs.send_message_batch(QueueUrl=queue.url, Entries=entries)
+        assert not response.get("Failed")
+
+
+def job_packs(job: str, source: str, tiles: list[Tile]) -> list[str]:
+    return [PackMessage(job, source, pack).to_json() for pack in pack_tiles(tiles)]
+
+
+def test_a_batch_with_poison_messages_does_the_rest_and_records_why(
+    lambda_env: SimpleNamespace,
+    queue: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    demo_model_file: Path,
+    aerial: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    module = load_handler(monkeypatch, str(demo_model_file))
+    tiles = list(cover(ZOOM, source=str(aerial)))
+    good = job_packs("lambda-job", lambda_env.source, tiles)
+    poison = {
+        "not json": "{nope",
+        "version": json.dumps({"v": 2, "job": "lambda-job", "source": lambda_env.source}),
+        "zoom 40": json.dumps(
+            {"v": 1, "job": "lambda-job", "source": "s3://x/y.tif", "tiles": [[0, 0, 40]]}
+        ),
+        "outside": PackMessage("lambda-job", "s3://someone-else/x.tif", (Tile(0, 0, 1),)).to_json(),
+    }
+    send_packs(queue, good + list(poison.values()))
+    messages = receive_all(queue)
+    assert len(messages) == len(good) + len(poison)
+
+    failed = run_batches(module, queue, messages)
+    assert failed == []
+    assert receive_all(queue) == []
+
+    with open_store(lambda_env.db) as store:
+        rows = list(store.iter_results("lambda-job"))
+        assert sorted((r.x, r.y, r.z) for r in rows) == sorted(tiles)  # each tile once
+        assert {r.status for r in rows} <= {"ok", "empty"}
+        assert sum(r.status == "ok" for r in rows) >= len(tiles) * 0.5
+        rejects = store.rejects()
+    reasons = sorted(r.reason for r in rejects)
+    assert len(rejects) == len(poison), reasons
+    assert any("not JSON" in r for r in reasons)
+    assert any("version 2" in r for r in reasons)
+    assert any("zoom" in r for r in reasons)
+    assert any("outside the allowed sources" in r for r in reasons)
+
+    emf = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    totals: dict[str, float] = {}
+    for doc in emf:
+        for metric in doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]:
+            value = doc[metric["Name"]]
+            totals[metric["Name"]] = totals.get(metric["Name"], 0) + (
+                sum(value) if isinstance(value, list) else value
+            )
+    assert totals[names.METRIC_TILES_OK] + totals[names.METRIC_TILES_EMPTY] == len(tiles)
+    assert totals[names.METRIC_MESSAGES_REJECTED] == len(poison)
+    module.worker().close()
+
+
+def test_only_the_message_that_failed_transiently_comes_back(
+    lambda_env: SimpleNamespace,
+    queue: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    demo_model_file: Path,
+    aerial: Path,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed: the source is unreachable, not wrong
+    module = load_handler(monkeypatch, str(demo_model_file))
+    tiles = list(cover(ZOOM, source=str(aerial)))[:150]
+    good = job_packs("t", lambda_env.source, tiles)
+    flaky = PackMessage("t", f"http://127.0.0.1:{port}/a.tif", (Tile(1, 1, 2),)).to_json()
+    send_packs(queue, [*good, flaky])
+    messages = receive_all(queue)
+    flaky_id = next(m["MessageId"] for m in messages if m["Body"] == flaky)
+
+    assert run_batches(module, queue, messages) == [flaky_id]
+    with open_store(lambda_env.db) as store:
+        assert store.counts("t")["total"] == len(tiles)  # the neighbours are done
+        assert store.rejects() == []  # a transient failure is not a rejection
+    module.worker().close()
+
+
+def test_duplicate_deliveries_store_each_tile_once(
+    lambda_env: SimpleNamespace,
+    queue: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    demo_model_file: Path,
+    aerial: Path,
+) -> None:
+    module = load_handler(monkeypatch, str(demo_model_file))
+    tiles = list(cover(ZOOM, source=str(aerial)))[:120]
+    send_packs(queue, job_packs("d", lambda_env.source, tiles))
+    messages = receive_all(queue)
+    event = sqs_event(messages, queue.arn)
+    for _ in range(3):  # at-least-once delivery: the same messages three times
+        assert module.handler(event, Context())["batchItemFailures"] == []
+    with open_store(lambda_env.db) as store:
+        rows = list(store.iter_results("d"))
+    assert len(rows) == len(tiles)
+    assert {r.attempts for r in rows} == {3}
+    module.worker().close()
+
+
+def test_a_pack_is_not_started_without_time_to_finish(
+    lambda_env: SimpleNamespace, demo_model_file: Path
+) -> None:
+    settings = WorkerSettings(str(demo_model_file), allowed_sources=(f"s3://{lambda_env.bucket}/",))
+    opened: list[str] = []
+
+    def never(url: str) -> Any:
+        opened.append(url)
+        raise AssertionError("the model must not be called")
+
+    worker = QueueWorker(
+        settings, open_predictor=never, open_store=lambda: open_store(lambda_env.db)
+    )
+    body = PackMessage("late", lambda_env.source, (Tile(0, 0, 1),)).to_json()
+    with pytest.raises(OutOfTime):
+        worker.handle("m-1", body, remaining_s=DEADLINE_MARGIN_S - 1)
+    assert opened == []
+    worker.close()
+
+
+def test_through_real_torchserve(
+    lambda_env: SimpleNamespace,
+    queue: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    torchserve: Any,
+    aerial: Path,
+) -> None:
+    module = load_handler(monkeypatch, torchserve.predictions_url)
+    tiles = list(cover(ZOOM, source=str(aerial)))
+    send_packs(queue, job_packs("served", lambda_env.source, tiles))
+    assert run_batches(module, queue, receive_all(queue)) == []
+    with open_store(lambda_env.db) as store:
+        rows = list(store.iter_results("served"))
+    assert sorted((r.x, r.y, r.z) for r in rows) == sorted(tiles)
+    ok = [r for r in rows if r.status == "ok"]
+    assert ok and all(r.model_name == module.worker().predictor.info.name for r in ok)
+    module.worker().close()

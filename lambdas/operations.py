@@ -1,12 +1,13 @@
 """Operations Lambda: the operator's database and endpoint work, run inside the VPC.
 
-The results database and the model endpoint are private; ``chipscale verify --stack NAME``
-(and, with the cloud data-plane work, db-setup, status and export) invoke this function
-instead of reaching into the VPC. Thin on purpose: the work lives in ``chipscale``.
+The results database and the model endpoint are private; ``chipscale verify | db-setup |
+status | download --stack NAME`` and ``push --stack`` invoke this function instead of reaching
+into the VPC. Thin on purpose: the actions live in :mod:`chipscale.operations`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -15,17 +16,26 @@ from aws_lambda_powertools import Logger
 
 from chipscale import names
 from chipscale.db_credentials import url_from_environment
-from chipscale.verify import verify_action
+from chipscale.operations import OperationsEnvironment, run_action
 
 logger = Logger(service="chipscale-operations")
-_secrets = boto3.client("secretsmanager")  # once per container
+
+
+@functools.cache
+def environment() -> OperationsEnvironment:
+    """Clients once per container; the database URL is read from the secret on each use, so
+    a rotated password is picked up without a redeploy."""
+    secrets = boto3.client("secretsmanager")
+    return OperationsEnvironment(
+        db_url=lambda: url_from_environment(secrets),
+        model_url=os.environ.get(names.ENV_MODEL_URL),
+        results_bucket=os.environ.get(names.ENV_RESULTS_BUCKET),
+        s3=boto3.client("s3"),
+    )
 
 
 @logger.inject_lambda_context
 def handler(event: dict[str, Any], context: Any) -> Any:
-    action = event.get("action")
-    if action == "verify":
-        results = verify_action(os.environ.get(names.ENV_MODEL_URL), url_from_environment(_secrets))
-        logger.info("verify", extra={"results": results})
-        return results
-    raise ValueError(f"unknown action {action!r}: this operations Lambda knows 'verify'")
+    answer = run_action(event, environment())
+    logger.info("done", extra={"action": event.get("action")})
+    return answer

@@ -56,6 +56,9 @@ def operations(moto_server: str, monkeypatch: pytest.MonkeyPatch, results_db: st
     monkeypatch.setenv(names.ENV_MODEL_URL, torchserve.predictions_url)
     monkeypatch.setenv("PGSSLMODE", "disable")  # the local server has no TLS
     monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "chipscale-operations")
+    results_bucket = f"results-{database.replace('_', '-')}"
+    boto3.client("s3").create_bucket(Bucket=results_bucket)
+    monkeypatch.setenv(names.ENV_RESULTS_BUCKET, results_bucket)
     monkeypatch.syspath_prepend(str(LAMBDAS))
     sys.modules.pop("operations", None)
     return importlib.import_module("operations")
@@ -81,5 +84,56 @@ def test_a_missing_schema_is_reported_not_raised(operations: Any, results_db: st
 
 
 def test_unknown_action_is_refused(operations: Any) -> None:
-    with pytest.raises(ValueError, match="knows 'verify'"):
+    with pytest.raises(ValueError, match="knows 'verify', 'db-setup'"):
         operations.handler({"action": "drop everything"}, CONTEXT)
+
+
+def test_db_setup_is_idempotent_through_the_lambda(operations: Any, results_db: str) -> None:
+    import psycopg
+
+    with psycopg.connect(results_db, autocommit=True) as conn:
+        conn.execute("DROP TABLE results, jobs, rejects, schema_version")
+    first = operations.handler({"action": "db-setup"}, CONTEXT)["summary"]
+    again = operations.handler({"action": "db-setup"}, CONTEXT)["summary"]
+    assert first.startswith("created") and "up to date" in again
+    assert "x y" not in first  # the password stays out of answers and logs
+
+
+def test_status_export_and_resume_through_the_lambda(operations: Any, results_db: str) -> None:
+    from mercantile import Tile
+
+    from chipscale.stores import open_store
+    from chipscale.types import JobInfo, TileResult
+
+    job = "roofs/2024 'north'; DROP TABLE results"  # stored and keyed verbatim
+    info = JobInfo(job=job, source="s3://b/a.tif", zoom=2, tiles_total=5)
+    from chipscale.operations import job_info_to_dict
+
+    assert operations.handler(
+        {"action": "start-job", "job_info": job_info_to_dict(info)}, CONTEXT
+    ) == {"job": job}
+    with open_store(results_db) as store:
+        store.write(
+            [
+                TileResult(job, Tile(0, 0, 2), "ok", {"a": 0.9, "b": 0.1}, model_name="m"),
+                TileResult(job, Tile(1, 0, 2), "empty"),
+                TileResult(job, Tile(2, 0, 2), "error", error="boom"),
+            ]
+        )
+    (report,) = operations.handler({"action": "status", "job": job}, CONTEXT)["jobs"]
+    assert (report["tiles"], report["ok"], report["empty"], report["error"]) == (5, 1, 1, 1)
+    assert report["remaining"] == 3
+
+    s3 = boto3.client("s3")
+    answer = operations.handler({"action": "export", "job": job, "format": "csv"}, CONTEXT)
+    assert answer["rows"] == 3 and answer["key"].startswith("exports/roofs_2024")
+    body = s3.get_object(Bucket=answer["bucket"], Key=answer["key"])["Body"].read().decode()
+    assert len(body.splitlines()) == 4 and answer["bytes"] == len(body.encode())
+
+    done = operations.handler({"action": "done-tiles", "job": job}, CONTEXT)
+    assert done["tiles"] == 2
+    lines = s3.get_object(Bucket=done["bucket"], Key=done["key"])["Body"].read().decode()
+    assert sorted(lines.split()) == ["0-0-2", "1-0-2"]
+
+    with pytest.raises(Exception, match="is not in"):
+        operations.handler({"action": "status", "job": "nope"}, CONTEXT)

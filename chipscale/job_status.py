@@ -1,0 +1,55 @@
+"""How far a job is, as one dictionary: the same report for ``chipscale status --db``, the
+operations Lambda's ``status`` action behind ``--stack``, and the end of a local run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chipscale.errors import ChipscaleError
+from chipscale.stores import ResultStore
+from chipscale.types import JobInfo
+
+
+class JobNotFound(ChipscaleError):
+    """The job named is not in the results store."""
+
+
+def remaining(total: int, counts: dict[str, int]) -> int:
+    """Tiles of a job still to do: ``error`` tiles count, since a resume tries them again.
+
+    >>> remaining(10, {"ok": 6, "empty": 2, "error": 1})
+    2
+    """
+    return max(0, total - counts["ok"] - counts["empty"])
+
+
+def job_report(store: ResultStore, info: JobInfo) -> dict[str, Any]:
+    """One job's counts. ``tiles`` is what was pushed or covered (the job record), or the
+    rows stored when no record says; ``rejected`` counts messages refused for good."""
+    counts = store.counts(info.job)
+    total = info.tiles_total or counts["total"]
+    return {
+        "job": info.job,
+        "source": info.source,
+        "zoom": info.zoom,
+        "model": f"{info.model_name} v{info.model_version}" if info.model_name else None,
+        "tiles": total,
+        **{status: counts[status] for status in ("ok", "empty", "error")},
+        "remaining": remaining(total, counts),
+        "rejected": len(store.rejects(info.job)),
+    }
+
+
+def job_reports(store: ResultStore, job: str | None = None) -> list[dict[str, Any]]:
+    """Reports of one job, or of every recorded job oldest first; JobNotFound names the
+    known ones when ``job`` is not recorded."""
+    if job is None:
+        return [job_report(store, info) for info in store.jobs()]
+    info = store.get_job(job)
+    if info is None:
+        if store.counts(job)["total"] == 0:
+            known = ", ".join(repr(j.job) for j in store.jobs()) or "(none)"
+            raise JobNotFound(f"job {job!r} is not in {store.url}: the jobs are {known}")
+        info = JobInfo(job=job, source="?")  # results written by workers of an unrecorded job
+    return [job_report(store, info)]

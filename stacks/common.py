@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from aws_cdk import Acknowledgment, CfnOutput, Duration, RemovalPolicy, Stack, Validations
+from aws_cdk import Acknowledgment, CfnOutput, Duration, RemovalPolicy, Size, Stack, Validations
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
@@ -74,6 +74,7 @@ def python_function(
     vpc_subnets: ec2.SubnetSelection | None = None,
     security_group_description: str = "",
     reserved_concurrent_executions: int | None = None,
+    ephemeral_storage_mib: int | None = None,
 ) -> PythonFunction:
     """A chipscale Lambda in ``scope``: LAMBDA_RUNTIME on LAMBDA_ARCHITECTURE, a log group of
     its own (``Logs``), and in the VPC (when ``vpc`` is given) a security group (``SecurityGroup``)
@@ -101,6 +102,9 @@ def python_function(
         memory_size=memory_size,
         timeout=timeout,
         reserved_concurrent_executions=reserved_concurrent_executions,
+        ephemeral_storage_size=(
+            Size.mebibytes(ephemeral_storage_mib) if ephemeral_storage_mib is not None else None
+        ),
         vpc=vpc,
         vpc_subnets=vpc_subnets if vpc is not None else None,
         security_groups=[security_group] if security_group is not None else None,

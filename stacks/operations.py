@@ -2,29 +2,36 @@
 
 DESIGN.md, "Reaching a private stack": the database and the model endpoint have no public
 address, so ``chipscale verify --stack NAME`` invokes this function (``operations.handler``,
-same bundle as the worker), which scores one tile through the internal load balancer and
-checks the results schema through the RDS Proxy. That is all it does today, and all it is
-allowed: the secret's read, HTTPS to AWS endpoints (Secrets Manager), and the security-group
-paths to the load balancer and the proxy that the stack adds. ``db-setup``, ``status`` and
-``export`` arrive with the cloud data plane; each adds its own grants here when it lands
-(export: write/read in the results bucket; status: sqs:GetQueueAttributes on the queues).
+same bundle as the worker; the actions are in chipscale/operations.py), and so do
+``db-setup``, ``status``, ``download`` and ``push --stack`` (recording the job, resuming).
+It is allowed what those need and no more: the secret's read, HTTPS to AWS endpoints, the
+security-group paths to the load balancer and the proxy that the stack adds, and writes
+under two prefixes of the results bucket (exports and the done-tile lists of a resume),
+which the operator's own credentials then download.
 """
 
 from __future__ import annotations
 
-from aws_cdk import Duration
+from aws_cdk import Duration, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
 from chipscale import names
-from stacks.common import python_function
+from chipscale.operations import DONE_TILES_PREFIX, EXPORT_PREFIX
+from stacks.common import acknowledge, python_function
 from stacks.config import DeploymentConfig
 
 HANDLER = "operations.handler"
 #: What the function does today, for its description and the stack output's.
-PURPOSE = "verify today; db-setup, status and export with the cloud data plane"
+PURPOSE = "verify, db-setup, status, export, start-job, done-tiles"
+#: Results-bucket prefixes the function writes (chipscale.operations' keys start with them).
+WRITE_PREFIXES = (EXPORT_PREFIX, DONE_TILES_PREFIX)
+#: Lambda's /tmp for an export before its upload: 10 GiB (the most Lambda allows) holds a
+#: GeoJSON of some 20 million tiles; /tmp is billed only while the function runs.
+EPHEMERAL_STORAGE_MIB = 10240
 
 
 class Operations(Construct):
@@ -43,6 +50,7 @@ class Operations(Construct):
         db_host: str,
         db_name: str,
         model_url: str,
+        results_bucket: s3.IBucket,
     ) -> None:
         super().__init__(scope, construct_id)
         parts = python_function(
@@ -55,8 +63,9 @@ class Operations(Construct):
             code=code,
             log_retention_days=config.log_retention_days,
             memory_size=1024,
-            # verify takes seconds; the later export streams for minutes.
+            # verify takes seconds; an export of millions of rows streams for minutes.
             timeout=Duration.minutes(15),
+            ephemeral_storage_mib=EPHEMERAL_STORAGE_MIB,
             vpc=vpc,
             vpc_subnets=subnets,
             environment={
@@ -66,6 +75,8 @@ class Operations(Construct):
                 names.ENV_DB_NAME: db_name,
                 # verify scores a real tile through the internal load balancer from here.
                 names.ENV_MODEL_URL: model_url,
+                # export and done-tiles write their answers here.
+                names.ENV_RESULTS_BUCKET: results_bucket.bucket_name,
             },
         )
         self.function = parts.function
@@ -76,5 +87,25 @@ class Operations(Construct):
             ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS: Secrets Manager and AWS endpoints"
         )
         db_secret.grant_read(self.function)
-        # Nothing else yet: export and status add their S3 and SQS grants (and environment)
-        # here when the cloud data plane brings those actions.
+        for prefix in WRITE_PREFIXES:
+            results_bucket.grant_put(self.function, f"{prefix}*")
+        self._acknowledge(results_bucket)
+
+    def _acknowledge(self, results_bucket: s3.IBucket) -> None:
+        role = self.function.role
+        assert role is not None
+        policy = role.node.find_child("DefaultPolicy")
+        ref = Stack.of(self).get_logical_id(results_bucket.node.default_child)  # type: ignore[arg-type]
+        for prefix in WRITE_PREFIXES:
+            acknowledge(
+                policy,
+                f"AwsSolutions-IAM5[Resource::<{ref}.Arn>/{prefix}*]",
+                f"Exports and resume lists are new objects under {prefix} of the results "
+                "bucket, named per job and time: the function writes only under that prefix.",
+            )
+        acknowledge(
+            policy,
+            "AwsSolutions-IAM5[Action::s3:Abort*]",
+            "s3:AbortMultipartUpload (CDK's grantPut) lets a failed large export clean up its "
+            "own multipart upload under the same prefixes.",
+        )

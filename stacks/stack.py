@@ -93,6 +93,7 @@ class ChipscaleStack(Stack):
             db_host=database.endpoint,
             db_name=DATABASE_NAME,
             model_url=fleet.model_url,
+            results_bucket=storage.results_bucket,
         )
         controller = FleetController(
             self,

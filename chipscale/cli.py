@@ -361,14 +361,11 @@ def default_job_name(source: str, zoom: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}-z{zoom}"
 
 
-def remaining(total: int, counts: dict[str, int]) -> int:
-    """Tiles of a job still to do: ``error`` tiles count, since a resume tries them again."""
-    return max(0, total - counts["ok"] - counts["empty"])
-
-
 def _print_summary(summary: Any, counts: dict[str, int], model_name: str, db: str) -> None:
     """The job as the store has it (a resumed run adds to earlier ones) and this run's share."""
     from rich.table import Table
+
+    from chipscale.job_status import remaining
 
     table = Table(title=f"job {summary.job} ({model_name})", title_justify="left")
     columns = ("tiles", "ok", "empty", "error", "remaining", "this run", "tiles/s")
@@ -398,59 +395,113 @@ def _print_summary(summary: Any, counts: dict[str, int], model_name: str, db: st
 # ----------------------------------------------------------------------------- export
 
 
+def _db_or_stack(db: str | None, stack: str | None) -> None:
+    """Exactly one of ``--db`` and ``--stack``: where the results are."""
+    if db and stack:
+        raise click.UsageError("give --db or --stack, not both")
+    if not db and not stack:
+        raise click.UsageError("give --db URL (or DATABASE_URL) or --stack NAME")
+
+
+stack_option = click.option(
+    "--stack",
+    help="A deployed stack: the work runs in its operations Lambda, inside the VPC.",
+)
+region_option = click.option("--region", help="AWS region of --stack (default: AWS_REGION).")
+
+
+@cli.command("db-setup")
+@_db_option()
+@stack_option
+@region_option
+def db_setup(db: str | None, stack: str | None, region: str | None) -> None:
+    """Create or migrate the results schema (jobs, results, rejects); safe to run again."""
+    _db_or_stack(db, stack)
+    if stack:
+        from chipscale.operations import StackOperations
+
+        summary = StackOperations.for_stack(stack, region=region).db_setup()
+    else:
+        from chipscale.stores import setup_store
+
+        summary = setup_store(db)  # type: ignore[arg-type]
+    click.echo(summary, err=True)
+
+
 @cli.command()
-@_db_option(required=True)
+@_db_option()
+@stack_option
+@region_option
 @click.option("--job", help="Job to export (default: every job).")
 @click.option("-o", "--output", required=True, help="results.csv or results.geojson.")
 @class_option
 @min_score_option
 def download(
-    db: str, job: str | None, output: str, class_name: str | None, min_score: float | None
+    db: str | None,
+    stack: str | None,
+    region: str | None,
+    job: str | None,
+    output: str,
+    class_name: str | None,
+    min_score: float | None,
 ) -> None:
-    """Export results as CSV (one column per class) or GeoJSON tile polygons, streamed."""
-    from chipscale.export import export_results
+    """Export results as CSV (one column per class) or GeoJSON tile polygons, streamed.
+
+    With --stack the export is written in the VPC to the stack's results bucket, then
+    downloaded here with a progress bar.
+    """
+    from chipscale.export import export_results, format_for
+
+    _db_or_stack(db, stack)
+    fmt = format_for(output)
+    if stack:
+        from chipscale.operations import StackOperations
+
+        answer = StackOperations.for_stack(stack, region=region).download(
+            output, fmt=fmt, job=job, class_name=class_name, min_score=min_score
+        )
+        click.echo(
+            f"{answer['rows']} rows -> {output} (from s3://{answer['bucket']}/{answer['key']})",
+            err=True,
+        )
+        return
     from chipscale.stores import open_store
 
-    with open_store(db) as store:
+    with open_store(db) as store:  # type: ignore[arg-type]
         count = export_results(store, job, output, class_name=class_name, min_score=min_score)
     click.echo(f"{count} rows -> {output}", err=True)
 
 
 @cli.command()
-@_db_option(required=True)
+@_db_option()
+@stack_option
+@region_option
 @click.option("--job", help="One job (default: every job in the store).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(db: str, job: str | None, as_json: bool) -> None:
-    """How far each job is: tiles, ok, empty, error and remaining."""
-    from chipscale.stores import open_store
+def status(
+    db: str | None, stack: str | None, region: str | None, job: str | None, as_json: bool
+) -> None:
+    """How far each job is: tiles, ok, empty, error, remaining and rejected messages."""
+    _db_or_stack(db, stack)
+    if stack:
+        from chipscale.operations import StackOperations
 
-    with open_store(db) as store:
-        jobs = [store.get_job(job)] if job else store.jobs()
-        if job and jobs[0] is None:
-            raise ChipscaleError(f"job {job!r} is not in {db}")
-        report = []
-        for info in jobs:
-            assert info is not None
-            counts = store.counts(info.job)
-            total = info.tiles_total or counts["total"]
-            report.append(
-                {
-                    "job": info.job,
-                    "source": info.source,
-                    "zoom": info.zoom,
-                    "model": f"{info.model_name} v{info.model_version}",
-                    "tiles": total,
-                    **{k: counts[k] for k in ("ok", "empty", "error")},
-                    "remaining": remaining(total, counts),
-                }
-            )
+        report = StackOperations.for_stack(stack, region=region).status(job)
+        where = f"stack {stack}"
+    else:
+        from chipscale.job_status import job_reports
+        from chipscale.stores import open_store
+
+        with open_store(db) as store:  # type: ignore[arg-type]
+            report = job_reports(store, job)
+            where = store.url
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     from rich.table import Table
 
-    columns = ("job", "zoom", "model", "tiles", "ok", "empty", "error", "remaining")
-    table = Table(title=f"jobs in {db}", title_justify="left")
+    columns = ("job", "zoom", "model", "tiles", "ok", "empty", "error", "remaining", "rejected")
+    table = Table(title=f"jobs in {where}", title_justify="left")
     for column in columns:
         table.add_column(column, justify="left" if column in ("job", "model") else "right")
     for row in report:
@@ -712,6 +763,20 @@ def _push_queue(
     return queue_url, region or region_from_queue_url(queue_url)
 
 
+def _push_jobs(db: str | None, stack: str | None, region: str | None) -> Any:
+    """Where the push records its job and finds the done tiles of a resume: ``--db``
+    directly, else the stack's operations Lambda (the database is private); None: nowhere."""
+    if db:
+        from chipscale.push import StoreJobs
+
+        return StoreJobs(db)
+    if stack:
+        from chipscale.operations import StackOperations
+
+        return StackOperations.for_stack(stack, region=region)
+    return None
+
+
 def _push_summary_line(summary: Any) -> str:
     """The end-of-push line: tiles, messages, requests and their rate per 1,000 tiles."""
     verb = "would push" if summary.dry_run else "pushed"
@@ -729,29 +794,24 @@ def _push_summary_line(summary: Any) -> str:
 
 
 def _record_push(
-    db: str | None, job: str, source: str | None, plan: Any, summary: Any, **details: Any
+    jobs: Any, job: str, source: str | None, plan: Any, summary: Any, **details: Any
 ) -> None:
-    """Record the job in ``--db`` (see chipscale.push.record_job), or say it was not."""
-    from chipscale.push import push_record, record_job
-    from chipscale.stores import open_store
+    """Record the job (see chipscale.push.record_job), or say it was not."""
+    from chipscale.push import push_record
 
-    if db is None:
+    if jobs is None:
         if summary is not None:
             click.echo(
-                f"job {job} not recorded in a results store (no --db); with --stack the "
-                "operations Lambda will record it",
-                err=True,
+                f"job {job} not recorded in a results store (give --db or --stack)", err=True
             )
         return
-    with open_store(db) as store:
-        record_job(
-            store,
-            job=job,
-            source=source,
-            zoom=plan.zoom,
-            tiles_total=plan.total,
-            extra=push_record(summary, **details),
-        )
+    jobs.record_job(
+        job=job,
+        source=source,
+        zoom=plan.zoom,
+        tiles_total=plan.total,
+        extra=push_record(summary, **details),
+    )
 
 
 @cli.command()
@@ -793,7 +853,9 @@ def _record_push(
     help="SendMessageBatch calls in flight (chip-n-scale's PROMISE_THRESHOLD).",
 )
 @_db_option()
-@click.option("--resume", is_flag=True, help="Skip tiles --db already has done for the job.")
+@click.option(
+    "--resume", is_flag=True, help="Skip tiles the job already has done (in --db or --stack)."
+)
 @click.option("--dry-run", is_flag=True, help="Count tiles, messages and requests; send nothing.")
 @click.option("--region", help="AWS region (default: the queue URL's, then AWS_REGION).")
 @click.option(
@@ -844,10 +906,11 @@ def push(
             "give --source (the COG or XYZ URL the worker reads), or --worker-source to use "
             "the worker's configured default source"
         )
-    if resume and not db:
-        raise click.UsageError("--resume needs --db (or DATABASE_URL): the store to check")
+    if resume and not (db or stack):
+        raise click.UsageError("--resume needs --db (or DATABASE_URL) or --stack: the results")
     tiles = _push_tiles(tiles_file, zoom=zoom, source=source, aoi=aoi, bbox=bbox)
     queue_url, region = _push_queue(queue_url, stack, region, dry_run)
+    jobs = _push_jobs(db, stack, region) if (resume or not dry_run) else None
     if max_tiles_per_message > push_lib.DEFAULT_MAX_TILES:
         click.echo(
             f"Note: messages of up to {max_tiles_per_message} tiles: the worker must run with "
@@ -858,10 +921,7 @@ def push(
     with push_lib.plan_push(tiles, zoom=zoom, name=name) as plan:
         job = job or _push_job_name(source, tiles_file, aoi, plan.zoom)
         if resume:
-            from chipscale.stores import open_store
-
-            with open_store(db) as store:  # type: ignore[arg-type]
-                plan.skip_done(store.done_tiles(job))
+            plan.skip_done(jobs.done_tiles(job))
         sender = None
         if not dry_run:
             assert queue_url is not None
@@ -869,15 +929,15 @@ def push(
                 region=region, endpoint_url=endpoint_url, concurrency=concurrency
             )
             sender = push_lib.BatchSender(client, queue_url)
-            _record_push(db, job, source, plan, None, queue=queue_url)
+            _record_push(jobs, job, source, plan, None, queue=queue_url)
         details = {"queue": queue_url, "max_tiles_per_message": max_tiles_per_message}
         try:
             summary = _run_push(plan, job, source, sender, max_tiles_per_message, concurrency)
         except push_lib.PushAborted as exc:  # record what did go before the one-line error
-            _record_push(db, job, source, plan, exc.summary, state="aborted", **details)
+            _record_push(jobs, job, source, plan, exc.summary, state="aborted", **details)
             raise
         if not dry_run:
-            _record_push(db, job, source, plan, summary, **details)
+            _record_push(jobs, job, source, plan, summary, **details)
     click.echo(_push_summary_line(summary), err=True)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))

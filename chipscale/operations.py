@@ -23,7 +23,6 @@ from typing import Any
 from mercantile import Tile
 
 from chipscale.errors import ChipscaleError
-from chipscale.types import JobInfo
 
 #: Export formats the ``export`` action writes, by the suffix the CLI asked for.
 EXPORT_FORMATS = ("csv", "geojson")
@@ -113,15 +112,23 @@ def _export(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, A
     return {"bucket": bucket, "key": key, "rows": rows, "bytes": size}
 
 
-def _start_job(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, Any]:
+def _record_job(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, Any]:
+    from chipscale.push import record_job
     from chipscale.stores import open_store
 
-    fields = event.get("job_info")
-    if not isinstance(fields, Mapping) or not fields.get("job") or not fields.get("source"):
-        raise ValueError("start-job needs job_info with at least job and source")
+    job, tiles_total = event.get("job"), event.get("tiles_total")
+    if not isinstance(job, str) or not job or not isinstance(tiles_total, int):
+        raise ValueError("record-job needs a job name and tiles_total")
     with open_store(env.db_url(), create=False) as store:
-        store.start_job(job_info_from_dict(fields))
-    return {"job": fields["job"]}
+        info = record_job(
+            store,
+            job=job,
+            source=event.get("source"),
+            zoom=event.get("zoom"),
+            tiles_total=tiles_total,
+            extra=dict(event.get("extra") or {}),
+        )
+    return {"job": info.job, "tiles_total": info.tiles_total}
 
 
 def _done_tiles(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, Any]:
@@ -144,36 +151,9 @@ ACTIONS: dict[str, Callable[[Mapping[str, Any], OperationsEnvironment], Any]] = 
     "db-setup": _db_setup,
     "status": _status,
     "export": _export,
-    "start-job": _start_job,
+    "record-job": _record_job,
     "done-tiles": _done_tiles,
 }
-
-
-def job_info_to_dict(info: JobInfo) -> dict[str, Any]:
-    """A job record as JSON for the ``start-job`` action."""
-    return {
-        "job": info.job,
-        "source": info.source,
-        "zoom": info.zoom,
-        "model_name": info.model_name,
-        "model_version": info.model_version,
-        "tiles_total": info.tiles_total,
-        "classes": list(info.classes),
-        "extra": dict(info.extra),
-    }
-
-
-def job_info_from_dict(fields: Mapping[str, Any]) -> JobInfo:
-    return JobInfo(
-        job=str(fields["job"]),
-        source=str(fields["source"]),
-        zoom=fields.get("zoom"),
-        model_name=fields.get("model_name"),
-        model_version=fields.get("model_version"),
-        tiles_total=fields.get("tiles_total"),
-        classes=tuple(fields.get("classes") or ()),
-        extra=dict(fields.get("extra") or {}),
-    )
 
 
 def safe_key_part(text: str) -> str:
@@ -242,3 +222,54 @@ def read_tiles_object(s3_client: Any, bucket: str, key: str) -> set[Tile]:
 
     body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
     return set(iter_tile_lines(body.splitlines(), name=f"s3://{bucket}/{key}"))
+
+
+class StackOperations:
+    """The operator's side of a deployed stack's operations function: one method per action,
+    the answers' S3 objects fetched with the operator's own credentials."""
+
+    def __init__(self, session: Any, function_name: str) -> None:
+        self.function_name = function_name
+        self._lambda = session.client("lambda")
+        self._s3 = session.client("s3")
+
+    @classmethod
+    def for_stack(cls, name: str, *, region: str | None = None) -> StackOperations:
+        """Resolve stack ``name``'s operations function (one-line errors when it is missing)."""
+        from chipscale.stack import aws_session, resolve_stack
+
+        session = aws_session(region)
+        outputs = resolve_stack(name, session=session)
+        return cls(session, outputs.require("operations_function"))
+
+    def call(self, action: str, **payload: Any) -> Any:
+        return invoke(self._lambda, self.function_name, action, **payload)
+
+    def db_setup(self) -> str:
+        return str(self.call("db-setup")["summary"])
+
+    def status(self, job: str | None = None) -> list[dict[str, Any]]:
+        return list(self.call("status", job=job)["jobs"])
+
+    def record_job(self, **fields: Any) -> None:
+        self.call("record-job", **fields)
+
+    def done_tiles(self, job: str) -> set[Tile]:
+        answer = self.call("done-tiles", job=job)
+        return read_tiles_object(self._s3, answer["bucket"], answer["key"])
+
+    def download(
+        self,
+        dest: str | os.PathLike[str],
+        *,
+        fmt: str,
+        job: str | None = None,
+        class_name: str | None = None,
+        min_score: float | None = None,
+    ) -> dict[str, Any]:
+        """Export in the VPC, then download the export to ``dest``; returns the answer."""
+        answer = self.call(
+            "export", job=job, format=fmt, class_name=class_name, min_score=min_score
+        )
+        download_object(self._s3, answer["bucket"], answer["key"], dest)
+        return dict(answer)

@@ -932,6 +932,27 @@ def record_job(
     return info
 
 
+class StoreJobs:
+    """Job records in a results store reached directly (``--db``): the same two calls that
+    :class:`chipscale.operations.StackOperations` makes through a stack's operations Lambda
+    (``--stack``), so a push records and resumes its job the same way in both."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def record_job(self, **fields: Any) -> None:
+        from chipscale.stores import open_store
+
+        with open_store(self.url) as store:
+            record_job(store, **fields)
+
+    def done_tiles(self, job: str) -> set[Tile]:
+        from chipscale.stores import open_store
+
+        with open_store(self.url) as store:
+            return store.done_tiles(job)
+
+
 def push_record(summary: PushSummary | None, **details: Any) -> dict[str, Any]:
     """The ``extra`` a push writes on its job: ``pushed`` (tiles queued by the last push)
     and ``push`` (when, where, how, and its state: sending, done, failed or aborted; a

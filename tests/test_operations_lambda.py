@@ -3,27 +3,17 @@ TorchServe fixture and the machine's PostgreSQL: what `chipscale verify --stack`
 
 from __future__ import annotations
 
-import importlib
-import json
-import sys
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import boto3
 import pytest
+from conftest import LambdaContext
 
 from chipscale import names
 from chipscale.db_credentials import DatabaseSecretError, url_from_secret
 from chipscale.verify import CHECK_ENDPOINT, CHECK_SCHEMA
 
-LAMBDAS = Path(__file__).resolve().parents[1] / "lambdas"
-CONTEXT = SimpleNamespace(
-    function_name="chipscale-operations",
-    memory_limit_in_mb=512,
-    invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:chipscale-operations",
-    aws_request_id="req-1",
-)
+CONTEXT = LambdaContext("chipscale-operations")
 
 
 def test_url_from_secret_encodes_the_password_and_prefers_the_proxy_host() -> None:
@@ -37,31 +27,10 @@ def test_url_from_secret_encodes_the_password_and_prefers_the_proxy_host() -> No
 
 
 @pytest.fixture
-def operations(moto_server: str, monkeypatch: pytest.MonkeyPatch, results_db: str, torchserve):
-    """The handler module, imported fresh with the stack's environment pointing here."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    database = results_db.rsplit("/", 1)[1]
-    secret = boto3.client("secretsmanager").create_secret(
-        Name=f"chipscale-db-{database}",
-        SecretString=json.dumps(
-            {"username": "postgres", "password": "x y", "host": "instance", "port": 5432}
-        ),
-    )
-    monkeypatch.setenv(names.ENV_DB_SECRET_ARN, secret["ARN"])
-    monkeypatch.setenv(names.ENV_DB_HOST, "127.0.0.1")  # the proxy, in the stack
-    monkeypatch.setenv(names.ENV_DB_NAME, database)
+def operations(operations_lambda: Any, monkeypatch: pytest.MonkeyPatch, torchserve: Any) -> Any:
+    """The handler with the model endpoint of the stack pointing at the real TorchServe."""
     monkeypatch.setenv(names.ENV_MODEL_URL, torchserve.predictions_url)
-    monkeypatch.setenv("PGSSLMODE", "disable")  # the local server has no TLS
-    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "chipscale-operations")
-    results_bucket = f"results-{database.replace('_', '-')}"
-    boto3.client("s3").create_bucket(Bucket=results_bucket)
-    monkeypatch.setenv(names.ENV_RESULTS_BUCKET, results_bucket)
-    monkeypatch.syspath_prepend(str(LAMBDAS))
-    sys.modules.pop("operations", None)
-    return importlib.import_module("operations")
+    return operations_lambda
 
 
 def test_verify_action_runs_the_private_checks_inside_the_vpc(operations: Any) -> None:
@@ -106,12 +75,14 @@ def test_status_export_and_resume_through_the_lambda(operations: Any, results_db
     from chipscale.types import JobInfo, TileResult
 
     job = "roofs/2024 'north'; DROP TABLE results"  # stored and keyed verbatim
-    info = JobInfo(job=job, source="s3://b/a.tif", zoom=2, tiles_total=5)
-    from chipscale.operations import job_info_to_dict
-
-    assert operations.handler(
-        {"action": "start-job", "job_info": job_info_to_dict(info)}, CONTEXT
-    ) == {"job": job}
+    with open_store(results_db) as store:  # the worker's model fields survive a re-push
+        store.start_job(JobInfo(job=job, source="s3://b/a.tif", model_name="m", tiles_total=9))
+    record = {"job": job, "source": "s3://b/a.tif", "zoom": 2, "tiles_total": 5}
+    answer = operations.handler({"action": "record-job", **record, "extra": {"pushed": 5}}, CONTEXT)
+    assert answer == {"job": job, "tiles_total": 5}
+    with open_store(results_db) as store:
+        info = store.get_job(job)
+    assert info is not None and (info.model_name, info.zoom, info.extra["pushed"]) == ("m", 2, 5)
     with open_store(results_db) as store:
         store.write(
             [

@@ -309,7 +309,11 @@ def test_push_never_imports_torch(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- --stack
 
 
-def test_stack_resolves_the_queue(tmp_path: Path, sqs: Any) -> None:
+def test_stack_resolves_the_queue_records_the_job_and_resumes(
+    tmp_path: Path, sqs: Any, local_lambda: list[dict], results_db: str
+) -> None:
+    """With --stack the queue comes from the outputs, and the job is recorded (and a resume
+    learns the done tiles) through the operations Lambda, since the database is private."""
     stack = deploy_stack(chipscale_template())
     outputs = boto3.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0]
     queue_url = next(o["OutputValue"] for o in outputs["Outputs"] if o["OutputKey"] == "QueueUrl")
@@ -318,6 +322,19 @@ def test_stack_resolves_the_queue(tmp_path: Path, sqs: Any) -> None:
     summary = summary_of(run_cli(str(path), "--stack", stack, "--source", SOURCE, "--json"))
     assert summary["queue_url"] == queue_url
     check_delivery(drain(sqs, queue_url), tiles)
+    with open_store(results_db) as store:
+        info = store.get_job(summary["job"])
+        assert info is not None and info.tiles_total == len(tiles)
+        assert info.extra["pushed"] == len(tiles) and info.extra["push"]["state"] == "done"
+        store.write([TileResult(info.job, t, "ok", {"a": 1.0}) for t in tiles[:100]])
+    assert [e["action"] for e in local_lambda] == ["record-job", "record-job"]
+
+    again = summary_of(
+        run_cli(str(path), "--stack", stack, "--source", SOURCE, "--resume", "--json")
+    )
+    assert (again["skipped"], again["tiles_sent"]) == (100, len(tiles) - 100)
+    check_delivery(drain(sqs, queue_url), tiles[100:])
+    assert "done-tiles" in [e["action"] for e in local_lambda]
 
 
 @pytest.mark.parametrize(
@@ -495,7 +512,7 @@ def test_without_db_the_job_is_said_not_recorded(tmp_path: Path, sqs: Any, queue
     path = write_list(tmp_path / "tiles.txt", block(0, 0, 9, 8, 8))
     result = run_cli(str(path), queue, "--source", SOURCE)
     assert result.exit_code == 0
-    assert "job scene-z9 not recorded in a results store (no --db)" in result.output
+    assert "job scene-z9 not recorded in a results store (give --db or --stack)" in result.output
 
 
 # ----------------------------------------------------------------------------- dry run, resume

@@ -4,10 +4,9 @@ PostgreSQL through the stack's secret, the model in process or behind the real T
 
 from __future__ import annotations
 
-import importlib
 import json
 import socket
-import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ from typing import Any
 
 import boto3
 import pytest
+from conftest import LambdaContext, import_lambda
 from mercantile import Tile
 
 from chipscale import names
@@ -31,24 +31,7 @@ from chipscale.queue_worker import (
 )
 from chipscale.stores import open_store
 
-LAMBDAS = Path(__file__).resolve().parents[1] / "lambdas"
 ZOOM = 19
-
-
-class Context(SimpleNamespace):
-    """The parts of Lambda's context object the handler and Powertools read."""
-
-    def __init__(self, remaining_ms: int = 60_000) -> None:
-        super().__init__(
-            function_name="chipscale-worker",
-            memory_limit_in_mb=2048,
-            invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:chipscale-worker",
-            aws_request_id="req-1",
-        )
-        self.remaining_ms = remaining_ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
 
 
 def sqs_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
@@ -135,15 +118,16 @@ def queue(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleN
     yield SimpleNamespace(url=url, arn=arn, dlq=dlq, sqs=sqs)
 
 
-def receive_all(queue: SimpleNamespace) -> list[dict[str, Any]]:
-    """Every visible message, ten at a time (SQS's ReceiveMessage limit)."""
+def receive_all(queue: SimpleNamespace, visibility: int = 30) -> list[dict[str, Any]]:
+    """Every visible message, ten at a time (SQS's ReceiveMessage limit), hidden for
+    ``visibility`` seconds as the event source's receive hides them."""
     messages: list[dict[str, Any]] = []
     while True:
         got = queue.sqs.receive_message(
             QueueUrl=queue.url,
             MaxNumberOfMessages=10,
             AttributeNames=["All"],
-            VisibilityTimeout=30,
+            VisibilityTimeout=visibility,
         ).get("Messages", [])
         if not got:
             return messages
@@ -156,7 +140,7 @@ def run_batches(module: Any, queue: SimpleNamespace, messages: list[dict[str, An
     failed: list[str] = []
     for start in range(0, len(messages), 10):
         batch = messages[start : start + 10]
-        response = module.handler(sqs_event(batch, queue.arn), Context())
+        response = module.handler(sqs_event(batch, queue.arn), LambdaContext("chipscale-worker"))
         ids = [item["itemIdentifier"] for item in response["batchItemFailures"]]
         failed.extend(ids)
         done = [m for m in batch if m["MessageId"] not in ids]
@@ -172,33 +156,19 @@ def run_batches(module: Any, queue: SimpleNamespace, messages: list[dict[str, An
 
 @pytest.fixture
 def lambda_env(
-    moto_server: str, monkeypatch: pytest.MonkeyPatch, results_db: str, bucket: str
+    stack_environment: dict[str, str], monkeypatch: pytest.MonkeyPatch, results_db: str, bucket: str
 ) -> SimpleNamespace:
-    """The worker's environment as the stack sets it, pointing at moto and local services."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    database = results_db.rsplit("/", 1)[1]
-    secret = boto3.client("secretsmanager").create_secret(
-        Name=f"chipscale-db-{database}",
-        SecretString=json.dumps(
-            {"username": "postgres", "password": "pw;'x", "host": "instance", "port": 5432}
-        ),
-    )
-    monkeypatch.setenv(names.ENV_DB_SECRET_ARN, secret["ARN"])
-    monkeypatch.setenv(names.ENV_DB_HOST, "127.0.0.1")
-    monkeypatch.setenv(names.ENV_DB_NAME, database)
-    monkeypatch.setenv("PGSSLMODE", "disable")
+    """The worker's environment as the stack sets it, pointing at moto and local services,
+    with the aerial COG's bucket as the one allowed source."""
     monkeypatch.setenv(names.ENV_ALLOWED_SOURCES, f"s3://{bucket}/")
     monkeypatch.setenv(names.ENV_MAX_TILES_PER_MESSAGE, "100")
-    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", names.METRICS_NAMESPACE)
     return SimpleNamespace(db=results_db, bucket=bucket, source=f"s3://{bucket}/aerial.tif")
 
 
 def load_handler(monkeypatch: pytest.MonkeyPatch, model_url: str) -> Any:
-    """lambdas/sqs_worker.py imported fresh, as a new Lambda container would."""
+    """lambdas/sqs_worker.py as a new container imports it, serving ``model_url``."""
     monkeypatch.setenv(names.ENV_MODEL_URL, model_url)
-    monkeypatch.syspath_prepend(str(LAMBDAS))
-    sys.modules.pop("sqs_worker", None)
-    return importlib.import_module("sqs_worker")
+    return import_lambda("sqs_worker", monkeypatch)
 
 
 def send_packs(queue: SimpleNamespace, bodies: list[str]) -> None:
@@ -305,7 +275,7 @@ def test_duplicate_deliveries_store_each_tile_once(
     messages = receive_all(queue)
     event = sqs_event(messages, queue.arn)
     for _ in range(3):  # at-least-once delivery: the same messages three times
-        assert module.handler(event, Context())["batchItemFailures"] == []
+        assert module.handler(event, LambdaContext("chipscale-worker"))["batchItemFailures"] == []
     with open_store(lambda_env.db) as store:
         rows = list(store.iter_results("d"))
     assert len(rows) == len(tiles)
@@ -333,20 +303,94 @@ def test_a_pack_is_not_started_without_time_to_finish(
     worker.close()
 
 
-def test_through_real_torchserve(
+def test_end_to_end_push_worker_through_torchserve_then_download(
     lambda_env: SimpleNamespace,
     queue: SimpleNamespace,
     monkeypatch: pytest.MonkeyPatch,
     torchserve: Any,
     aerial: Path,
+    tmp_path: Path,
 ) -> None:
+    """The cloud path as a user runs it: `chipscale push` covers the COG in S3 and fills the
+    queue, Lambda-shaped batches from ReceiveMessage go through the handler and the real
+    TorchServe into PostgreSQL, and `chipscale download` gets every tile once."""
+    from click.testing import CliRunner
+
+    from chipscale.cli import cli
+
+    pushed = CliRunner().invoke(
+        cli,
+        ["push", queue.url, "--source", lambda_env.source, "--zoom", str(ZOOM), "--json"],
+        catch_exceptions=False,
+    )
+    assert pushed.exit_code == 0, pushed.output
+    summary = json.loads(pushed.stdout)
+    tiles = set(cover(ZOOM, source=str(aerial)))
+    assert summary["tiles_sent"] == len(tiles)
+    assert summary["requests"] <= max(1, 2 * len(tiles) // 1000)
+
     module = load_handler(monkeypatch, torchserve.predictions_url)
-    tiles = list(cover(ZOOM, source=str(aerial)))
-    send_packs(queue, job_packs("served", lambda_env.source, tiles))
-    assert run_batches(module, queue, receive_all(queue)) == []
+    messages = receive_all(queue)
+    assert len(messages) == summary["messages_sent"]
+    assert run_batches(module, queue, messages) == []
+    job = summary["job"]
     with open_store(lambda_env.db) as store:
-        rows = list(store.iter_results("served"))
-    assert sorted((r.x, r.y, r.z) for r in rows) == sorted(tiles)
+        rows = list(store.iter_results(job))
+    assert sorted((r.x, r.y, r.z) for r in rows) == sorted(tiles)  # every tile exactly once
     ok = [r for r in rows if r.status == "ok"]
-    assert ok and all(r.model_name == module.worker().predictor.info.name for r in ok)
+    assert len(ok) >= len(tiles) // 2
+    assert {r.model_name for r in ok} == {module.worker().predictor.info.name}
+    module.worker().close()
+
+    out = tmp_path / "results.csv"
+    downloaded = CliRunner().invoke(
+        cli, ["download", "--db", lambda_env.db, "--job", job, "-o", str(out)]
+    )
+    assert downloaded.exit_code == 0, downloaded.output
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(tiles) + 1
+
+
+def test_a_database_restart_mid_run_loses_and_duplicates_nothing(
+    lambda_env: SimpleNamespace,
+    queue: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    demo_model_file: Path,
+    aerial: Path,
+    throwaway_pg: Any,
+) -> None:
+    """The database goes away between two batches (a failover, a restart): the batch that
+    meets it reports every message as failed, SQS keeps them, and once the server is back
+    the same container stores each tile once."""
+    from chipscale.stores import setup_store
+
+    setup_store(throwaway_pg.url)
+    secret = boto3.client("secretsmanager").create_secret(
+        Name=f"chipscale-db-throwaway-{throwaway_pg.port}",
+        SecretString=json.dumps(
+            {"username": "postgres", "password": "pw", "host": "x", "port": throwaway_pg.port}
+        ),
+    )
+    monkeypatch.setenv(names.ENV_DB_SECRET_ARN, secret["ARN"])
+    monkeypatch.setenv(names.ENV_DB_NAME, "postgres")
+    module = load_handler(monkeypatch, str(demo_model_file))
+    tiles = list(cover(ZOOM, source=str(aerial)))
+    send_packs(queue, job_packs("restart", lambda_env.source, tiles))
+    messages = receive_all(queue, visibility=2)
+    first, rest = messages[:1], messages[1:]
+    assert run_batches(module, queue, first) == []  # the container's connection is open
+
+    throwaway_pg.stop()
+    failed = run_batches(module, queue, rest)
+    assert sorted(failed) == sorted(m["MessageId"] for m in rest)  # all kept for redelivery
+    throwaway_pg.start()
+
+    time.sleep(2.5)  # past the visibility timeout: SQS delivers the failed ones again
+    redelivered = receive_all(queue)
+    assert sorted(m["MessageId"] for m in redelivered) == sorted(failed)
+    assert run_batches(module, queue, redelivered) == []
+    with open_store(throwaway_pg.url) as store:
+        rows = list(store.iter_results("restart"))
+    assert sorted((r.x, r.y, r.z) for r in rows) == sorted(tiles)
+    assert {r.attempts for r in rows} == {1}  # nothing was half-written before the outage
     module.worker().close()

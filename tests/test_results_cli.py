@@ -1,0 +1,131 @@
+"""`chipscale db-setup | status | download` against a results store reached directly (--db,
+the machine's PostgreSQL) and through a stack (--stack: moto's CloudFormation for the
+outputs, the operations Lambda's handler run in process, exports through moto's S3). Both
+ways must give the same answers and the same files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner, Result
+from mercantile import Tile
+from test_stack_outputs import chipscale_template, deploy_stack
+
+from chipscale import names
+from chipscale.cli import cli
+from chipscale.stores import open_store
+from chipscale.types import JobInfo, TileResult
+
+JOB = "fields 'north'; --"
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def stack(local_lambda: list[dict]) -> str:
+    return deploy_stack(chipscale_template())
+
+
+@pytest.fixture
+def filled(results_db: str) -> str:
+    with open_store(results_db) as store:
+        store.start_job(
+            JobInfo(
+                JOB,
+                "s3://b/a.tif",
+                zoom=3,
+                model_name="m",
+                model_version="1",
+                classes=("a", "b"),
+                tiles_total=6,
+            )
+        )
+        store.write(
+            [
+                TileResult(
+                    JOB, Tile(x, 1, 3), "ok", {"a": 0.1 * x, "b": 1 - 0.1 * x}, model_name="m"
+                )
+                for x in range(4)
+            ]
+            + [TileResult(JOB, Tile(5, 1, 3), "error", error="source timed out")]
+        )
+    return results_db
+
+
+def test_db_setup_directly_and_through_the_stack(empty_db: str, stack: str) -> None:
+    with psycopg.connect(empty_db, autocommit=True) as conn:  # the stack's fixture set it up
+        conn.execute("DROP TABLE results, jobs, rejects, schema_version")
+    first = run("db-setup", "--db", empty_db)
+    assert first.exit_code == 0 and "created the results schema" in first.output
+    assert "up to date" in run("db-setup", "--db", empty_db).output
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        tables = {
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+    assert {"jobs", "results", "rejects"} <= tables
+
+    through = run("db-setup", "--stack", stack)  # the stack's database is results_db
+    assert through.exit_code == 0, through.output
+    assert "up to date" in through.output and "x y" not in through.output
+
+
+def test_status_is_the_same_directly_and_through_the_stack(filled: str, stack: str) -> None:
+    direct = run("status", "--db", filled, "--json")
+    via = run("status", "--stack", stack, "--json")
+    assert direct.exit_code == 0 and via.exit_code == 0, via.output
+    assert json.loads(direct.stdout) == json.loads(via.stdout)
+    (job,) = json.loads(direct.stdout)
+    assert (job["job"], job["tiles"], job["ok"], job["error"], job["remaining"]) == (
+        JOB,
+        6,
+        4,
+        1,
+        2,
+    )
+    table = run("status", "--stack", stack)
+    assert f"jobs in stack {stack}" in table.output and "rejected" in table.output
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".geojson"])
+def test_download_through_the_stack_equals_a_direct_download(
+    filled: str, stack: str, tmp_path: Path, suffix: str
+) -> None:
+    direct, via = tmp_path / f"direct{suffix}", tmp_path / f"via{suffix}"
+    assert run("download", "--db", filled, "--job", JOB, "-o", str(direct)).exit_code == 0
+    result = run("download", "--stack", stack, "--job", JOB, "-o", str(via), "--min-score", "0.5")
+    assert result.exit_code == 0, result.output
+    assert "rows ->" in result.output and "s3://results-" in result.output
+    assert run("download", "--stack", stack, "--job", JOB, "-o", str(via)).exit_code == 0
+    assert via.read_bytes() == direct.read_bytes()
+
+
+def test_a_missing_job_through_the_stack_is_one_line(filled: str, stack: str) -> None:
+    result = run("status", "--stack", stack, "--job", "nope")
+    assert result.exit_code == 1
+    assert "job 'nope' is not in" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["db-setup", "status"])
+def test_db_or_stack_exactly_one(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert "give --db URL" in run(command).output
+    assert "not both" in run(command, "--db", "x.db", "--stack", "s").output
+
+
+def test_a_stack_without_the_operations_function_names_the_output(
+    local_lambda: list[dict],
+) -> None:
+    stack = deploy_stack(chipscale_template(omit=[names.OUTPUT_OPERATIONS_FUNCTION]))
+    result = run("status", "--stack", stack)
+    assert result.exit_code == 1 and names.OUTPUT_OPERATIONS_FUNCTION in result.output
+
+
+def test_results_commands_are_in_the_help() -> None:
+    help_text = run("--help").output
+    assert all(c in help_text for c in ("db-setup", "download", "status", "push"))

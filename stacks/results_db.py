@@ -10,9 +10,9 @@ this size. Storage autoscaling covers growth; ``dbMultiAz`` adds a standby.
 Credentials are generated into Secrets Manager; the Lambdas get the secret's ARN, never its
 value, and authenticate to the proxy with it. The proxy requires TLS; the instance forces SSL
 too. Only the proxy's security group reaches the instance, and only the Lambdas' groups reach
-the proxy. The operations Lambda reaches the proxy for ``chipscale verify``'s schema check
-today; the schema itself is to be created by ``chipscale db-setup --stack NAME`` through that
-Lambda, which arrives with the cloud data plane (docs/deploy.md, "What exists today").
+the proxy. The operations Lambda reaches the proxy for ``chipscale db-setup --stack NAME``
+(which creates or migrates the schema after a deploy), ``status``, ``download`` and
+``verify``'s schema check.
 """
 
 from __future__ import annotations

@@ -436,7 +436,6 @@ def test_200_that_is_not_an_image_is_permanent(
 
 
 def test_timeout_is_transient(tile_server: TileServer) -> None:
-    start = time.monotonic()
     with (
         TileEndpointReader(
             tile_server.template("slow"), read_timeout=0.2, retries=1, sleep=no_sleep
@@ -445,7 +444,6 @@ def test_timeout_is_transient(tile_server: TileServer) -> None:
     ):
         reader.tile(Tile(9, 9, 9))
     assert not error.value.permanent
-    assert time.monotonic() - start < 1.5
 
 
 def test_connection_refused_is_transient() -> None:
@@ -469,15 +467,13 @@ def test_keep_alive_and_concurrency(tile_server: TileServer, aerial: Path) -> No
     tiles = [child for tile in z19_tiles(aerial)[:16] for child in mercantile.children(tile)]
     before = tile_server.connections
     with TileEndpointReader(tile_server.template("delay"), concurrency=8) as reader:
-        start = time.monotonic()
         got = dict(reader.read(tiles))
-        elapsed = time.monotonic() - start
         again = dict(reader.read(tiles[:16]))
     connections = tile_server.connections - before
     assert len(got) == 64 and len(again) == 16
     assert 1 <= connections <= 8, f"{connections} connections for 80 requests"
-    assert tile_server.max_in_flight >= 4  # fetched concurrently, not one after the other
-    assert elapsed < 64 * 0.1 / 2, f"{elapsed:.2f} s for 64 tiles of 0.1 s each"
+    # Fetched concurrently, not one after the other (counted at the server, not timed).
+    assert tile_server.max_in_flight >= 4
 
 
 # -- the worker ----------------------------------------------------------------------------------

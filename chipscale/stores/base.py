@@ -1,8 +1,8 @@
 """The ResultStore port: what the worker, the runner and the exporters need from a results
 database, and the helpers every adapter shares (status values, timestamps, JSON encoding).
 
-Adapters: :mod:`chipscale.stores.sqlite` (the embedded default); PostgreSQL comes with the
-cloud data plane. Every adapter keeps one row per ``(job, z, x, y)`` and writes with
+Adapters: :mod:`chipscale.stores.sqlite` (the embedded default) and
+:mod:`chipscale.stores.postgres` (the cloud's RDS PostgreSQL, any ``postgresql://`` URL). Every adapter keeps one row per ``(job, z, x, y)`` and writes with
 idempotent upserts, so a tile delivered twice is stored once, with ``attempts`` counting the
 writes.
 """

@@ -477,16 +477,33 @@ def download(
 @stack_option
 @region_option
 @click.option("--job", help="One job (default: every job in the store).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Machine-readable output: the list of job reports; with --stack an object "
+    '{"jobs": [...], "queue": {...}}.',
+)
 def status(
     db: str | None, stack: str | None, region: str | None, job: str | None, as_json: bool
 ) -> None:
-    """How far each job is: tiles, ok, empty, error, remaining and rejected messages."""
+    """How far each job is: tiles, pushed, ok, empty, error, remaining and rejected messages.
+
+    With --stack, the queue's view too: messages waiting and in flight in the work queue,
+    and the dead-letter queue's depth (packs that failed every retry: see `chipscale redrive`).
+    """
     _db_or_stack(db, stack)
+    queue: dict[str, Any] | None = None
     if stack:
         from chipscale.operations import StackOperations
+        from chipscale.redrive import queue_view
+        from chipscale.stack import aws_session, resolve_stack
 
-        report = StackOperations.for_stack(stack, region=region).status(job)
+        session = aws_session(region)
+        outputs = resolve_stack(stack, session=session)
+        operations = StackOperations(session, outputs.require("operations_function"))
+        queue = queue_view(session.client("sqs"), outputs.queue_url, outputs.dlq_url)
+        report = operations.status(job)
         where = f"stack {stack}"
     else:
         from chipscale.job_status import job_reports
@@ -496,17 +513,25 @@ def status(
             report = job_reports(store, job)
             where = store.url
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        # One shape for scripts: the queue is null when the results were read directly.
+        click.echo(json.dumps({"jobs": report, "queue": queue}, indent=2))
         return
     from rich.table import Table
 
-    columns = ("job", "zoom", "model", "tiles", "ok", "empty", "error", "remaining", "rejected")
+    columns = (
+        "job", "zoom", "model", "tiles", "pushed", "ok", "empty", "error", "remaining", "rejected"
+    )  # fmt: skip
     table = Table(title=f"jobs in {where}", title_justify="left")
     for column in columns:
         table.add_column(column, justify="left" if column in ("job", "model") else "right")
     for row in report:
-        table.add_row(*(str(row[c]) for c in columns))
+        table.add_row(*("-" if row.get(c) is None else str(row[c]) for c in columns))
     _console().print(table)
+    if queue is not None:
+        from chipscale.redrive import describe_queue_view
+
+        for line in describe_queue_view(queue, stack=stack):
+            click.echo(line)  # whole lines: a console would wrap the redrive hint
 
 
 @cli.command("convert-geojson")
@@ -999,6 +1024,625 @@ def sqs_push_main(argv: Sequence[str] | None = None) -> None:
         prog_name="chipscale",
         default_map={"push": {"worker_source": True}},
     )
+
+
+# ----------------------------------------------------------------------------- redrive
+# `chipscale redrive`: the dead-letter queue's messages back into the work queue. The
+# library is chipscale.redrive; this section resolves the queues, counts, asks and prints.
+
+
+def _can_prompt() -> bool:
+    """Whether someone can answer a confirmation: stdin is a terminal."""
+    return sys.stdin.isatty()
+
+
+def _redrive_queues(
+    stack: str | None, dlq_url: str | None, queue_url: str | None, region: str | None
+) -> tuple[Any, str, str]:
+    """An SQS client and the (dead-letter queue, queue) URLs: the stack's outputs, or the
+    two URLs given (the region then defaults to the one the DLQ's URL names)."""
+    from chipscale.redrive import sqs_errors
+    from chipscale.stack import aws_session, resolve_stack
+
+    if stack and (dlq_url or queue_url):
+        raise click.UsageError("give --stack, or --dlq and --queue, not both")
+    if stack:
+        session = aws_session(region)
+        outputs = resolve_stack(stack, session=session)
+        return session.client("sqs"), outputs.dlq_url, outputs.queue_url
+    if not (dlq_url and queue_url):
+        raise click.UsageError("give --stack NAME, or --dlq URL and --queue URL")
+    from chipscale.push import region_from_queue_url
+
+    session = aws_session(region or region_from_queue_url(dlq_url))
+    with sqs_errors("dead-letter queue", dlq_url):  # no region: one line, not a traceback
+        return session.client("sqs"), dlq_url, queue_url
+
+
+@contextmanager
+def _redrive_progress(description: str) -> Iterator[Any]:
+    """A progress bar on stderr fed ``(moved, total)``; gone when the redrive ends."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(
+        *columns,
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,  # no stray blank line in a log or a pipe
+    ) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(moved: int, total: int | None) -> None:
+            progress.update(task, completed=moved, total=total)
+
+        yield update
+
+
+def _redrive_summary_line(summary: Any) -> str:
+    """The end-of-redrive line: moved, failed, seconds, and the way they moved."""
+    from chipscale.redrive import queue_name
+
+    if summary.method == "move-task":
+        how = f"SQS message move task {summary.task_status}"
+    else:
+        how = "received and re-sent" + (
+            f" ({summary.fallback_reason})" if summary.fallback_reason else ""
+        )
+    return (
+        f"moved {summary.moved:,} messages from {queue_name(summary.dlq_url)} to "
+        f"{queue_name(summary.queue_url)}, {summary.failed:,} failed, {summary.seconds:.1f} s; "
+        f"{how}"
+    )
+
+
+@cli.command("redrive")
+@click.option("--stack", help="Redrive this deployed stack's dead-letter queue into its queue.")
+@click.option(
+    "--dlq", "dlq_url", metavar="URL", help="Dead-letter queue URL (with --queue; no stack)."
+)
+@click.option(
+    "--queue", "queue_url", metavar="URL", help="Queue URL the messages go back to (with --dlq)."
+)
+@click.option("--region", help="AWS region (default: the one --dlq's URL names, then AWS_REGION).")
+@click.option("--yes", "-y", is_flag=True, help="Move without asking (scripts, no terminal).")
+@click.option(
+    "--max",
+    "max_messages",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Move at most N messages (by receive and re-send: a move task moves them all).",
+)
+@click.option(
+    "--peek",
+    "peek_count",
+    type=click.IntRange(1, 1000),
+    metavar="N",
+    help="Print N dead-letter messages as JSON lines (id, sent, receives, job, tiles, body) "
+    "and move nothing.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "move-task", "receive"]),
+    default="auto",
+    show_default=True,
+    help="move-task: SQS's StartMessageMoveTask (server-side, keeps message ids); receive: "
+    "receive, re-send, delete what was re-sent; auto: move-task, else receive.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def redrive_command(
+    stack: str | None,
+    dlq_url: str | None,
+    queue_url: str | None,
+    region: str | None,
+    yes: bool,
+    max_messages: int | None,
+    peek_count: int | None,
+    method: str,
+    as_json: bool,
+) -> None:
+    """Move the dead-letter queue's messages back to the work queue, once the cause of
+    their failures is fixed.
+
+    \b
+    Counts the dead-letter queue, then asks (--yes for scripts):
+      chipscale redrive --stack chipscale --peek 5     # look first: moves nothing
+      chipscale redrive --stack chipscale
+      chipscale redrive --dlq URL --queue URL --yes --max 100
+    SQS's own message move task does the work where it can; otherwise messages are
+    received, re-sent and deleted once re-sent (a failed send stays in the dead-letter
+    queue). Each message moves once per run; a message whose delete failed may be sent
+    again by a later run, which the worker's idempotent writes absorb. Exits 1 when
+    messages could not be moved.
+    """
+    from chipscale.redrive import RedriveAborted, inspect_pair, peek, queue_name, redrive
+
+    if method == "move-task" and max_messages is not None:
+        raise click.UsageError("--max needs --method receive (or auto): a move task moves all")
+    sqs, dlq, queue = _redrive_queues(stack, dlq_url, queue_url, region)
+    pair = inspect_pair(sqs, dlq, queue)
+    dlq_name, queue_name_ = queue_name(dlq), queue_name(queue)
+    if peek_count is not None:
+        messages = peek(sqs, dlq, peek_count)
+        for message in messages:
+            click.echo(json.dumps(message.to_dict()))
+        click.echo(
+            f"{len(messages)} of {pair.dlq.visible:,} messages of {dlq_name} shown; nothing moved",
+            err=True,
+        )
+        return
+    in_flight = f" ({pair.dlq.in_flight:,} more in flight)" if pair.dlq.in_flight else ""
+    click.echo(
+        f"dead-letter queue {dlq_name}: {pair.to_move:,} messages{in_flight}; "
+        f"queue {queue_name_}: {pair.queue.visible:,} waiting",
+        err=True,
+    )
+    if pair.to_move == 0:
+        click.echo("Nothing to move.", err=True)
+        return
+    count = min(pair.to_move, max_messages) if max_messages else pair.to_move
+    if not yes:
+        if not _can_prompt():
+            raise click.UsageError(
+                f"no terminal to confirm moving {count:,} messages on: pass --yes to move them"
+            )
+        if not click.confirm(
+            f"Move {count:,} messages from {dlq_name} back to {queue_name_}?", err=True
+        ):
+            click.echo("Nothing moved.", err=True)
+            raise click.exceptions.Exit(1)
+    try:
+        with _redrive_progress(f"redrive {dlq_name}") as progress:
+            summary = redrive(
+                sqs,
+                pair,
+                method=method,  # type: ignore[arg-type]
+                max_messages=max_messages,
+                on_progress=progress,
+            )
+    except RedriveAborted as exc:
+        click.echo(_redrive_summary_line(exc.summary), err=True)
+        raise
+    click.echo(_redrive_summary_line(summary), err=True)
+    if summary.undeleted:
+        click.echo(
+            f"Warning: {summary.undeleted:,} messages went to {queue_name_} but their delete "
+            f"from {dlq_name} failed: a later redrive sends them again (harmless: the worker's "
+            "writes are idempotent)",
+            err=True,
+        )
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+    if not summary.ok:
+        raise ChipscaleError(
+            f"{summary.failed:,} messages were not moved and stay in {dlq_name}: "
+            f"{'; '.join(summary.failure_reasons)}; run redrive again to retry them"
+        )
+
+
+# ----------------------------------------------------------------------------- monitor and tune
+# `chipscale monitor` (chip-n-scale's gpu-monitor) and `chipscale tune`. The library is
+# chipscale.monitor (what is read), chipscale.diagnosis (the regimes) and chipscale.tune (the
+# per-GPU concurrency); this section resolves the stack, renders and writes.
+
+
+def _monitor_stack(stack: str, region: str | None) -> tuple[Any, Any, Any]:
+    """(session, stack outputs, clients): one-line errors for a missing stack or
+    credentials come from chipscale.stack."""
+    from chipscale.monitor import Clients
+    from chipscale.stack import aws_session, resolve_stack
+
+    session = aws_session(region)
+    outputs = resolve_stack(stack, session=session)
+    return session, outputs, Clients.from_session(session)
+
+
+def _fmt(value: float | None, spec: str = ",.0f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _duration(seconds: float | None) -> str:
+    """12 s, 14 min, 3 h 05 min, 2 d 4 h."""
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    hours, rest = divmod(int(minutes), 60)
+    return f"{hours} h {rest:02d} min" if hours < 48 else f"{hours // 24} d {hours % 24} h"
+
+
+_REGIME_STYLE = {
+    "far-above": "bold red",
+    "failing": "bold red",
+    "slightly-above": "bold yellow",
+    "below": "bold yellow",
+    "no-gpu": "bold yellow",
+    "balanced": "bold green",
+    "idle": "bold cyan",
+}
+
+
+def render_monitor(snapshot: Any, diagnosis: Any, recommendation: Any = None) -> Any:
+    """The monitor's view as one rich renderable: per-GPU rows, queue, Lambda, TorchServe
+    (when read), the diagnosis with its numbers and action, the tune line and warnings."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    window = snapshot.window
+    span = f"{window.start:%H:%M}-{window.end:%H:%M} UTC, {window.seconds / 60:.0f} min"
+    fleet = snapshot.fleet
+    gpus = Table(
+        title=(
+            f"GPUs: {fleet.gpus_in_service} in service on {fleet.instances_in_service} of "
+            f"{len(fleet.instances)} instances (group {fleet.min_size}-{fleet.max_size}, "
+            f"desired {fleet.desired})"
+        ),
+        title_justify="left",
+    )
+    for column in ("instance", "gpu", "type", "state", "util %", "last %", "mem %", "mem MiB"):
+        gpus.add_column(
+            column,
+            justify="left" if column in ("instance", "type", "state") else "right",
+            no_wrap=True,
+        )
+    gpus.add_column("source")
+    for gpu in snapshot.gpus:
+        state = gpu.state or "-"
+        if not gpu.in_service:
+            state = f"[dim]{state}[/dim]"
+        memory = _fmt(gpu.memory_used_mb)
+        if gpu.memory_total_mb:
+            memory += f" / {gpu.memory_total_mb:,.0f}"
+        gpus.add_row(
+            gpu.instance_id,
+            str(gpu.index),
+            gpu.instance_type or "-",
+            state,
+            _fmt(gpu.utilization, ".0f"),
+            _fmt(gpu.utilization_last, ".0f"),
+            _fmt(gpu.memory_utilization, ".0f"),
+            memory,
+            gpu.source or "-",
+        )
+    queue, worker = snapshot.queue, snapshot.worker
+    figures = Table(title="queue and worker Lambda", title_justify="left", show_header=False)
+    figures.add_column("queue", style="bold")
+    figures.add_column("", justify="right")
+    figures.add_column("Lambda", style="bold")
+    figures.add_column("", justify="right")
+    remaining = _fmt(queue.remaining_tiles)
+    if queue.remaining_source:
+        remaining += f" ({queue.remaining_source})"
+    dlq = _fmt(queue.dlq_depth)
+    if queue.dlq_growth:
+        dlq += f" ({queue.dlq_growth:+,.0f})"
+    limit = _fmt(worker.maximum_concurrency)
+    if worker.reserved_concurrency:
+        limit += f" (reserved {worker.reserved_concurrency})"
+    errors = f"{worker.errors:,.0f} / {worker.throttles:,.0f}"
+    p50, p95 = _seconds(worker.duration_p50_ms), _seconds(worker.duration_p95_ms)
+    mean = _seconds(worker.duration_mean_ms)
+    percentiles = f"{_fmt(p50, '.1f')} / {_fmt(p95, '.1f')} s"
+    timing = f"{_fmt(mean, '.1f')} / {_fmt(worker.timeout_s)} s"
+    concurrency = f"{_fmt(worker.concurrency_max)} / {_fmt(worker.concurrency_mean)}"
+    per_gpu = _fmt(worker.per_gpu_concurrency)
+    rows = [
+        ("visible", _fmt(queue.visible), "mapping", worker.mapping_state or "-"),
+        ("in flight", _fmt(queue.in_flight), "MaximumConcurrency", limit),
+        ("oldest message", _duration(queue.oldest_age_s), "per-GPU", per_gpu),
+        ("dead letters", dlq, "concurrency max / mean", concurrency),
+        ("tiles/s", _fmt(queue.tiles_per_s, ",.1f"), "invocations", _fmt(worker.invocations)),
+        ("tiles/message", _fmt(queue.tiles_per_message, ",.1f"), "errors / throttles", errors),
+        ("remaining tiles", remaining, "duration p50 / p95", percentiles),
+        ("ETA", _duration(queue.eta_s), "duration mean / timeout", timing),
+    ]
+    for row in rows:
+        figures.add_row(*row)
+    parts: list[Any] = [
+        Text(f"chipscale monitor: stack {snapshot.stack} ({snapshot.region}), {span}"),
+        gpus,
+        figures,
+    ]
+    if snapshot.torchserve:
+        served = Table(title="TorchServe (Prometheus)", title_justify="left")
+        for column in (
+            "target",
+            "instance",
+            "requests",
+            "inference ms",
+            "queue ms",
+            "5xx",
+            "error",
+        ):
+            served.add_column(column)
+        for m in snapshot.torchserve:
+            served.add_row(
+                m.target,
+                m.instance_id or "-",
+                _fmt(m.requests),
+                _fmt(m.mean_inference_ms, ",.1f"),
+                _fmt(m.mean_queue_ms, ",.1f"),
+                _fmt(m.responses.get("5xx")),
+                m.error or "",
+            )
+        parts.append(served)
+    regime = str(diagnosis.regime)
+    body = Text()
+    body.append(f"{diagnosis.title}\n", style=_REGIME_STYLE.get(regime, "bold"))
+    body.append(f"why:    {diagnosis.reason}\n")
+    body.append(f"action: {diagnosis.action}")
+    for note in diagnosis.notes:
+        body.append(f"\nnote:   {note}", style="dim")
+    if recommendation is not None:
+        target = recommendation.target
+        body.append(
+            f"\ntune:   per-GPU {target.per_gpu} (now {target.current_per_gpu}), "
+            f"MaximumConcurrency {_fmt(target.maximum_concurrency)} "
+            f"(now {_fmt(target.current_maximum_concurrency)})"
+        )
+    parts.append(Panel(body, title=f"diagnosis: {regime}", title_align="left"))
+    for warning in snapshot.warnings:
+        parts.append(Text(f"warning: {warning}", style="yellow"))
+    return Group(*parts)
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000
+
+
+def _tune_quietly(snapshot: Any) -> Any:
+    """The tune recommendation when the window allows one (the monitor shows it), else None."""
+    from chipscale.tune import NotEnoughData, recommend
+
+    try:
+        return recommend(snapshot)
+    except NotEnoughData:
+        return None
+
+
+def _monitor_document(snapshot: Any, diagnosis: Any, recommendation: Any) -> dict[str, Any]:
+    return {
+        "snapshot": snapshot.to_dict(),
+        "diagnosis": diagnosis.to_dict(),
+        "tune": recommendation.to_dict() if recommendation is not None else None,
+    }
+
+
+@cli.command()
+@click.option("--stack", required=True, help="The deployed stack to watch (from its outputs).")
+@region_option
+@click.option(
+    "--since",
+    type=click.IntRange(1, 24 * 60),
+    default=15,
+    show_default=True,
+    metavar="MINUTES",
+    help="Window the figures cover, in 1-minute periods.",
+)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Refresh in place every SECONDS (Ctrl-C stops).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True,
+    help="One JSON document (snapshot, diagnosis, tune) on stdout; one a line with --watch.",
+)  # fmt: skip
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    metavar="FILE.png",
+    help="Also draw GPU utilisation per GPU and tiles/s over the last --plot-hours.",
+)
+@click.option(
+    "--plot-hours",
+    type=click.FloatRange(0.1, 24 * 14),
+    default=3.0,
+    show_default=True,
+    metavar="HOURS",
+    help="Hours --plot covers.",
+)
+@click.option("--job", help="Count the ETA from this job's remaining tiles (operations Lambda).")
+@click.option(
+    "--scrape",
+    type=click.Choice(["off", "direct", "lambda"]),
+    default="off",
+    show_default=True,
+    help="Also read TorchServe's Prometheus metrics of the hosts: 'direct' from inside the "
+    "VPC, 'lambda' through the stack's operations Lambda.",
+)
+@click.option(
+    "--metrics-url",
+    multiple=True,
+    metavar="[INSTANCE=]URL",
+    help="Also read this TorchServe metrics endpoint (a tunnel, a local serve); INSTANCE= "
+    "ties its GPU figures to that instance. Repeatable.",
+)
+@click.option("--iterations", type=click.IntRange(min=1), hidden=True)
+def monitor(
+    stack: str,
+    region: str | None,
+    since: int,
+    watch: float | None,
+    as_json: bool,
+    plot: str | None,
+    plot_hours: float,
+    job: str | None,
+    scrape: str,
+    metrics_url: tuple[str, ...],
+    iterations: int | None,
+) -> None:
+    """GPU use, queue and worker Lambdas of a deployed stack, and what to tune.
+
+    \b
+    Names the regime (concurrency far above / slightly above / below GPU capacity,
+    balanced, idle, no GPU in service, failing) with the numbers behind it and the action.
+    Data on stdout; exit 0 whatever the regime (it is a view, not a check).
+    \b
+      chipscale monitor --stack chipscale --watch 30
+      chipscale monitor --stack chipscale --json | jq .diagnosis.regime
+    """
+    import time
+    from datetime import timedelta
+
+    from chipscale.diagnosis import diagnose
+    from chipscale.monitor import collect, collect_history, scraper_for, since_previous
+    from chipscale.monitor import plot as draw
+
+    session, outputs, clients = _monitor_stack(stack, region)
+    scraper = scraper_for(
+        scrape,
+        metrics_url,
+        lambda_client=clients.lambda_client,
+        operations_function=outputs.operations_function,
+    )
+    remaining = None
+    if job:
+        from chipscale.operations import StackOperations
+
+        operations = StackOperations(session, outputs.require("operations_function"))
+        rows = operations.status(job)
+        if not rows:
+            raise ChipscaleError(f"no job {job!r} in stack {stack}'s results")
+        remaining = float(rows[0]["remaining"])
+
+    def view(previous: Any) -> tuple[Any, Any, Any]:
+        snapshot = collect(
+            outputs,
+            clients,
+            since=timedelta(minutes=since),
+            remaining_tiles=remaining,
+            scraper=scraper,
+        )
+        snapshot = since_previous(snapshot, previous)
+        return snapshot, diagnose(snapshot), _tune_quietly(snapshot)
+
+    snapshot, diagnosis, recommendation = view(None)
+    if plot:
+        history = collect_history(outputs, clients, snapshot.fleet, hours=plot_hours)
+        draw(history, plot, title=f"chipscale {stack}: last {plot_hours:g} h")
+        click.echo(f"plot -> {plot}", err=True)
+    console = _console()
+    if watch is None:
+        if as_json:
+            click.echo(json.dumps(_monitor_document(snapshot, diagnosis, recommendation), indent=2))
+        else:
+            console.print(render_monitor(snapshot, diagnosis, recommendation))
+        return
+    done = 0
+    live = None
+    if not as_json and console.is_terminal:
+        from rich.live import Live
+
+        live = Live(console=console, auto_refresh=False, transient=False)
+        live.start()
+    try:
+        while True:
+            if as_json:
+                document = _monitor_document(snapshot, diagnosis, recommendation)
+                click.echo(json.dumps(document))
+            elif live is not None:
+                live.update(render_monitor(snapshot, diagnosis, recommendation), refresh=True)
+            else:  # a pipe or a log file: one view after the other
+                console.rule()
+                console.print(render_monitor(snapshot, diagnosis, recommendation))
+            done += 1
+            if iterations is not None and done >= iterations:
+                return
+            time.sleep(watch)
+            snapshot, diagnosis, recommendation = view(snapshot)
+    finally:
+        if live is not None:
+            live.stop()
+
+
+@cli.command()
+@click.option("--stack", required=True, help="The deployed stack to tune (from its outputs).")
+@region_option
+@click.option(
+    "--since",
+    type=click.IntRange(1, 24 * 60),
+    default=15,
+    show_default=True,
+    metavar="MINUTES",
+    help="Window to measure, in 1-minute periods.",
+)
+@click.option(
+    "--per-gpu",
+    type=click.IntRange(1, 1000),
+    help="Set this per-GPU concurrency instead of computing it.",
+)
+@click.option(
+    "--apply", "apply_", is_flag=True,
+    help="Write the SSM per-GPU parameter and the mapping's MaximumConcurrency now.",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def tune(
+    stack: str,
+    region: str | None,
+    since: int,
+    per_gpu: int | None,
+    apply_: bool,
+    as_json: bool,
+) -> None:
+    """The per-GPU Lambda concurrency that keeps the GPUs fed without overload.
+
+    \b
+    Little's law on the measured run: Lambdas per GPU = tiles/s of a saturated GPU x the
+    seconds a Lambda spends per tile (TorchServe's queue wait taken out) x 1.2 headroom.
+    The fleet controller multiplies it by the GPUs in service. Without --apply nothing is
+    written; with it, the SSM parameter (the controller's source of truth) and the event
+    source mapping's MaximumConcurrency (2..1000, at most the reserved concurrency).
+    """
+    from datetime import timedelta
+
+    from chipscale.monitor import collect
+    from chipscale.tune import apply, recommend, target_for, target_lines
+
+    _session, outputs, clients = _monitor_stack(stack, region)
+    snapshot = collect(outputs, clients, since=timedelta(minutes=since))
+    recommendation = None
+    if per_gpu is not None:
+        target = target_for(per_gpu, snapshot)
+        lines = target_lines(target)
+    else:
+        recommendation = recommend(snapshot)
+        target = recommendation.target
+        lines = recommendation.lines()
+    applied = apply(target, outputs, clients) if apply_ else None
+    if as_json:
+        from dataclasses import asdict
+
+        document = {
+            "stack": stack,
+            "recommendation": recommendation.to_dict() if recommendation else None,
+            "target": asdict(target),
+            "applied": applied.to_dict() if applied else None,
+        }
+        click.echo(json.dumps(document, indent=2))
+    else:
+        for line in lines:
+            click.echo(line)
+        for line in applied.lines() if applied else ():
+            click.echo(line)
+    if applied is None:
+        click.echo("nothing written: --apply writes the parameter and the mapping", err=True)
 
 
 # ----------------------------------------------------------------------------- entry points

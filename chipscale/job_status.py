@@ -24,9 +24,26 @@ def remaining(total: int, counts: dict[str, int]) -> int:
     return max(0, total - counts["ok"] - counts["empty"])
 
 
+def pushed_tiles(info: JobInfo) -> int | None:
+    """Tiles the job's last push queued (``extra["pushed"]``, see
+    :func:`chipscale.push.push_record`); None for a job no push recorded (a local run).
+
+    Beside ``tiles`` (every tile of the job) it tells a push that stopped short, or a resume
+    that skipped the done tiles, from a job still being worked through.
+
+    >>> pushed_tiles(JobInfo("j", "s", extra={"pushed": 40, "push": {"state": "done"}}))
+    40
+    >>> pushed_tiles(JobInfo("j", "s")) is None
+    True
+    """
+    pushed = info.extra.get("pushed") if isinstance(info.extra, dict) else None
+    return pushed if isinstance(pushed, int) and not isinstance(pushed, bool) else None
+
+
 def job_report(store: ResultStore, info: JobInfo) -> dict[str, Any]:
     """One job's counts. ``tiles`` is what was pushed or covered (the job record), or the
-    rows stored when no record says; ``rejected`` counts messages refused for good."""
+    rows stored when no record says; ``pushed`` the tiles its last push queued (None
+    without a push); ``rejected`` counts messages refused for good."""
     counts = store.counts(info.job)
     total = info.tiles_total or counts["total"]
     return {
@@ -35,6 +52,7 @@ def job_report(store: ResultStore, info: JobInfo) -> dict[str, Any]:
         "zoom": info.zoom,
         "model": f"{info.model_name} v{info.model_version}" if info.model_name else None,
         "tiles": total,
+        "pushed": pushed_tiles(info),
         **{status: counts[status] for status in ("ok", "empty", "error")},
         "remaining": remaining(total, counts),
         "rejected": len(store.rejects(info.job)),

@@ -51,6 +51,15 @@ GPU_METRICS_NAMESPACE: Final = "chipscale/gpu"
 GPU_METRIC_UTILIZATION: Final = "nvidia_smi_utilization_gpu"
 GPU_METRIC_MEMORY_UTILIZATION: Final = "nvidia_smi_utilization_memory"
 GPU_METRIC_MEMORY_USED: Final = "nvidia_smi_memory_used"
+GPU_METRIC_MEMORY_TOTAL: Final = "nvidia_smi_memory_total"
+#: The dimensions of one GPU's series (the agent's ``aggregation_dimensions``): the instance
+#: and the GPU's index on it ("0", "1", ...), so multi-GPU instances give one series a GPU.
+GPU_DIMENSION_INSTANCE: Final = "InstanceId"
+GPU_DIMENSION_INDEX: Final = "index"
+#: Powertools' dimension that names the worker's metrics after its function (the name
+#: Powertools itself uses for ``ColdStart``). With it, the worker's tiles/s belong to one
+#: stack; without it (``service`` alone) two stacks in one account and region add up.
+WORKER_FUNCTION_DIMENSION: Final = "function_name"
 
 # ---------------------------------------------------------------------------- environment
 # Environment variables the stack sets on the Lambdas and the GPU hosts' boot script reads.

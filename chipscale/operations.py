@@ -146,6 +146,12 @@ def _done_tiles(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[st
     return {"bucket": bucket, "key": key, "tiles": len(tiles)}
 
 
+def _scrape_metrics(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, Any]:
+    from chipscale.prometheus import scrape_action
+
+    return scrape_action(event, env)
+
+
 ACTIONS: dict[str, Callable[[Mapping[str, Any], OperationsEnvironment], Any]] = {
     "verify": _verify,
     "db-setup": _db_setup,
@@ -153,6 +159,7 @@ ACTIONS: dict[str, Callable[[Mapping[str, Any], OperationsEnvironment], Any]] = 
     "export": _export,
     "record-job": _record_job,
     "done-tiles": _done_tiles,
+    "scrape-metrics": _scrape_metrics,
 }
 
 

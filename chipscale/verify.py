@@ -172,8 +172,8 @@ def check_dead_letter_queue(sqs: Any, dlq_url: str) -> CheckResult:
     if waiting or in_flight:
         raise CheckFailed(
             f"{_queue_name(dlq_url)} holds {waiting + in_flight} messages that failed every "
-            "retry: read the worker's logs, fix the cause, then move them back with "
-            "`aws sqs start-message-move-task --source-arn <DLQ ARN>`"
+            "retry: read the worker's logs (or `chipscale redrive --peek 5`), fix the cause, "
+            "then move them back with `chipscale redrive --stack NAME`"
         )
     return CheckResult(CHECK_DLQ, True, f"{_queue_name(dlq_url)}: empty")
 

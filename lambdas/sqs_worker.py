@@ -8,6 +8,7 @@ failing message never sends its neighbours back. Connections live for the contai
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import boto3
@@ -27,6 +28,11 @@ from chipscale.stores import open_store
 
 logger = Logger(service=names.WORKER_SERVICE)
 metrics = Metrics(namespace=names.METRICS_NAMESPACE, service=names.WORKER_SERVICE)
+# The function's name as a dimension: two stacks in one account and region keep their tiles/s
+# apart (the dashboard and `chipscale monitor` read both dimensions).
+metrics.set_default_dimensions(
+    **{names.WORKER_FUNCTION_DIMENSION: os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "local")}
+)
 processor = BatchProcessor(event_type=EventType.SQS)
 
 

@@ -131,7 +131,10 @@ class Monitoring(Construct):
             metric: cloudwatch.Metric(
                 namespace=names.METRICS_NAMESPACE,
                 metric_name=metric,
-                dimensions_map={"service": names.WORKER_SERVICE},
+                dimensions_map={
+                    "service": names.WORKER_SERVICE,
+                    names.WORKER_FUNCTION_DIMENSION: worker.function_name,
+                },
                 statistic="Sum",
                 period=minute,
             )

@@ -26,7 +26,7 @@ from stacks.config import DeploymentConfig
 
 HANDLER = "operations.handler"
 #: What the function does today, for its description and the stack output's.
-PURPOSE = "verify, db-setup, status, export, record-job, done-tiles"
+PURPOSE = "verify, db-setup, status, export, record-job, done-tiles, scrape-metrics"
 #: Results-bucket prefixes the function writes (chipscale.operations' keys start with them).
 WRITE_PREFIXES = (EXPORT_PREFIX, DONE_TILES_PREFIX)
 #: Lambda's /tmp for an export before its upload: 10 GiB (the most Lambda allows) holds a

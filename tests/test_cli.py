@@ -224,7 +224,9 @@ def test_status_reports_each_job(demo_run) -> None:
     db = f"sqlite:///{demo_run / 'results.db'}"
     result = CliRunner().invoke(cli, ["status", "--db", db, "--json"])
     assert result.exit_code == 0, result.output
-    (job,) = json.loads(result.output)
+    document = json.loads(result.output)
+    assert document["queue"] is None  # --db: no queue to look at
+    (job,) = document["jobs"]
     assert job["tiles"] == job["ok"] + job["empty"] + job["error"] and job["remaining"] == 0
     table = CliRunner().invoke(cli, ["status", "--db", db, "--job", job["job"]])
     assert job["job"] in table.output and "remaining" in table.output

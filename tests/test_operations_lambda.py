@@ -108,3 +108,10 @@ def test_status_export_and_resume_through_the_lambda(operations: Any, results_db
 
     with pytest.raises(Exception, match="is not in"):
         operations.handler({"action": "status", "job": "nope"}, CONTEXT)
+
+
+def test_scrape_metrics_reads_private_hosts_only(operations_lambda: Any) -> None:
+    with pytest.raises(ValueError, match="not a private address"):
+        operations_lambda.handler(
+            {"action": "scrape-metrics", "hosts": {"i-1": "8.8.8.8"}}, CONTEXT
+        )

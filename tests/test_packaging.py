@@ -36,7 +36,9 @@ def test_worker_imports_without_torch_or_matplotlib() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("script", ["download", "convert-geojson"])
+@pytest.mark.parametrize(
+    "script", ["download", "convert-geojson", "sqs-push", "verify", "redrive", "gpu-monitor"]
+)
 def test_operator_scripts_are_executable_entries_into_the_cli(script: str) -> None:
     path = ROOT / "scripts" / script
     assert os.access(path, os.X_OK)
@@ -48,5 +50,6 @@ def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "chipscale"
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("run", "cover", "tile", "download", "convert-geojson", "status", "model"):
+    commands = ("run", "cover", "tile", "download", "convert-geojson", "status", "model", "push")
+    for command in (*commands, "db-setup", "redrive", "verify", "serve"):
         assert command in result.stdout

@@ -278,7 +278,8 @@ def test_dead_letter_queue_with_messages_fails(stack: str) -> None:
         [Check(CHECK_DLQ, lambda: check_dead_letter_queue(sqs, outputs.dlq_url))]
     )
     assert not result.ok and "holds 1 messages" in result.detail
-    assert "start-message-move-task" in result.detail  # a command that exists
+    assert "chipscale redrive --stack" in result.detail
+    assert "redrive" in cli.commands  # a command that exists
 
 
 def test_queue_without_redrive_policy_fails(aws: str) -> None:

@@ -2,9 +2,9 @@
 database, and the helpers every adapter shares (status values, timestamps, JSON encoding).
 
 Adapters: :mod:`chipscale.stores.sqlite` (the embedded default) and
-:mod:`chipscale.stores.postgres` (the cloud's RDS PostgreSQL, any ``postgresql://`` URL). Every adapter keeps one row per ``(job, z, x, y)`` and writes with
-idempotent upserts, so a tile delivered twice is stored once, with ``attempts`` counting the
-writes.
+:mod:`chipscale.stores.postgres` (RDS PostgreSQL in the cloud, any ``postgresql://`` URL).
+Every adapter keeps one row per ``(job, z, x, y)`` and writes with idempotent upserts, so a
+tile delivered twice is stored once, with ``attempts`` counting the writes.
 """
 
 from __future__ import annotations

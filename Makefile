@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ZOOM ?= 19
 
-.PHONY: demo test lint format bench clean synth
+.PHONY: demo test lint format bench clean synth soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ demo: $(VENV)/.installed-local
 
 test: $(VENV)/.installed-dev node_modules/.installed lint
 	$(BIN)/python -m pytest
+
+# The reliability soak: tests/reliability's load run (make test runs it at 10,000 tiles) at
+# SOAK_TILES through the whole local stack; 5-6 minutes for 100,000 on 2 cores. Figures:
+# `$(BIN)/python bench/reliability.py --tiles 100000 --load-only`.
+SOAK_TILES ?= 100000
+soak: $(VENV)/.installed-dev
+	CHIPSCALE_SOAK_TILES=$(SOAK_TILES) $(BIN)/python -m pytest tests/reliability -m soak --timeout=3600
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

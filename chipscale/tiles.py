@@ -132,19 +132,45 @@ _GENERIC = re.compile(
 )
 
 
+#: libtiff's short read of a block of an already-open file: over the network, the connection
+#: went away mid-read (GDAL wraps it as "Read failed. See previous exception for details.",
+#: so it is only found down the exception chain).
+_SHORT_READ = re.compile(r"Read error at .*got \d+ bytes, expected")
+
+
+def _messages(exc: BaseException) -> str:
+    """The messages of an exception and of the ones it was raised from (GDAL chains its
+    errors: the top one is often "Read failed. See previous exception for details.")."""
+    seen: list[str] = []
+    current: BaseException | None = exc
+    while current is not None and len(seen) < 10:
+        seen.append(str(current))
+        current = current.__cause__ or current.__context__
+    return " | ".join(seen)
+
+
 def _source_error(
-    source: str | os.PathLike[str], exc: BaseException, *, after_outage: bool = False
+    source: str | os.PathLike[str],
+    exc: BaseException,
+    *,
+    after_outage: bool = False,
+    reading: bool = False,
 ) -> SourceError:
     """The error to raise for a failed open or read of ``source``, transient or not.
 
     ``after_outage``: the last open of this path failed transiently, so a generic "does not
     exist" is GDAL repeating that failure, not the server saying the object is gone (S3
     says that as "The specified key does not exist" or "HTTP response code: 404").
+    ``reading``: the source opened fine and a block read failed; a short read of a remote
+    file is the network, not the file (tests/reliability: an S3 outage mid-job must be
+    retried, not stored as ``error`` rows).
     """
     text = f"cannot read raster {os.fspath(source)}: {one_line(exc)}"
-    message = str(exc)
+    message = _messages(exc)
     if is_remote(os.fspath(source)) and (
-        _TRANSIENT.search(message) or (after_outage and _GENERIC.search(message))
+        _TRANSIENT.search(message)
+        or (after_outage and _GENERIC.search(message))
+        or (reading and _SHORT_READ.search(message))
     ):
         return SourceUnavailable(text)
     return SourceError(text)
@@ -457,7 +483,7 @@ class TileReader:
             with gdal_env(self.source), WarpedVRT(dataset, **params) as vrt:
                 values = vrt.read(indexes=indexes)
         except RasterioError as exc:
-            raise _source_error(self.source, exc) from None
+            raise _source_error(self.source, exc, reading=True) from None
         return self._split(values)
 
     def _split(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -511,7 +537,7 @@ class TileReader:
                         1, window=sub, out_shape=shape, resampling=Resampling.nearest
                     )
         except RasterioError as exc:
-            raise _source_error(self.source, exc) from None
+            raise _source_error(self.source, exc, reading=True) from None
         return self._split(values)
 
     def read_pack(self, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, ImageData]]:

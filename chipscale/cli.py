@@ -1423,17 +1423,22 @@ def _monitor_document(snapshot: Any, diagnosis: Any, recommendation: Any) -> dic
     }
 
 
+def since_option(help_text: str) -> Any:
+    """``--since MINUTES``: the CloudWatch window monitor and tune read."""
+    return click.option(
+        "--since",
+        type=click.IntRange(1, 24 * 60),
+        default=15,
+        show_default=True,
+        metavar="MINUTES",
+        help=help_text,
+    )
+
+
 @cli.command()
 @click.option("--stack", required=True, help="The deployed stack to watch (from its outputs).")
 @region_option
-@click.option(
-    "--since",
-    type=click.IntRange(1, 24 * 60),
-    default=15,
-    show_default=True,
-    metavar="MINUTES",
-    help="Window the figures cover, in 1-minute periods.",
-)
+@since_option("Window the figures cover, in 1-minute periods.")
 @click.option(
     "--watch",
     type=click.FloatRange(min=0, min_open=True),
@@ -1575,14 +1580,7 @@ def monitor(
 @cli.command()
 @click.option("--stack", required=True, help="The deployed stack to tune (from its outputs).")
 @region_option
-@click.option(
-    "--since",
-    type=click.IntRange(1, 24 * 60),
-    default=15,
-    show_default=True,
-    metavar="MINUTES",
-    help="Window to measure, in 1-minute periods.",
-)
+@since_option("Window to measure, in 1-minute periods.")
 @click.option(
     "--per-gpu",
     type=click.IntRange(1, 1000),

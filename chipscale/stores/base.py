@@ -140,6 +140,26 @@ def load_json(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def results_filter(job: str | None, status: str | None, placeholder: str) -> tuple[str, list[str]]:
+    """The ``WHERE`` clause (or nothing) and its parameters selecting rows of one job
+    and/or status (results; rejects by job), in the adapter's parameter style (``?`` for
+    SQLite, ``%s`` for psycopg).
+
+    >>> results_filter("j", None, "?")
+    ('WHERE job = ?', ['j'])
+    >>> results_filter(None, None, "%s")
+    ('', [])
+    """
+    clauses, params = [], []
+    if job is not None:
+        clauses.append(f"job = {placeholder}")
+        params.append(job)
+    if status is not None:
+        clauses.append(f"status = {placeholder}")
+        params.append(status)
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else "", params)
+
+
 def validate_results(results: Sequence[TileResult]) -> None:
     """Check statuses and tiles before a write, naming the offending result."""
     for result in results:

@@ -61,6 +61,7 @@ from chipscale.stores.base import (
     STATUSES,
     check_status,
     dump_json,
+    results_filter,
     validate_results,
 )
 from chipscale.types import MAX_REJECTED_BODY, JobInfo, Rejection, ResultRow, TileResult
@@ -529,7 +530,7 @@ class PostgresStore:
 
     def rejects(self, job: str | None = None) -> list[Rejection]:
         """The rejected messages (of one job), oldest first: for status and tests."""
-        where, params = ("WHERE job = %s", (job,)) if job is not None else ("", ())
+        where, params = results_filter(job, None, "%s")
         rows = self._read(
             "reading rejected messages",
             f"SELECT message_id, reason, body, job FROM rejects {where} "
@@ -549,7 +550,7 @@ class PostgresStore:
 
     def counts(self, job: str | None = None) -> dict[str, int]:
         """Rows per status, keys ``ok``, ``empty``, ``error`` and ``total`` always present."""
-        where, params = ("WHERE job = %s", (job,)) if job is not None else ("", ())
+        where, params = results_filter(job, None, "%s")
         rows = self._read(
             "counting results",
             f"SELECT status, count(*) FROM results {where} GROUP BY status",
@@ -588,14 +589,7 @@ class PostgresStore:
         """
         check_status(status)
         self._check_open()
-        clauses, params = [], []
-        if job is not None:
-            clauses.append("job = %s")
-            params.append(job)
-        if status is not None:
-            clauses.append("status = %s")
-            params.append(status)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = results_filter(job, status, "%s")
         query = f"SELECT {_RESULT_COLUMNS} FROM results {where} ORDER BY job, z, x, y"
         return self._stream(query, params)
 

@@ -29,6 +29,7 @@ from chipscale.stores.base import (
     check_status,
     dump_json,
     load_json,
+    results_filter,
     utc_now,
     validate_results,
 )
@@ -351,7 +352,7 @@ class SQLiteStore:
 
     def rejects(self, job: str | None = None) -> list[Rejection]:
         """The rejected messages (of one job), oldest first: for status and tests."""
-        where, params = ("WHERE job = ?", (job,)) if job is not None else ("", ())
+        where, params = results_filter(job, None, "?")
         rows = self._read(
             f"SELECT message_id, reason, body, job FROM rejects {where} "
             "ORDER BY created_at, message_id",
@@ -401,14 +402,7 @@ class SQLiteStore:
         """
         check_status(status)
         self._check_open()
-        clauses, params = [], []
-        if job is not None:
-            clauses.append("job = ?")
-            params.append(job)
-        if status is not None:
-            clauses.append("status = ?")
-            params.append(status)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = results_filter(job, status, "?")
         sql = f"SELECT {_RESULT_COLUMNS} FROM results {where} ORDER BY job, z, x, y"
         return self._stream(sql, params)
 

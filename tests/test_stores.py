@@ -296,3 +296,36 @@ def _schema(path: Path) -> list[tuple[str, str]]:
         return [("user_version", str(version)), *rows]
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"b": 0.5, "a": [1, 2]}, {"b": 0.5, "a": [1, 2]}),  # key order kept
+        ({"a": float("nan"), "b": [float("inf")]}, {"a": None, "b": [None]}),
+        ({0: 0.25, 1: 0.75}, {"0": 0.25, "1": 0.75}),  # non-str keys: the fallback
+        ({"n": 2**70}, {"n": 2**70}),  # beyond 64 bits: the fallback
+        ({"s": "\ud800é"}, {"s": "\ud800é"}),  # a lone surrogate: the fallback
+        ({"s": {3, 3}}, {"s": [3]}),
+    ],
+)
+def test_dump_json_round_trips(value: object, expected: object) -> None:
+    import json
+
+    from chipscale.stores.base import dump_json, load_json
+
+    text = dump_json(value)
+    assert isinstance(text, str)
+    assert load_json(text) == expected
+    json.loads(text)  # strict JSON: no NaN or Infinity tokens
+
+
+def test_dump_json_numpy_and_refusal() -> None:
+    import numpy as np
+
+    from chipscale.stores.base import dump_json, load_json
+
+    text = dump_json({"scores": np.array([0.25, 0.75], dtype=np.float32), "k": np.int64(3)})
+    assert load_json(text) == {"scores": [0.25, 0.75], "k": 3}
+    with pytest.raises(StoreError, match="not JSON serialisable: object is not"):
+        dump_json({"bad": object()})

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, Self, runtime_checkable
 
+import orjson
 from mercantile import Tile
 
 from chipscale.errors import StoreError
@@ -122,11 +123,21 @@ def _finite(value: Any) -> Any:
 
 
 def dump_json(value: Any) -> str | None:
-    """Encode a model output (or job extra) as strict JSON text; None stays None."""
+    """Encode a model output (or job extra) as strict JSON text; None stays None.
+
+    orjson first: it encodes a pack's scores about 8x faster than the standard library,
+    which was the largest client cost of a PostgreSQL write (bench/store.py), and it already
+    writes NaN and infinities as null. What it refuses (integers beyond 64 bits, keys that
+    are not strings, lone surrogates) takes the standard library's path, which accepts them.
+    """
     if value is None:
         return None
     try:
-        try:  # the common case, on the hot path: one encoding pass
+        return orjson.dumps(value, default=_json_default).decode()
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        try:
             return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)
         except ValueError:  # NaN or infinity somewhere: normalise, then null them
             plain = json.loads(json.dumps(value, default=_json_default))

@@ -37,6 +37,7 @@ from chipscale.stores import (
     setup_store,
 )
 from chipscale.stores import postgres as pg
+from chipscale.stores.base import results_filter
 from chipscale.types import MAX_REJECTED_BODY, JobInfo, Rejection, ResultRow, TileResult
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -625,3 +626,41 @@ def test_connection_killed_during_a_write_is_retried_and_lands_once(throwaway_pg
             writing.result(timeout=10)
         assert store.counts("j")["total"] == 6
         assert {r.attempts for r in store.iter_results("j")} == {1}
+
+
+def test_downloads_by_status_use_the_indexes(store: PostgresStore, results_db: str) -> None:
+    """Rows that are not ok come from the partial index; a job's rows (ok among them) from
+    the primary key, in tile order: no sort, no sequential scan of every job."""
+    store.write([ok("j", x, y) for x in range(40) for y in range(40)])
+    store.write([TileResult("j", Tile(x, 99, 18), "error", error="e") for x in range(5)])
+    store.write([ok("other", x, 7) for x in range(500)])
+    sql(results_db, "ANALYZE results")
+
+    def plan(status: str | None) -> str:
+        where, params = results_filter("j", status, "%s")
+        query = f"SELECT * FROM results {where} ORDER BY job, z, x, y"
+        with psycopg.connect(results_db, autocommit=True) as conn:
+            conn.execute("SET enable_seqscan = off")  # the planner's choice among indexes
+            rows = conn.execute(f"EXPLAIN {query}", params).fetchall()
+        return "\n".join(r[0] for r in rows)
+
+    for status in ("error", "empty"):
+        assert "results_not_ok" in plan(status) and "Sort" not in plan(status)
+    for status in ("ok", None):
+        assert "results_pkey" in plan(status) and "Sort" not in plan(status)
+    assert [r.x for r in store.iter_results("j", status="error")] == list(range(5))
+
+
+def test_version_2_database_migrates(empty_db: str) -> None:
+    """v2 indexed every row by status; v3 indexes only the rows that are not ok."""
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(pg.MIGRATIONS[0] + pg.MIGRATIONS[1])
+        conn.execute("INSERT INTO schema_version (version) VALUES (2)")
+        conn.execute(
+            "INSERT INTO results (job, z, x, y, status, error) VALUES ('j', 18, 1, 2, 'error', 'e')"
+        )
+    assert setup_database(empty_db).endswith(f"from version 2 to {pg.SCHEMA_VERSION}")
+    indexes = sql(empty_db, "SELECT indexname FROM pg_indexes WHERE tablename = 'results'")
+    assert sorted(i for (i,) in indexes) == ["results_not_ok", "results_pkey"]
+    with PostgresStore(empty_db, create=False) as s:
+        assert [r.error for r in s.iter_results("j", status="error")] == ["e"]

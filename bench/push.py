@@ -19,13 +19,15 @@ What runs:
   file and from a bbox cover, each in a fresh process whose peak RSS (``ru_maxrss``) is
   read by a wrapper process; beside them the import baseline (``chipscale --version``) and,
   for scale, the naive way (``pack_tiles`` over the whole list in memory).
-* ``download``: ``chipscale download --db URL -o out.csv`` and ``out.geojson`` of a store
+* ``download``: ``chipscale download --db URL -o out.csv``, ``out.geojson`` and
+  ``out.parquet`` (GeoParquet) of a store
   holding ``--rows`` result rows, peak RSS the same way. ``--db`` picks the store (default:
   a temporary SQLite file; a postgresql:// URL once the PostgreSQL store lands): the rows go
   to a job of their own, so a shared database is not disturbed beyond that job.
 
 Usage: ``python bench/push.py [--push-tiles 100000] [--tiles 1000000] [--rows 1000000]
-[--db URL] [--quick]``
+[--db URL] [--quick] [--parts requests,memory,download]``; with ``--parts`` the other parts
+of the results file are kept as they were.
 """
 
 from __future__ import annotations
@@ -353,7 +355,7 @@ def bench_download(rows: int, db: str | None, work: Path) -> dict[str, Any]:
         "fill_seconds": round(fill_seconds, 1),
         "goal_peak_rss_mb": 200,
     }
-    for suffix in ("csv", "geojson"):
+    for suffix in ("csv", "geojson", "parquet"):
         out = work / f"out.{suffix}"
         figures = peak_rss([chipscale, "download", "--db", db, "--job", job, "-o", str(out)])
         figures["output_mb"] = round(out.stat().st_size / 2**20, 1)
@@ -363,6 +365,8 @@ def bench_download(rows: int, db: str | None, work: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- main
+
+PARTS = ("requests", "memory", "download")
 
 
 def versions() -> dict[str, str]:
@@ -381,21 +385,32 @@ def main() -> None:
     parser.add_argument("--db", help="results store for the download figure (default: SQLite)")
     parser.add_argument("--quick", action="store_true", help="a tenth of every size")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS}")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help="which parts to run, comma-separated"
+    )
     args = parser.parse_args()
     if args.quick:
         args.push_tiles, args.cns_sample = args.push_tiles // 10, args.cns_sample // 10
         args.tiles, args.rows = args.tiles // 10, args.rows // 10
 
+    parts = [part for part in args.parts.split(",") if part]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}: expected some of {', '.join(PARTS)}")
+    runs = {
+        "requests": lambda work: bench_requests(args.push_tiles, args.cns_sample, work),
+        "memory": lambda work: bench_push_memory(args.tiles, work),
+        "download": lambda work: bench_download(args.rows, args.db, work),
+    }
     load_before = os.getloadavg()
+    result: dict[str, Any] = {"benchmark": "push"}
+    if set(parts) != set(PARTS) and RESULTS.exists():
+        result.update(json.loads(RESULTS.read_text()))
     with tempfile.TemporaryDirectory(prefix="bench-push-") as tmp:
-        work = Path(tmp)
-        result = {
-            "benchmark": "push",
-            "requests": bench_requests(args.push_tiles, args.cns_sample, work),
-            "memory": bench_push_memory(args.tiles, work),
-            "download": bench_download(args.rows, args.db, work),
-        }
+        for part in parts:
+            result[part] = runs[part](Path(tmp))
     result["conditions"] = {
+        "parts_run": parts,
         "cpus": os.cpu_count(),
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],

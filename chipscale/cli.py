@@ -433,7 +433,12 @@ def db_setup(db: str | None, stack: str | None, region: str | None) -> None:
 @stack_option
 @region_option
 @click.option("--job", help="Job to export (default: every job).")
-@click.option("-o", "--output", required=True, help="results.csv or results.geojson.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="results.csv, results.geojson or results.parquet (GeoParquet: the parquet extra).",
+)
 @class_option
 @min_score_option
 def download(
@@ -445,10 +450,11 @@ def download(
     class_name: str | None,
     min_score: float | None,
 ) -> None:
-    """Export results as CSV (one column per class) or GeoJSON tile polygons, streamed.
+    """Export results as CSV (one column per class), GeoJSON tile polygons or GeoParquet,
+    streamed.
 
     With --stack the export is written in the VPC to the stack's results bucket, then
-    downloaded here with a progress bar.
+    downloaded here with a progress bar (GeoParquet: a CSV export, converted here).
     """
     from chipscale.export import export_results, format_for
 

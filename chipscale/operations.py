@@ -10,6 +10,7 @@ downloads it with a progress bar. Small answers come back in the invocation's pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -93,7 +94,11 @@ def _export(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, A
 
     fmt = event.get("format", "csv")
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+        # This bundle has no pyarrow: `chipscale download --stack` asks for csv and converts.
+        hint = (
+            "; GeoParquet is converted from a csv export by the CLI" if fmt == "geoparquet" else ""
+        )
+        raise ValueError(f"format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}{hint}")
     job = event.get("job")
     bucket = env.bucket()
     key = f"{EXPORT_PREFIX}{safe_key_part(job or 'all-jobs')}/{_stamp()}.{fmt}"
@@ -275,8 +280,39 @@ class StackOperations:
         min_score: float | None = None,
     ) -> dict[str, Any]:
         """Export in the VPC, then download the export to ``dest``; returns the answer."""
-        answer = self.call(
-            "export", job=job, format=fmt, class_name=class_name, min_score=min_score
-        )
+        export = {"job": job, "class_name": class_name, "min_score": min_score}
+        if fmt == "geoparquet":
+            return self._download_geoparquet(dest, export)
+        answer = self.call("export", format=fmt, **export)
         download_object(self._s3, answer["bucket"], answer["key"], dest)
         return dict(answer)
+
+    def _download_geoparquet(
+        self, dest: str | os.PathLike[str], export: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The Lambda's bundle stays lean, without pyarrow: it exports CSV (thresholds
+        applied), downloaded beside ``dest`` and converted here. The answer's ``rows`` are
+        the GeoParquet's."""
+        from chipscale.export import read_csv_rows, require_pyarrow, write_geoparquet
+
+        require_pyarrow()  # before the export, not after its download
+        target = Path(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, csv_path = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=".csv.part"
+        )
+        os.close(fd)
+        try:
+            answer = self.call("export", format="csv", **export)
+            download_object(self._s3, answer["bucket"], answer["key"], csv_path)
+            classes, rows = read_csv_rows(csv_path)
+            try:
+                written = write_geoparquet(rows, target, classes)
+            finally:
+                close = getattr(rows, "close", None)
+                if close is not None:
+                    close()
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(csv_path)
+        return {**answer, "rows": written}

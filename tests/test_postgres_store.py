@@ -664,3 +664,43 @@ def test_version_2_database_migrates(empty_db: str) -> None:
     assert sorted(i for (i,) in indexes) == ["results_not_ok", "results_pkey"]
     with PostgresStore(empty_db, create=False) as s:
         assert [r.error for r in s.iter_results("j", status="error")] == ["e"]
+
+
+def test_columns_the_same_on_every_row_go_once(store: PostgresStore) -> None:
+    """A uniform pack sends job, zoom, status, model, error and attempts as scalars; a pack
+    that differs in any one of them sends that column as an array, and every row is stored
+    as written either way."""
+    pack = [ok("j", x, 5) for x in range(3)]
+    statement, params = pg._write_statement(pg._result_columns(pack))
+    assert "unnest(%b::bigint[], %b::bigint[], %b::text[]) AS t(x, y, output)" in statement
+    assert params[:7] == ["j", 18, "ok", "m", "1", None, 1]
+
+    variants = {
+        "job": TileResult("k", Tile(9, 5, 18), "ok", {"a": 1}, None, "m", "1"),
+        "z": TileResult("j", Tile(9, 5, 17), "ok", {"a": 1}, None, "m", "1"),
+        "status": TileResult("j", Tile(9, 5, 18), "error", None, "boom", "m", "1"),
+        "model": TileResult("j", Tile(9, 5, 18), "ok", {"a": 1}, None, "m2", "7"),
+        "attempts": ok("j", 0, 5),  # a repeat: merged, 2 attempts
+    }
+    for column, odd in variants.items():
+        job = f"mixed-{column}"
+        odd = replace(odd, job=job if odd.job == "j" else f"{job}-2")
+        rows = [*(replace(r, job=job) for r in pack), odd]
+        assert pg._write_statement(pg._result_columns(rows))[0] != statement, column
+        store.write(rows)
+        written = {(r.job, r.tile): r for r in rows}
+        stored = [r for r in store.iter_results() if r.job.startswith(job)]
+        assert len(stored) == len(written), column
+        for row in stored:
+            expected = written[(row.job, Tile(row.x, row.y, row.z))]
+            assert (row.status, row.output, row.error) == (
+                expected.status,
+                expected.output,
+                expected.error,
+            ), column
+            assert (row.model_name, row.model_version) == (
+                expected.model_name,
+                expected.model_version,
+            ), column
+        attempts = {Tile(r.x, r.y, r.z): r.attempts for r in stored}
+        assert attempts[Tile(0, 5, 18)] == (2 if column == "attempts" else 1), column

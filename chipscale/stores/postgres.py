@@ -44,10 +44,11 @@ dependency). Schema: see :data:`MIGRATIONS` and :func:`setup_database`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, NamedTuple, Self, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import psycopg
@@ -166,13 +167,33 @@ SCHEMA: Final = (
 # Any constant will do; setup_database's transactions in one database queue on it.
 _SETUP_LOCK: Final = int.from_bytes(b"chipscal", "big")
 
+
+class _Field(NamedTuple):
+    name: str
+    kind: str  # its PostgreSQL type as sent
+    may_be_scalar: bool  # sent once when every row of the pack has the same value
+    select: str = "{}"  # the expression that stores it
+
+
+#: The columns a write sends, in order (see :func:`_write_statement`).
+_RESULT_FIELDS: Final = (
+    _Field("job", "text", True),
+    _Field("z", "int", True),
+    _Field("x", "bigint", False),
+    _Field("y", "bigint", False),
+    _Field("status", "text", True),
+    _Field("output", "text", False, "{}::json"),
+    _Field("model_name", "text", True),
+    _Field("model_version", "text", True),
+    _Field("error", "text", True),
+    _Field("n", "int", True),
+)
+
 _WRITE = """
 INSERT INTO results AS r (job, z, x, y, status, output, model_name, model_version, error,
                           attempts, created_at, updated_at)
-SELECT job, z, x, y, status, output::json, model_name, model_version, error, n, now(), now()
-FROM unnest(%b::text[], %b::int[], %b::bigint[], %b::bigint[], %b::text[], %b::text[],
-            %b::text[], %b::text[], %b::text[], %b::int[])
-    AS t(job, z, x, y, status, output, model_name, model_version, error, n)
+SELECT {select}, now(), now()
+FROM unnest({arrays}) AS t({names})
 ON CONFLICT (job, z, x, y) DO UPDATE SET
     status = excluded.status,
     output = excluded.output,
@@ -182,6 +203,41 @@ ON CONFLICT (job, z, x, y) DO UPDATE SET
     attempts = r.attempts + excluded.attempts,
     updated_at = excluded.updated_at
 """
+
+
+@functools.cache
+def _write_sql(uniform: tuple[bool, ...]) -> str:
+    """:data:`_WRITE` with the columns flagged in ``uniform`` as scalar parameters and the
+    others as arrays to unnest; its parameters are the scalars, then the arrays."""
+    select, arrays, names = [], [], []
+    for field, once in zip(_RESULT_FIELDS, uniform, strict=True):
+        if once:
+            select.append(field.select.format(f"%b::{field.kind}"))
+        else:
+            select.append(field.select.format(field.name))
+            arrays.append(f"%b::{field.kind}[]")
+            names.append(field.name)
+    return _WRITE.format(select=", ".join(select), arrays=", ".join(arrays), names=", ".join(names))
+
+
+def _write_statement(columns: list[list[Any]]) -> tuple[str, list[Any]]:
+    """The statement and parameters writing ``columns`` (see :func:`_result_columns`).
+
+    A pack is one job's adjacent tiles at one zoom from one model, nearly all with the same
+    status, no error and a first attempt: those columns go once, as scalars, instead of as
+    arrays of one repeated value. That is a quarter less work per write, client and server
+    (bench/store.py's rows, medians of 14 rounds side by side: 47,500 against 36,300 and
+    48,400 against 39,900 rows/s at 100 tiles a pack). The keys and outputs stay arrays:
+    the row count comes from them.
+    """
+    uniform = tuple(
+        field.may_be_scalar and all(value == column[0] for value in column)
+        for field, column in zip(_RESULT_FIELDS, columns, strict=True)
+    )
+    scalars = [column[0] for column, once in zip(columns, uniform, strict=True) if once]
+    arrays = [column for column, once in zip(columns, uniform, strict=True) if not once]
+    return _write_sql(uniform), [*scalars, *arrays]
+
 
 _REJECT = """
 INSERT INTO rejects AS r (message_id, job, reason, body, attempts, created_at, updated_at)
@@ -525,8 +581,8 @@ class PostgresStore:
         if not results:
             return
         validate_results(results)
-        columns = _result_columns(results)
-        self._call(f"writing {len(results)} results", lambda conn: conn.execute(_WRITE, columns))
+        statement, params = _write_statement(_result_columns(results))
+        self._call(f"writing {len(results)} results", lambda conn: conn.execute(statement, params))
 
     def reject(self, rejections: Sequence[Rejection]) -> None:
         """Record messages that can never succeed, keyed by message id: a repeat delivery

@@ -13,19 +13,21 @@ cursor holds a connection of its own for as long as the export streams.
 One round trip per write. :meth:`PostgresStore.write` sends the whole pack as one
 ``INSERT ... SELECT FROM unnest(<one array per column>) ON CONFLICT DO UPDATE`` statement in
 autocommit mode, so the statement is its own transaction: no BEGIN, no COMMIT round trips.
-Arrays go in binary. Tiles repeated within one call are merged first (one row per key, the
-last result wins, ``attempts`` counting each), since one statement cannot update a row
-twice, and rows are sent in key order so concurrent writers lock rows in the same order.
+Arrays go in binary, and a column with one value on every row (the job, the model, the
+zoom) goes once, as a scalar (see :func:`_write_statement`). Tiles repeated within one call
+are merged first (one row per key, the last result wins, ``attempts`` counting each), since
+one statement cannot update a row twice, and rows are sent in key order so concurrent
+writers lock rows in the same order.
 
 COPY was measured and left out. COPY cannot upsert, so it needs a staging temporary table
 (session state: a direct connection only) and three round trips (COPY, INSERT ... SELECT,
 COMMIT). bench/store.py runs it beside unnest on the same rows (2 shared cores, PostgreSQL 15,
-medians of 5 rounds, bench/results/store.json): over loopback unnest wrote 39,700 rows/s at
-100 tiles a pack and 56,000 at 1,000, COPY 34,200 and 42,500 (0.86x, 0.76x); with a 1.35 ms
-round trip, as to RDS Proxy, unnest 21,000 and 50,700, COPY 9,200 and 45,500 (0.44x, 0.90x).
+medians of 7 rounds, bench/results/store.json): over loopback unnest wrote 41,600 rows/s at
+100 tiles a pack and 71,200 at 1,000, COPY 31,900 and 62,800 (0.77x, 0.88x); with a 1.65 ms
+round trip, as to RDS Proxy, unnest 24,600 and 63,200, COPY 9,000 and 46,700 (0.37x, 0.74x).
 A second write path, slower and wrong behind the proxy, is not worth having. (One row per
-statement, chip-n-scale's way, wrote 9,500 and 11,200 rows/s over loopback, 645 and 667 with
-the 1.35 ms round trip: unnest is 4-5x faster here and 33-76x where the workers run.)
+statement, chip-n-scale's way, wrote 3,600 and 3,400 rows/s over loopback, 583 and 611 with
+the round trip: unnest is 11.5x and 21.2x faster here, 42x and 103x where the workers run.)
 
 Outages. A failure to connect, a dropped connection, a server shutting down or restarting, a
 deadlock or serialization failure, too many connections: :class:`StoreUnavailable`, so the

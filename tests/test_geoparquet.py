@@ -142,6 +142,23 @@ def test_geo_metadata_is_geoparquet_1_1(store: Any, tmp_path: Path) -> None:
     assert json.loads(pq.read_schema(path).metadata[b"geo"]) == geo
 
 
+def test_geopandas_reads_it_and_filters_by_the_bbox_covering(store: Any, tmp_path: Path) -> None:
+    """A reader of the format, not ours: GeoPandas finds the geometry, its CRS and, through
+    the covering, the one tile a small area touches."""
+    import geopandas
+
+    path = tmp_path / "out.parquet"
+    export_results(store, "job1", path)
+    frame = geopandas.read_parquet(path)
+    assert frame.crs == "OGC:CRS84"
+    assert list(frame.columns) == [*CSV_HEADER, "geometry"]  # the covering is not a column
+    assert [tuple(g.bounds) for g in frame.geometry] == [mercantile.bounds(t) for t in TILES]
+    west, south, east, north = mercantile.bounds(TILES[1])
+    inside = (west + 1e-6, south + 1e-6, east - 1e-6, north - 1e-6)
+    touched = geopandas.read_parquet(path, bbox=inside)
+    assert list(zip(touched["x"], touched["y"], strict=True)) == [(TILES[1].x, TILES[1].y)]
+
+
 def test_row_groups_stream_and_keep_every_row(tmp_path: Path) -> None:
     rows = [synthetic_row(i, 23) for i in range(23)]
     assert write_geoparquet(rows, tmp_path / "small.parquet", CLASSES, batch_rows=5) == 23

@@ -22,8 +22,8 @@ What runs:
 * ``download``: ``chipscale download --db URL -o out.csv``, ``out.geojson`` and
   ``out.parquet`` (GeoParquet) of a store
   holding ``--rows`` result rows, peak RSS the same way. ``--db`` picks the store (default:
-  a temporary SQLite file; a postgresql:// URL once the PostgreSQL store lands): the rows go
-  to a job of their own, so a shared database is not disturbed beyond that job.
+  a temporary SQLite file, or a postgresql:// URL): the rows go to a job of their own,
+  deleted at the end, so a shared database is left as it was.
 
 Usage: ``python bench/push.py [--push-tiles 100000] [--tiles 1000000] [--rows 1000000]
 [--db URL] [--quick] [--parts requests,memory,download]``; with ``--parts`` the other parts
@@ -59,7 +59,7 @@ import mercantile  # noqa: E402
 from mercantile import Tile  # noqa: E402
 
 from chipscale import push as push_lib  # noqa: E402
-from chipscale.stores import open_store  # noqa: E402
+from chipscale.stores import is_postgres_url, open_store  # noqa: E402
 from chipscale.tilelist import write_tile_list  # noqa: E402
 from chipscale.types import JobInfo, TileResult  # noqa: E402
 
@@ -355,13 +355,27 @@ def bench_download(rows: int, db: str | None, work: Path) -> dict[str, Any]:
         "fill_seconds": round(fill_seconds, 1),
         "goal_peak_rss_mb": 200,
     }
-    for suffix in ("csv", "geojson", "parquet"):
-        out = work / f"out.{suffix}"
-        figures = peak_rss([chipscale, "download", "--db", db, "--job", job, "-o", str(out)])
-        figures["output_mb"] = round(out.stat().st_size / 2**20, 1)
-        report[suffix] = figures
-        out.unlink()
+    try:
+        for suffix in ("csv", "geojson", "parquet"):
+            out = work / f"out.{suffix}"
+            figures = peak_rss([chipscale, "download", "--db", db, "--job", job, "-o", str(out)])
+            figures["output_mb"] = round(out.stat().st_size / 2**20, 1)
+            report[suffix] = figures
+            out.unlink()
+    finally:
+        drop_job(db, job)
     return report
+
+
+def drop_job(db: str, job: str) -> None:
+    """Leave a shared PostgreSQL database as it was (a SQLite file goes with ``work``)."""
+    if not is_postgres_url(db):
+        return
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DELETE FROM results WHERE job = %s", (job,))
+        conn.execute("DELETE FROM jobs WHERE job = %s", (job,))
 
 
 # ----------------------------------------------------------------------------- main

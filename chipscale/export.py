@@ -67,8 +67,9 @@ FORMATS = {
 #: Decimal places of GeoJSON coordinates: 1e-7 degrees is about 1 cm.
 COORD_PRECISION = 7
 #: Rows per GeoParquet row group: what the writer holds in memory at once, and the unit a
-#: reader skips by the bbox column's statistics. A million-row ``chipscale download`` peaks
-#: at 156 MB with 10,000 (under the 200 MB every export keeps to), at 250 MB with 50,000.
+#: reader skips by the bbox column's statistics. A million-row ``chipscale download`` from
+#: SQLite peaks at 156 MB with 10,000 (250 MB with 50,000); where pandas is installed,
+#: pyarrow imports it on its first array, about 50 MB more, once (211 MB from PostgreSQL).
 GEOPARQUET_BATCH_ROWS = 10_000
 #: GeoParquet's own columns, after the CSV's.
 GEOMETRY_COLUMNS = ("geometry", "bbox")

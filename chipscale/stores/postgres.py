@@ -22,12 +22,12 @@ writers lock rows in the same order.
 COPY was measured and left out. COPY cannot upsert, so it needs a staging temporary table
 (session state: a direct connection only) and three round trips (COPY, INSERT ... SELECT,
 COMMIT). bench/store.py runs it beside unnest on the same rows (2 shared cores, PostgreSQL 15,
-medians of 7 rounds, bench/results/store.json): over loopback unnest wrote 41,600 rows/s at
-100 tiles a pack and 71,200 at 1,000, COPY 31,900 and 62,800 (0.77x, 0.88x); with a 1.65 ms
-round trip, as to RDS Proxy, unnest 24,600 and 63,200, COPY 9,000 and 46,700 (0.37x, 0.74x).
+medians of 7 rounds, bench/results/store.json): over loopback unnest wrote 44,400 rows/s at
+100 tiles a pack and 73,400 at 1,000, COPY 31,600 and 66,500 (0.71x, 0.91x); with a 1.57 ms
+round trip, as to RDS Proxy, unnest 27,300 and 67,200, COPY 10,200 and 46,100 (0.37x, 0.69x).
 A second write path, slower and wrong behind the proxy, is not worth having. (One row per
-statement, chip-n-scale's way, wrote 3,600 and 3,400 rows/s over loopback, 583 and 611 with
-the round trip: unnest is 11.5x and 21.2x faster here, 42x and 103x where the workers run.)
+statement, chip-n-scale's way, wrote 3,500 and 3,800 rows/s over loopback, 619 and 629 with
+the round trip: unnest is 12.7x and 19.3x faster here, 44x and 107x where the workers run.)
 
 Outages. A failure to connect, a dropped connection, a server shutting down or restarting, a
 deadlock or serialization failure, too many connections: :class:`StoreUnavailable`, so the

@@ -329,3 +329,23 @@ def test_dump_json_numpy_and_refusal() -> None:
     assert load_json(text) == {"scores": [0.25, 0.75], "k": 3}
     with pytest.raises(StoreError, match="not JSON serialisable: object is not"):
         dump_json({"bad": object()})
+
+
+def test_reads_by_status_go_through_the_primary_key(store: SQLiteStore) -> None:
+    """Schema v3 has no status index in SQLite: downloads by status and resume read the
+    job's rows in key order (the table itself), so they need none."""
+    conn = sqlite3.connect(store.path)
+    try:
+        indexes = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'results' "
+            "AND sql IS NOT NULL"
+        ).fetchall()
+        assert indexes == []
+        for query, params in [
+            ("SELECT * FROM results WHERE job = ? AND status = ? ORDER BY z, x, y", ["j", "e"]),
+            ("SELECT x, y, z FROM results WHERE job = ? AND status IN (?, ?)", ["j", "ok", "e"]),
+        ]:
+            (plan,) = conn.execute(f"EXPLAIN QUERY PLAN {query}", params).fetchall()
+            assert "USING PRIMARY KEY (job=?)" in plan[3], plan
+    finally:
+        conn.close()

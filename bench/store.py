@@ -65,6 +65,8 @@ CLASSES = ("water", "forest", "grass", "crops", "built", "bare")
 GOAL_ROWS_PER_SECOND = 50_000
 GOAL_RATIO_TO_PER_ROW = 20
 METHODS = ["store_unnest", "per_row", "executemany", "copy"]
+#: The server's admin URL: the benches create their databases there and drop them.
+ADMIN_URL = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 PER_ROW = """
 INSERT INTO results (job, z, x, y, status, output, model_name, model_version, error,
@@ -204,6 +206,19 @@ def database_url(admin: str, name: str) -> str:
     base, _, tail = admin.partition("?")
     base = base.rsplit("/", 1)[0] + "/" + name
     return f"{base}?{tail}" if tail else base
+
+
+@contextlib.contextmanager
+def scratch_database(admin: str, label: str = "") -> Iterator[str]:
+    """A new, empty database on ``admin``'s server, dropped afterwards; yields its URL."""
+    name = f"chipscale_bench_{label}{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    try:
+        yield database_url(admin, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # ----------------------------------------------------------------------------- latency
@@ -360,7 +375,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--db",
-        default=os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        default=ADMIN_URL,
         help="admin URL of the server: the bench creates and drops a database there",
     )
     parser.add_argument("--rows", type=int, default=20_000, help="rows per measurement")
@@ -378,12 +393,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "store.json")
     args = parser.parse_args()
 
-    name = f"chipscale_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.db, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-    url = database_url(args.db, name)
     load_before = os.getloadavg()
-    try:
+    with scratch_database(args.db) as url:
         rtt = {"loopback": round_trip_us(url)}
         if args.latency_ms > 0:
             with delayed(url, args.latency_ms) as target:
@@ -409,9 +420,6 @@ def main() -> None:
             },
             "note": "client, relay and server share the same cores with whatever else runs",
         }
-    finally:
-        with psycopg.connect(args.db, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     text = json.dumps(result, indent=2)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import psycopg  # noqa: E402
-from store import database_url  # noqa: E402
+from store import ADMIN_URL, scratch_database  # noqa: E402
 
 #: One measurement, run with a version's checkout first on sys.path: set up the schema,
 #: write the packs into an emptied table, print rows per second.
@@ -84,7 +82,7 @@ def main() -> None:
     parser.add_argument("--against", default="7ac8547", help="the earlier commit")
     parser.add_argument(
         "--db",
-        default=os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        default=ADMIN_URL,
         help="admin URL of the server: the bench creates and drops its databases there",
     )
     parser.add_argument("--rows", type=int, default=20_000, help="rows per measurement")
@@ -101,30 +99,24 @@ def main() -> None:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    names = {label: f"chipscale_bench_{label}_{uuid.uuid4().hex[:8]}" for label in ("old", "new")}
-    with psycopg.connect(args.db, autocommit=True) as admin:
-        for name in names.values():
-            admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
     runs: dict[str, dict[str, list[float]]] = {str(n): {"old": [], "new": []} for n in sizes}
     load_before = os.getloadavg()
-    try:
-        with worktree(args.against) as old_tree:
-            trees = {"old": old_tree, "new": ROOT}
-            for round_ in range(args.rounds):
-                order = ["old", "new"] if round_ % 2 else ["new", "old"]
-                for size in sizes:
-                    for label in order:
-                        url = database_url(args.db, names[label])
-                        rate = measure(trees[label], url, args.rows, size)
-                        runs[str(size)][label].append(round(rate, 1))
-                        print(
-                            f"round {round_ + 1} pack {size} {label}: {rate:,.0f} rows/s",
-                            file=sys.stderr,
-                        )
-    finally:
-        with psycopg.connect(args.db, autocommit=True) as admin:
-            for name in names.values():
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with (
+        scratch_database(args.db, "old_") as old_url,
+        scratch_database(args.db, "new_") as new_url,
+        worktree(args.against) as old_tree,
+    ):
+        versions = {"old": (old_tree, old_url), "new": (ROOT, new_url)}
+        for round_ in range(args.rounds):
+            order = ["old", "new"] if round_ % 2 else ["new", "old"]
+            for size in sizes:
+                for label in order:
+                    rate = measure(*versions[label], args.rows, size)
+                    runs[str(size)][label].append(round(rate, 1))
+                    print(
+                        f"round {round_ + 1} pack {size} {label}: {rate:,.0f} rows/s",
+                        file=sys.stderr,
+                    )
     medians = {
         size: {label: round(statistics.median(v), 1) for label, v in by.items()}
         for size, by in runs.items()

@@ -27,7 +27,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import IO, Any, BinaryIO, TextIO
 
 import mercantile
 
@@ -193,10 +193,11 @@ def _filter(
 
 
 @contextlib.contextmanager
-def _text_out(out: TextIO | PathLike) -> Iterator[TextIO]:
+def _opened(out: IO[Any] | PathLike, *, binary: bool = False) -> Iterator[IO[Any]]:
     """An open stream as it is; a path written atomically (nothing half written on error)."""
     if isinstance(out, str | os.PathLike):
-        with atomic_write(out, "w", encoding="utf-8", newline="") as handle:
+        text = {} if binary else {"encoding": "utf-8", "newline": ""}
+        with atomic_write(out, "wb" if binary else "w", **text) as handle:
             yield handle
     else:
         yield out
@@ -227,7 +228,7 @@ def write_csv(rows: Iterable[ResultRow], out: TextIO | PathLike, classes: Sequen
     """Write rows as CSV (header first); return how many rows were written."""
     classes = _check_classes(classes)
     count = 0
-    with _text_out(out) as handle:
+    with _opened(out) as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow([*FIXED_HEAD, *classes, *FIXED_TAIL])
         for row in rows:
@@ -254,7 +255,7 @@ def write_geojson(rows: Iterable[ResultRow], out: TextIO | PathLike, classes: Se
     many features were written."""
     classes = _check_classes(classes)
     count = 0
-    with _text_out(out) as handle:
+    with _opened(out) as handle:
         handle.write('{"type": "FeatureCollection", "features": [\n')
         for row in rows:
             head, class_values = _row_values(row, classes)
@@ -386,16 +387,6 @@ def _union(
     return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
 
 
-@contextlib.contextmanager
-def _binary_out(out: BinaryIO | PathLike) -> Iterator[BinaryIO]:
-    """An open binary stream as it is; a path written atomically."""
-    if isinstance(out, str | os.PathLike):
-        with atomic_write(out, "wb") as handle:
-            yield handle
-    else:
-        yield out
-
-
 def write_geoparquet(
     rows: Iterable[ResultRow],
     out: BinaryIO | PathLike,
@@ -421,7 +412,7 @@ def write_geoparquet(
     count = 0
     extent: tuple[float, float, float, float] | None = None
     with (
-        _binary_out(out) as handle,
+        _opened(out, binary=True) as handle,
         pq.ParquetWriter(handle, schema, compression="zstd", store_schema=False) as writer,
     ):
         while made := _parquet_batch(pa, schema, rows, classes, batch_rows):

@@ -164,3 +164,29 @@ def make_big_cog(directory: Path, name: str = "big.tif", size: int = 40_000) -> 
             dst.write(tile, window=window)
         dst.build_overviews([2, 4, 8, 16, 32, 64], Resampling.nearest)
     return path
+
+
+def make_mosaic_cog(image: Path, out: Path, repeat: int = 4) -> Path:
+    """``image`` tiled ``repeat`` x ``repeat`` as a JPEG COG with 512 px blocks: from the
+    aerial image, 4096 x 4096 px and about 5 MB, too large for GDAL to hold whole after a few
+    reads, so a pack at zoom 20 (one block) reads bytes no earlier pack fetched."""
+    from rasterio.io import MemoryFile
+    from rasterio.shutil import copy as rio_copy
+
+    with rasterio.open(image) as src:
+        pixels = np.tile(src.read(), (1, repeat, repeat))
+        profile = {
+            "driver": "GTiff",
+            "width": pixels.shape[2],
+            "height": pixels.shape[1],
+            "count": pixels.shape[0],
+            "dtype": pixels.dtype.name,
+            "crs": src.crs,
+            "transform": src.transform,
+        }
+    with MemoryFile() as memfile:
+        with memfile.open(**profile) as dst:
+            dst.write(pixels)
+        with memfile.open() as flat:
+            rio_copy(flat, out, driver="COG", compress="JPEG", blocksize=512, quality=90)
+    return out

@@ -16,6 +16,7 @@ import boto3
 import pytest
 from conftest import LambdaContext, import_lambda
 from mercantile import Tile
+from sqs_events import lambda_event
 
 from chipscale import names
 from chipscale.cover import cover
@@ -32,26 +33,6 @@ from chipscale.queue_worker import (
 from chipscale.stores import open_store
 
 ZOOM = 19
-
-
-def sqs_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
-    """The event Lambda's SQS event source builds from ReceiveMessage's ``Messages``."""
-    return {
-        "Records": [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m.get("Attributes", {}),
-                "messageAttributes": {},
-                "md5OfBody": m["MD5OfBody"],
-                "eventSource": "aws:sqs",
-                "eventSourceARN": queue_arn,
-                "awsRegion": "us-east-1",
-            }
-            for m in messages
-        ]
-    }
 
 
 # ----------------------------------------------------------------------------- settings
@@ -140,7 +121,7 @@ def run_batches(module: Any, queue: SimpleNamespace, messages: list[dict[str, An
     failed: list[str] = []
     for start in range(0, len(messages), 10):
         batch = messages[start : start + 10]
-        response = module.handler(sqs_event(batch, queue.arn), LambdaContext("chipscale-worker"))
+        response = module.handler(lambda_event(batch, queue.arn), LambdaContext("chipscale-worker"))
         ids = [item["itemIdentifier"] for item in response["batchItemFailures"]]
         failed.extend(ids)
         done = [m for m in batch if m["MessageId"] not in ids]
@@ -273,7 +254,7 @@ def test_duplicate_deliveries_store_each_tile_once(
     tiles = list(cover(ZOOM, source=str(aerial)))[:120]
     send_packs(queue, job_packs("d", lambda_env.source, tiles))
     messages = receive_all(queue)
-    event = sqs_event(messages, queue.arn)
+    event = lambda_event(messages, queue.arn)
     for _ in range(3):  # at-least-once delivery: the same messages three times
         assert module.handler(event, LambdaContext("chipscale-worker"))["batchItemFailures"] == []
     with open_store(lambda_env.db) as store:

@@ -19,10 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
+from cogs import make_mosaic_cog
 from mercantile import Tile
-from rasterio.io import MemoryFile
-from rasterio.shutil import copy as rio_copy
 
 from chipscale.cover import cover
 from chipscale.errors import SourceError, SourceUnavailable
@@ -155,24 +153,7 @@ def via_forwarder(
 def mosaic(aerial: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4096 x 4096 px JPEG COG (512 px blocks, overviews) of the real aerial image tiled
     4 x 4: large enough beside one tile's blocks to show what a range read saves."""
-    with rasterio.open(aerial) as src:
-        pixels = np.tile(src.read(), (1, 4, 4))
-        profile = {
-            "driver": "GTiff",
-            "width": pixels.shape[2],
-            "height": pixels.shape[1],
-            "count": 3,
-            "dtype": "uint8",
-            "crs": src.crs,
-            "transform": src.transform,
-        }
-    out = tmp_path_factory.mktemp("mosaic") / "mosaic.tif"
-    with MemoryFile() as memfile:
-        with memfile.open(**profile) as dst:
-            dst.write(pixels)
-        with memfile.open() as flat:
-            rio_copy(flat, out, driver="COG", compress="JPEG", blocksize=512, quality=90)
-    return out
+    return make_mosaic_cog(aerial, tmp_path_factory.mktemp("mosaic") / "mosaic.tif")
 
 
 def upload(moto_server: str, bucket: str, path: Path, key: str) -> str:

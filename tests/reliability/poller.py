@@ -38,6 +38,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # run as a script: the shared test helpers
+
+from sqs_events import lambda_event  # noqa: E402
+
 HOLD_ENV = "CHIPSCALE_TEST_HOLD_BEFORE_DELETE"
 #: ReceiveMessage's limit per call.
 MAX_RECEIVE = 10
@@ -58,26 +62,6 @@ class Context:
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._ends - time.monotonic()) * 1000))
-
-
-def lambda_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
-    """The event Lambda's SQS event source builds from ReceiveMessage's ``Messages``."""
-    return {
-        "Records": [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m.get("Attributes", {}),
-                "messageAttributes": m.get("MessageAttributes", {}),
-                "md5OfBody": m["MD5OfBody"],
-                "eventSource": "aws:sqs",
-                "eventSourceARN": queue_arn,
-                "awsRegion": os.environ.get("AWS_REGION", "us-east-1"),
-            }
-            for m in messages
-        ]
-    }
 
 
 class Poller:

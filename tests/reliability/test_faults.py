@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import rasterio
+from cogs import make_mosaic_cog
 from conftest import start_torchserve
 from harness import (
     Database,
@@ -49,8 +48,6 @@ from harness import (
     worker_environment,
 )
 from poller import HOLD_ENV
-from rasterio.io import MemoryFile
-from rasterio.shutil import copy as rio_copy
 
 from chipscale.stores import setup_store
 
@@ -287,24 +284,7 @@ def mosaic(aerial: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4096 x 4096 px JPEG COG (512 px blocks) of the real aerial image tiled 4 x 4, about
     5 MB: too large for GDAL to hold whole after a few reads, so a pack at zoom 20 (one
     block) reads bytes no earlier pack fetched."""
-    with rasterio.open(aerial) as src:
-        pixels = np.tile(src.read(), (1, 4, 4))
-        profile = {
-            "driver": "GTiff",
-            "width": pixels.shape[2],
-            "height": pixels.shape[1],
-            "count": 3,
-            "dtype": "uint8",
-            "crs": src.crs,
-            "transform": src.transform,
-        }
-    out = tmp_path_factory.mktemp("mosaic") / "mosaic.tif"
-    with MemoryFile() as memfile:
-        with memfile.open(**profile) as dst:
-            dst.write(pixels)
-        with memfile.open() as flat:
-            rio_copy(flat, out, driver="COG", compress="JPEG", blocksize=512, quality=90)
-    return out
+    return make_mosaic_cog(aerial, tmp_path_factory.mktemp("mosaic") / "mosaic.tif")
 
 
 def test_cog_unreachable_while_an_open_source_is_being_read(

@@ -937,6 +937,11 @@ def push(
             "give --source (the COG or XYZ URL the worker reads), or --worker-source to use "
             "the worker's configured default source"
         )
+    if job is not None:
+        try:
+            push_lib.validate_job(job)
+        except ChipscaleError as exc:
+            raise click.BadParameter(str(exc), param_hint="--job") from None
     if resume and not (db or stack):
         raise click.UsageError("--resume needs --db (or DATABASE_URL) or --stack: the results")
     tiles = _push_tiles(tiles_file, zoom=zoom, source=source, aoi=aoi, bbox=bbox)

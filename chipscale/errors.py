@@ -6,6 +6,7 @@ A *transient* failure (model server, database, throttling) is raised so the queu
 the message again; nothing is dropped.
 """
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,21 @@ from typing import Any
 def one_line(exc: BaseException) -> str:
     """An exception as one line of text (GDAL and torch messages often span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what no results store can keep replaced by U+FFFD: NUL (PostgreSQL's
+    text refuses it) and lone surrogates (UTF-8 has none). Error texts quote servers and
+    files, so either can turn up in them, and a row that cannot be stored would fail its
+    message on every delivery.
+
+    >>> storable_text("bad\\x00byte \\ud800")
+    'bad\\ufffdbyte \\ufffd'
+    """
+    return _UNSTORABLE_TEXT.sub("\ufffd", text)
+
+
+_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 class ChipscaleError(Exception):

@@ -8,6 +8,7 @@ source then come from the worker's configuration.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,11 @@ SCHEMA_VERSION = 1
 MAX_JOB_LENGTH = 200
 MAX_SOURCE_LENGTH = 2048
 _V1_KEYS = frozenset({"v", "job", "source", "tiles"})
+#: Characters a job or source never needs and the stores cannot keep: control characters
+#: (PostgreSQL text refuses NUL) and lone surrogates (no UTF-8 encoding exists), both
+#: reachable through JSON escapes. A message carrying one could never be stored, so it is
+#: refused here, and recorded, instead of failing every delivery until the dead-letter queue.
+_UNSTORABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,4 +116,13 @@ def _text(value: Any, field: str, limit: int) -> str:
         raise InvalidMessageError(f"{field} must be a non-empty string, not {value!r}")
     if len(value) > limit:
         raise InvalidMessageError(f"{field} is longer than {limit} characters")
+    if _UNSTORABLE.search(value):
+        raise InvalidMessageError(
+            f"{field} {value!r} holds a control character or a lone surrogate"
+        )
     return value
+
+
+def storable(text: str) -> bool:
+    """Whether a store can keep ``text`` as a job or source (see :data:`_UNSTORABLE`)."""
+    return _UNSTORABLE.search(text) is None

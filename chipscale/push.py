@@ -42,7 +42,13 @@ import numpy as np
 from mercantile import Tile
 
 from chipscale.errors import ChipscaleError, TileListError, one_line
-from chipscale.messages import MAX_SOURCE_LENGTH, SCHEMA_VERSION, PackMessage
+from chipscale.messages import (
+    MAX_JOB_LENGTH,
+    MAX_SOURCE_LENGTH,
+    SCHEMA_VERSION,
+    PackMessage,
+    storable,
+)
 from chipscale.packs import DEFAULT_MAX_TILES, pack_tiles
 from chipscale.stores.base import ResultStore, utc_now
 from chipscale.types import JobInfo
@@ -115,6 +121,18 @@ def is_xyz_template(source: str) -> bool:
     return "{" in source or "}" in source
 
 
+def validate_job(job: str) -> str:
+    """Return ``job`` if the workers can store it, else raise :class:`PushError` saying why
+    (they would refuse every message of the push)."""
+    if not job.strip():
+        raise PushError("job is empty")
+    if len(job) > MAX_JOB_LENGTH:
+        raise PushError(f"job is longer than {MAX_JOB_LENGTH} characters")
+    if not storable(job):
+        raise PushError(f"job {job!r} holds a control character or a lone surrogate")
+    return job
+
+
 def validate_source(source: str) -> str:
     """Return ``source`` if a worker can read it, else raise :class:`PushError` saying why.
 
@@ -129,6 +147,8 @@ def validate_source(source: str) -> str:
         raise PushError("source is empty")
     if len(source) > MAX_SOURCE_LENGTH:
         raise PushError(f"source is longer than {MAX_SOURCE_LENGTH} characters")
+    if not storable(source):
+        raise PushError(f"source {source!r} holds a control character or a lone surrogate")
     if not is_xyz_template(source):
         return source
     if _TEMPLATE_FIELD.sub("", source).count("{") or "}" in _TEMPLATE_FIELD.sub("", source):

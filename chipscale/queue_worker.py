@@ -1,16 +1,19 @@
-"""The cloud worker: one SQS message in, one pack through :func:`process_pack`, metrics out.
+"""The cloud worker: SQS messages in, their packs read and predicted, their rows stored once
+per Lambda batch, metrics out.
 
-``lambdas/sqs_worker.py`` wires this to Powertools' BatchProcessor, which turns an exception
-from :meth:`QueueWorker.handle` into a ``batchItemFailures`` entry for that message alone, so
-its neighbours in the batch are deleted and never redone. What an exception means follows
-:mod:`chipscale.errors`:
+``lambdas/sqs_worker.py`` wires this to :class:`chipscale.sqs_batch.PackBatchProcessor`, a
+Powertools BatchProcessor: :meth:`QueueWorker.predict` runs for each message, then
+:meth:`QueueWorker.store_packs` stores the rows of every message that got that far in one
+write. An exception from either becomes a ``batchItemFailures`` entry for that message
+alone, so its neighbours in the batch are deleted and never redone. What an exception
+means follows :mod:`chipscale.errors`:
 
 * a message that can never succeed (not JSON, wrong schema, a tile off the grid, more tiles
   than ``max_tiles_per_message``, a source outside the allow-list) is recorded in the store's
   ``rejects`` table with its reason and *returned from*, so SQS deletes it instead of
   redelivering it until the dead-letter queue;
 * a source that is not a raster, or tiles the model refuses, become ``error`` rows inside
-  :func:`process_pack`;
+  :func:`chipscale.worker.predict_pack`;
 * everything else (model server, database, S3 throttling, an invocation about to time out,
   a bug) raises: the message comes back after its visibility timeout and lands in the
   dead-letter queue after ``maxReceiveCount`` tries. Writes are upserts, so a redelivery
@@ -32,13 +35,13 @@ from typing import Any, Protocol
 
 from chipscale import names
 from chipscale.errors import ChipscaleError, InvalidMessageError, TransientError
-from chipscale.messages import PackMessage, parse_message
+from chipscale.messages import parse_message, storable
 from chipscale.packs import DEFAULT_MAX_TILES
 from chipscale.predictors import Predictor
 from chipscale.stores import ResultStore
 from chipscale.torchserve_client import ModelChanged
 from chipscale.types import MAX_REJECTED_BODY, Rejection
-from chipscale.worker import PackOutcome, process_pack
+from chipscale.worker import PackOutcome, PackResults, predict_pack
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +139,7 @@ def job_of(body: str) -> str | None:
         job = json.loads(body).get("job")
     except (ValueError, AttributeError):
         return None
-    return job[:200] if isinstance(job, str) else None
+    return job[:200] if isinstance(job, str) and storable(job) else None
 
 
 class QueueWorker:
@@ -179,11 +182,25 @@ class QueueWorker:
     def handle(
         self, message_id: str, body: str, *, remaining_s: float | None = None
     ) -> PackOutcome | None:
-        """Process one message; None when it was rejected for good (and recorded).
+        """Process one message and store its rows; None when it was rejected for good (and
+        recorded). Raises what :meth:`predict` raises, or why the rows were not stored."""
+        pack = self.predict(message_id, body, remaining_s=remaining_s)
+        if pack is None:
+            return None
+        (outcome,) = self.store_packs([pack])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def predict(
+        self, message_id: str, body: str, *, remaining_s: float | None = None
+    ) -> PackResults | None:
+        """Validate one message and read and predict its pack, without storing the rows;
+        None when the message was rejected for good (and recorded).
 
         ``remaining_s`` is the invocation's time left (Lambda's remaining time): the model
         call must end :data:`DEADLINE_MARGIN_S` before it, and a pack is not started at all
-        without that margin.
+        without that margin, which also leaves the time to store the batch's rows.
         """
         settings = self.settings
         try:
@@ -200,22 +217,55 @@ class QueueWorker:
         if refusal is not None:
             self._reject(message_id, refusal, body, message.job)
             return None
-        return self._process(message, remaining_s)
-
-    def _process(self, message: PackMessage, remaining_s: float | None) -> PackOutcome:
         deadline = None
         if remaining_s is not None:
             if remaining_s <= DEADLINE_MARGIN_S:
                 raise OutOfTime(f"{remaining_s:.1f} s left in the invocation: pack left for retry")
             deadline = self._clock() + remaining_s - DEADLINE_MARGIN_S
         try:
-            outcome = process_pack(
-                message, predictor=self.predictor, store=self.store, deadline=deadline
-            )
+            return predict_pack(message, predictor=self.predictor, deadline=deadline)
         except ModelChanged:
             # Hosts rolled to another model: the next message starts on the new version.
             self._drop_predictor()
             raise
+
+    def store_packs(self, packs: Sequence[PackResults]) -> list[PackOutcome | Exception]:
+        """Store the rows of ``packs`` in one write; for each pack its outcome, or the
+        exception that kept its rows out (its message must fail, so SQS delivers it again).
+
+        One write for a batch's packs is one round trip and one commit where there were one
+        per message (bench/store.py measures both). A transient failure (the database is
+        unreachable) fails every pack, as it would have failed each alone. Any other failure
+        may be one pack's doing, so each pack is then written alone, and only the packs that
+        fail alone fail.
+        """
+        rows = [row for pack in packs for row in pack.results]
+        start = time.perf_counter()
+        try:
+            self.store.write(rows)
+        except TransientError as exc:
+            return [exc] * len(packs)
+        except Exception as exc:
+            if len(packs) == 1:
+                return [exc]
+            log.warning("writing %d packs at once failed (%s): writing each alone", len(packs), exc)
+            return [self._store_alone(pack) for pack in packs]
+        elapsed = time.perf_counter() - start
+        # Each pack's share of the write by rows: the WriteSeconds sum stays the time written.
+        outcomes: list[PackOutcome | Exception] = []
+        for pack in packs:
+            outcome = pack.outcome(elapsed * len(pack.results) / max(1, len(rows)))
+            self._record(outcome)
+            outcomes.append(outcome)
+        return outcomes
+
+    def _store_alone(self, pack: PackResults) -> PackOutcome | Exception:
+        start = time.perf_counter()
+        try:
+            self.store.write(pack.results)
+        except Exception as exc:  # this pack's message fails; the others go on
+            return exc
+        outcome = pack.outcome(time.perf_counter() - start)
         self._record(outcome)
         return outcome
 

@@ -1,5 +1,6 @@
-"""``process_pack()``: read a pack's tiles, predict, store. The same function runs in the
-Lambda and in the local runner; only the adapters around it differ.
+"""``process_pack()``: read a pack's tiles, predict, store. The local runner calls it per
+pack; the Lambda calls its first half, :func:`predict_pack`, for each message of a batch and
+stores the batch's rows in one write. The adapters around them are all that differs.
 
 Failure policy (see :mod:`chipscale.errors`): a permanent failure (the source cannot be
 opened or is not a raster, the model refuses the input) becomes ``error`` rows carrying the
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from mercantile import Tile
 
-from chipscale.errors import ChipscaleError, PartialPrediction, SourceError
+from chipscale.errors import ChipscaleError, PartialPrediction, SourceError, storable_text
 from chipscale.messages import PackMessage
 from chipscale.predictors import Predictor
 from chipscale.stores import ResultStore
@@ -32,6 +33,31 @@ log = logging.getLogger(__name__)
 
 #: Scores are stored rounded: six decimals are far below any model's meaningful precision.
 SCORE_DECIMALS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class PackResults:
+    """A pack's rows, read and predicted but not yet stored, with the time each stage took.
+
+    The cloud worker holds these until every message of its Lambda batch has run, then
+    stores the batch's rows in one write (:mod:`chipscale.sqs_batch`).
+    """
+
+    results: list[TileResult]
+    read_seconds: float
+    predict_seconds: float
+
+    def outcome(self, write_seconds: float) -> PackOutcome:
+        """What the pack produced once its rows are stored, ``write_seconds`` later."""
+        counts = Counter(result.status for result in self.results)
+        return PackOutcome(
+            counts["ok"],
+            counts["empty"],
+            counts["error"],
+            self.read_seconds,
+            self.predict_seconds,
+            write_seconds,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +88,23 @@ def process_pack(
 
     ``deadline`` (a :func:`time.monotonic` instant) bounds the prediction: the Lambda passes
     its remaining time so a slow model server fails this pack alone, not the invocation.
+    """
+    pack = predict_pack(message, predictor=predictor, bands=bands, deadline=deadline)
+    start = time.perf_counter()
+    store.write(pack.results)
+    return pack.outcome(time.perf_counter() - start)
+
+
+def predict_pack(
+    message: PackMessage,
+    *,
+    predictor: Predictor,
+    bands: Sequence[int] | None = None,
+    deadline: float | None = None,
+) -> PackResults:
+    """Read and predict one pack: one row per tile of the message, in its order, to store.
+
+    A permanent failure becomes ``error`` rows; a transient one raises (module docstring).
     """
     info = predictor.info
     seconds: dict[str, float] = {}
@@ -99,17 +142,7 @@ def process_pack(
         _result(message.job, t, info, output=outputs.get(t), error=errors.get(t))
         for t in message.tiles
     ]
-    with _timed(seconds, "write"):
-        store.write(results)
-    counts = Counter(result.status for result in results)
-    return PackOutcome(
-        counts["ok"],
-        counts["empty"],
-        counts["error"],
-        seconds.get("read", 0.0),
-        seconds.get("predict", 0.0),
-        seconds["write"],
-    )
+    return PackResults(results, seconds.get("read", 0.0), seconds.get("predict", 0.0))
 
 
 @contextmanager
@@ -154,7 +187,7 @@ def _result(
         tile=tile,
         status=status,
         output=output,
-        error=error,
+        error=None if error is None else storable_text(error),
         model_name=info.name,
         model_version=info.version,
     )

@@ -1,8 +1,10 @@
 """SQS worker Lambda: a batch of pack messages in, partial batch failures out.
 
-Thin on purpose: Powertools' BatchProcessor runs each record through
-:class:`chipscale.queue_worker.QueueWorker` and reports only the records that raised, so one
-failing message never sends its neighbours back. Connections live for the container.
+Thin on purpose: :class:`chipscale.sqs_batch.PackBatchProcessor` (Powertools' BatchProcessor)
+runs each record through :meth:`chipscale.queue_worker.QueueWorker.predict`, stores the
+batch's rows in one write, and reports only the records that raised or whose rows were not
+stored, so one failing message never sends its neighbours back. Connections live for the
+container.
 """
 
 from __future__ import annotations
@@ -13,18 +15,16 @@ from typing import Any
 
 import boto3
 from aws_lambda_powertools import Logger, Metrics
-from aws_lambda_powertools.utilities.batch import (
-    BatchProcessor,
-    EventType,
-    process_partial_response,
-)
+from aws_lambda_powertools.utilities.batch import process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from chipscale import names
 from chipscale.db_credentials import url_from_environment
 from chipscale.predictors import open_predictor
 from chipscale.queue_worker import QueueWorker, WorkerSettings
+from chipscale.sqs_batch import PackBatchProcessor
 from chipscale.stores import open_store
+from chipscale.worker import PackResults
 
 logger = Logger(service=names.WORKER_SERVICE)
 metrics = Metrics(namespace=names.METRICS_NAMESPACE, service=names.WORKER_SERVICE)
@@ -33,7 +33,6 @@ metrics = Metrics(namespace=names.METRICS_NAMESPACE, service=names.WORKER_SERVIC
 metrics.set_default_dimensions(
     **{names.WORKER_FUNCTION_DIMENSION: os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "local")}
 )
-processor = BatchProcessor(event_type=EventType.SQS)
 
 
 @functools.cache
@@ -48,9 +47,12 @@ def worker() -> QueueWorker:
     )
 
 
-def record_handler(record: SQSRecord, lambda_context: Any) -> None:
+processor = PackBatchProcessor(lambda packs: worker().store_packs(packs), logger=logger)
+
+
+def record_handler(record: SQSRecord, lambda_context: Any) -> PackResults | None:
     remaining_s = lambda_context.get_remaining_time_in_millis() / 1000.0
-    worker().handle(record.message_id, record.body, remaining_s=remaining_s)
+    return worker().predict(record.message_id, record.body, remaining_s=remaining_s)
 
 
 @logger.inject_lambda_context

@@ -45,6 +45,11 @@ def test_duplicate_tiles_are_dropped() -> None:
         ({"v": 1, "job": "j", "source": 7, "tiles": [[0, 0, 0]]}, "source must be"),
         ({"v": 1, "job": "j", "source": "s", "tiles": [[0, 0, 0]], "x": 1}, "unknown"),
         ({"x": 99, "y": 0, "z": 2, "job": "j", "source": "s"}, "outside"),
+        # JSON escapes reach characters no store can keep: refused, so the reject is kept
+        ('{"v": 1, "job": "a\\u0000b", "source": "s", "tiles": [[0, 0, 0]]}', "control"),
+        ('{"v": 1, "job": "a\\ud800", "source": "s", "tiles": [[0, 0, 0]]}', "surrogate"),
+        ({"v": 1, "job": "two\nlines", "source": "s", "tiles": [[0, 0, 0]]}, "control"),
+        ({"v": 1, "job": "j", "source": "s3://b/\x7f.tif", "tiles": [[0, 0, 0]]}, "control"),
     ],
 )
 def test_invalid_messages_say_why(body, reason: str) -> None:

@@ -679,3 +679,20 @@ def test_region_comes_from_the_queue_url() -> None:
     )
     assert region_from_queue_url("https://eu-west-1.queue.amazonaws.com/1/q") == "eu-west-1"
     assert region_from_queue_url("http://localhost:4566/000000000000/q") is None
+
+
+@pytest.mark.parametrize(
+    ("job", "reason"),
+    [
+        ("", "job is empty"),
+        ("x" * 201, "longer than 200"),
+        ("tab\there", "control character"),
+        ("nul\x00", "control character"),
+    ],
+)
+def test_a_job_the_workers_would_refuse_is_refused_before_pushing(
+    tmp_path: Path, job: str, reason: str
+) -> None:
+    path = write_list(tmp_path / "tiles.txt", block(0, 0, 8, 2, 2))
+    result = run_cli(str(path), "--source", SOURCE, "--job", job, "--dry-run")
+    assert result.exit_code == 2 and reason in result.output

@@ -14,12 +14,14 @@ from typing import Any
 
 import boto3
 import pytest
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 from conftest import LambdaContext, import_lambda
 from mercantile import Tile
 from sqs_events import lambda_event
 
 from chipscale import names
 from chipscale.cover import cover
+from chipscale.errors import StoreError
 from chipscale.messages import PackMessage
 from chipscale.packs import pack_tiles
 from chipscale.queue_worker import (
@@ -117,12 +119,19 @@ def receive_all(queue: SimpleNamespace, visibility: int = 30) -> list[dict[str, 
 
 def run_batches(module: Any, queue: SimpleNamespace, messages: list[dict[str, Any]]) -> list[str]:
     """Hand messages to the handler ten a batch, delete what succeeded (as the event source
-    does) and return the ids reported as failures."""
+    does) and return the ids reported as failures. An invocation that raises (Powertools
+    raises when every record failed) returns its whole batch to the queue, as Lambda does."""
     failed: list[str] = []
     for start in range(0, len(messages), 10):
         batch = messages[start : start + 10]
-        response = module.handler(lambda_event(batch, queue.arn), LambdaContext("chipscale-worker"))
-        ids = [item["itemIdentifier"] for item in response["batchItemFailures"]]
+        try:
+            response = module.handler(
+                lambda_event(batch, queue.arn), LambdaContext("chipscale-worker")
+            )
+        except BatchProcessingError:
+            ids = [m["MessageId"] for m in batch]
+        else:
+            ids = [item["itemIdentifier"] for item in response["batchItemFailures"]]
         failed.extend(ids)
         done = [m for m in batch if m["MessageId"] not in ids]
         if done:
@@ -161,8 +170,8 @@ def send_packs(queue: SimpleNamespace, bodies: list[str]) -> None:
         assert not response.get("Failed")
 
 
-def job_packs(job: str, source: str, tiles: list[Tile]) -> list[str]:
-    return [PackMessage(job, source, pack).to_json() for pack in pack_tiles(tiles)]
+def job_packs(job: str, source: str, tiles: list[Tile], max_tiles: int = 100) -> list[str]:
+    return [PackMessage(job, source, pack).to_json() for pack in pack_tiles(tiles, max_tiles)]
 
 
 def test_a_batch_with_poison_messages_does_the_rest_and_records_why(
@@ -183,6 +192,10 @@ def test_a_batch_with_poison_messages_does_the_rest_and_records_why(
             {"v": 1, "job": "lambda-job", "source": "s3://x/y.tif", "tiles": [[0, 0, 40]]}
         ),
         "outside": PackMessage("lambda-job", "s3://someone-else/x.tif", (Tile(0, 0, 1),)).to_json(),
+        # a job no store can keep: refused, and its reject stored without it
+        "nul": json.dumps(
+            {"v": 1, "job": "lambda\u0000job", "source": lambda_env.source, "tiles": [[0, 0, 1]]}
+        ),
     }
     send_packs(queue, good + list(poison.values()))
     messages = receive_all(queue)
@@ -204,6 +217,7 @@ def test_a_batch_with_poison_messages_does_the_rest_and_records_why(
     assert any("version 2" in r for r in reasons)
     assert any("zoom" in r for r in reasons)
     assert any("outside the allowed sources" in r for r in reasons)
+    assert any("control character" in r for r in reasons)
 
     emf = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
     totals: dict[str, float] = {}
@@ -261,6 +275,96 @@ def test_duplicate_deliveries_store_each_tile_once(
         rows = list(store.iter_results("d"))
     assert len(rows) == len(tiles)
     assert {r.attempts for r in rows} == {3}
+    module.worker().close()
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every PostgresStore.write call, as the jobs of its rows; a write with a row of job
+    ``refused`` fails as a permanent store error would (bad data in one pack), the others go
+    through to PostgreSQL."""
+    from chipscale.stores.postgres import PostgresStore
+
+    calls: list[list[str]] = []
+    write = PostgresStore.write
+
+    def watched(self: PostgresStore, results: Any) -> None:
+        jobs = [r.job for r in results]
+        calls.append(jobs)
+        if "refused" in jobs:
+            raise StoreError("PostgreSQL store failed while writing: refused by this test")
+        write(self, results)
+
+    monkeypatch.setattr(PostgresStore, "write", watched)
+    return calls
+
+
+def test_a_batch_is_stored_in_one_write(
+    lambda_env: SimpleNamespace,
+    queue: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    demo_model_file: Path,
+    aerial: Path,
+    writes: list[list[str]],
+) -> None:
+    """The rows of every message of a batch go to the database in one write: one round trip
+    and one commit per invocation, not one per message."""
+    module = load_handler(monkeypatch, str(demo_model_file))
+    tiles = list(cover(ZOOM, source=str(aerial)))
+    bodies = job_packs("one", lambda_env.source, tiles, max_tiles=4)
+    send_packs(queue, bodies)
+    messages = receive_all(queue)
+    assert len(messages) > 10
+
+    assert run_batches(module, queue, messages) == []
+    batches = [messages[i : i + 10] for i in range(0, len(messages), 10)]
+    sizes = [sum(len(json.loads(m["Body"])["tiles"]) for m in batch) for batch in batches]
+    assert [len(jobs) for jobs in writes] == sizes  # one write per batch, all of its rows
+    with open_store(lambda_env.db) as store:
+        rows = list(store.iter_results("one"))
+    assert sorted((r.x, r.y, r.z) for r in rows) == sorted(tiles)
+    assert {r.attempts for r in rows} == {1}
+    module.worker().close()
+
+
+def test_a_pack_the_store_refuses_fails_alone(
+    lambda_env: SimpleNamespace,
+    queue: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    demo_model_file: Path,
+    aerial: Path,
+    writes: list[list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """When the batch's write fails for a reason that may be one pack's (not an outage),
+    each pack is written alone: only the message whose rows cannot be stored comes back,
+    and the metrics count only the tiles stored."""
+    module = load_handler(monkeypatch, str(demo_model_file))
+    tiles = list(cover(ZOOM, source=str(aerial)))
+    good = job_packs("kept", lambda_env.source, tiles, max_tiles=16)
+    bad = PackMessage("refused", lambda_env.source, tuple(tiles[:3])).to_json()
+    send_packs(queue, [*good[:2], bad, *good[2:]])
+    messages = receive_all(queue)
+    assert 3 <= len(messages) <= 10  # one batch
+    bad_id = next(m["MessageId"] for m in messages if m["Body"] == bad)
+
+    assert run_batches(module, queue, messages) == [bad_id]
+    assert len(writes) == 1 + len(messages)  # the batch's write, then each pack alone
+    assert sorted(writes[0]) == sorted(j for jobs in writes[1:] for j in jobs)
+    with open_store(lambda_env.db) as store:
+        assert sorted((r.x, r.y, r.z) for r in store.iter_results("kept")) == sorted(tiles)
+        assert store.counts("refused")["total"] == 0
+        assert store.rejects() == []  # a failed write is retried, not rejected
+
+    totals: dict[str, float] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if '"_aws"' in line:
+            doc = json.loads(line)
+            for metric in doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]:
+                value = doc[metric["Name"]]
+                total = sum(value) if isinstance(value, list) else value
+                totals[metric["Name"]] = totals.get(metric["Name"], 0) + total
+    assert totals[names.METRIC_TILES_OK] + totals[names.METRIC_TILES_EMPTY] == len(tiles)
     module.worker().close()
 
 
@@ -356,9 +460,10 @@ def test_a_database_restart_mid_run_loses_and_duplicates_nothing(
     monkeypatch.setenv(names.ENV_DB_NAME, "postgres")
     module = load_handler(monkeypatch, str(demo_model_file))
     tiles = list(cover(ZOOM, source=str(aerial)))
-    send_packs(queue, job_packs("restart", lambda_env.source, tiles))
+    send_packs(queue, job_packs("restart", lambda_env.source, tiles, max_tiles=4))
     messages = receive_all(queue, visibility=2)
     first, rest = messages[:1], messages[1:]
+    assert len(rest) > 10  # more than one batch meets the outage
     assert run_batches(module, queue, first) == []  # the container's connection is open
 
     throwaway_pg.stop()

@@ -148,3 +148,29 @@ def test_permanent_model_refusal_marks_only_the_tiles_it_saw(aerial, predictor, 
     assert {r.error for r in rows.values() if r.status == "error"} == {
         "model refuses tiles of this kind"
     }
+
+
+class GarbledRefusal(FlakyPredictor):
+    """A model server whose refusal quotes bytes no store can keep."""
+
+    def predict(self, batch: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
+        raise ModelFormatError("refused: \x00 in the header, \ud800 in the body")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_error_text_no_store_can_keep_is_stored_with_replacements(
+    backend: str, aerial, predictor, tmp_path, request: pytest.FixtureRequest
+) -> None:
+    """A NUL or a lone surrogate in an error would make the pack's write fail on every
+    delivery (PostgreSQL refuses NUL, UTF-8 has no surrogates): both become U+FFFD."""
+    url = (
+        request.getfixturevalue("results_db")
+        if backend == "postgresql"
+        else f"sqlite:///{tmp_path}/r.db"
+    )
+    message = PackMessage(job="g", source=str(aerial), tiles=tuple(cover(18, source=str(aerial))))
+    with open_store(url) as store:
+        outcome = process_pack(message, predictor=GarbledRefusal(predictor, 0), store=store)
+        errors = {r.error for r in store.iter_results("g", status="error")}
+    assert outcome.error == len(message.tiles)
+    assert errors == {"refused: \ufffd in the header, \ufffd in the body"}

@@ -14,7 +14,7 @@ One round trip per write. :meth:`PostgresStore.write` sends the whole pack as on
 ``INSERT ... SELECT FROM unnest(<one array per column>) ON CONFLICT DO UPDATE`` statement in
 autocommit mode, so the statement is its own transaction: no BEGIN, no COMMIT round trips.
 Arrays go in binary, and a column with one value on every row (the job, the model, the
-zoom) goes once, as a scalar (see :func:`_write_statement`). Tiles repeated within one call
+zoom) goes once, as a scalar (see :func:`_write_parameters`). Tiles repeated within one call
 are merged first (one row per key, the last result wins, ``attempts`` counting each), since
 one statement cannot update a row twice, and rows are sent in key order so concurrent
 writers lock rows in the same order.
@@ -58,7 +58,7 @@ from mercantile import Tile
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 
-from chipscale.errors import StoreError, StoreUnavailable, one_line
+from chipscale.errors import StoreError, StoreUnavailable, one_line, storable_text
 from chipscale.stores.base import (
     DONE_STATUSES,
     STATUSES,
@@ -177,7 +177,7 @@ class _Field(NamedTuple):
     select: str = "{}"  # the expression that stores it
 
 
-#: The columns a write sends, in order (see :func:`_write_statement`).
+#: The columns a write sends, in order (see :func:`_write_parameters`).
 _RESULT_FIELDS: Final = (
     _Field("job", "text", True),
     _Field("z", "int", True),
@@ -191,12 +191,14 @@ _RESULT_FIELDS: Final = (
     _Field("n", "int", True),
 )
 
-_WRITE = """
+_INSERT = """
 INSERT INTO results AS r (job, z, x, y, status, output, model_name, model_version, error,
                           attempts, created_at, updated_at)
 SELECT {select}, now(), now()
 FROM unnest({arrays}) AS t({names})
-ON CONFLICT (job, z, x, y) DO UPDATE SET
+"""
+
+_ON_CONFLICT = """ON CONFLICT (job, z, x, y) DO UPDATE SET
     status = excluded.status,
     output = excluded.output,
     model_name = excluded.model_name,
@@ -208,9 +210,10 @@ ON CONFLICT (job, z, x, y) DO UPDATE SET
 
 
 @functools.cache
-def _write_sql(uniform: tuple[bool, ...]) -> str:
-    """:data:`_WRITE` with the columns flagged in ``uniform`` as scalar parameters and the
-    others as arrays to unnest; its parameters are the scalars, then the arrays."""
+def _write_sql(uniform: tuple[bool, ...], *, upsert: bool) -> str:
+    """:data:`_INSERT`, with :data:`_ON_CONFLICT` when ``upsert``, taking the columns flagged
+    in ``uniform`` as scalar parameters and the others as arrays to unnest; its parameters
+    are the scalars, then the arrays (:func:`_write_parameters`)."""
     select, arrays, names = [], [], []
     for field, once in zip(_RESULT_FIELDS, uniform, strict=True):
         if once:
@@ -219,11 +222,13 @@ def _write_sql(uniform: tuple[bool, ...]) -> str:
             select.append(field.select.format(field.name))
             arrays.append(f"%b::{field.kind}[]")
             names.append(field.name)
-    return _WRITE.format(select=", ".join(select), arrays=", ".join(arrays), names=", ".join(names))
+    sql = _INSERT.format(select=", ".join(select), arrays=", ".join(arrays), names=", ".join(names))
+    return sql + _ON_CONFLICT if upsert else sql
 
 
-def _write_statement(columns: list[list[Any]]) -> tuple[str, list[Any]]:
-    """The statement and parameters writing ``columns`` (see :func:`_result_columns`).
+def _write_parameters(columns: list[list[Any]]) -> tuple[tuple[bool, ...], list[Any]]:
+    """Which columns go once (the ``uniform`` of :func:`_write_sql`) and the parameters
+    writing ``columns`` (see :func:`_result_columns`).
 
     A pack is one job's adjacent tiles at one zoom from one model, nearly all with the same
     status, no error and a first attempt: those columns go once, as scalars, instead of as
@@ -238,7 +243,7 @@ def _write_statement(columns: list[list[Any]]) -> tuple[str, list[Any]]:
     )
     scalars = [column[0] for column, once in zip(columns, uniform, strict=True) if once]
     arrays = [column for column, once in zip(columns, uniform, strict=True) if not once]
-    return _write_sql(uniform), [*scalars, *arrays]
+    return uniform, [*scalars, *arrays]
 
 
 _REJECT = """
@@ -579,12 +584,22 @@ class PostgresStore:
 
     def write(self, results: Sequence[TileResult]) -> None:
         """Upsert results in one statement (one transaction, one round trip); a re-written
-        tile gets ``attempts + 1``."""
+        tile gets ``attempts + 1``. A plain INSERT first, the upsert only when it meets a
+        stored tile (see the module docstring)."""
         if not results:
             return
         validate_results(results)
-        statement, params = _write_statement(_result_columns(results))
-        self._call(f"writing {len(results)} results", lambda conn: conn.execute(statement, params))
+        uniform, params = _write_parameters(_result_columns(results))
+
+        def insert_else_upsert(conn: psycopg.Connection) -> None:
+            try:
+                conn.execute(_write_sql(uniform, upsert=False), params)
+            except pg_errors.UniqueViolation:
+                # A tile of the pack is stored already (a redelivery, a rerun): nothing of
+                # the failed statement was kept, so the same rows go again as an upsert.
+                conn.execute(_write_sql(uniform, upsert=True), params)
+
+        self._call(f"writing {len(results)} results", insert_else_upsert)
 
     def reject(self, rejections: Sequence[Rejection]) -> None:
         """Record messages that can never succeed, keyed by message id: a repeat delivery
@@ -697,7 +712,7 @@ class PostgresStore:
 
 
 def _result_columns(results: Sequence[TileResult]) -> list[list[Any]]:
-    """The pack as one list per column of ``_WRITE``: repeated tiles merged (the last
+    """The pack as one list per column of ``_INSERT``: repeated tiles merged (the last
     result wins; the count goes to ``attempts``) and rows in key order."""
     merged: dict[tuple[str, int, int, int], tuple[TileResult, int]] = {}
     for result in results:
@@ -723,8 +738,8 @@ def _result_columns(results: Sequence[TileResult]) -> list[list[Any]]:
 
 def _reject_columns(rejections: Sequence[Rejection]) -> list[list[Any]]:
     """Rejections as one list per column of ``_REJECT``, merged by message id like
-    :func:`_result_columns`. Text loses NUL characters, which PostgreSQL cannot store: a
-    rejected body is whatever arrived."""
+    :func:`_result_columns`. Text loses what PostgreSQL cannot store (NUL, lone
+    surrogates): a rejected body is whatever arrived."""
     merged: dict[str, tuple[Rejection, int]] = {}
     for rejection in rejections:
         if not isinstance(rejection.message_id, str) or not rejection.message_id:
@@ -735,14 +750,10 @@ def _reject_columns(rejections: Sequence[Rejection]) -> list[list[Any]]:
     for message_id, (rejection, count) in sorted(merged.items()):
         columns[0].append(message_id)
         columns[1].append(rejection.job)
-        columns[2].append(_no_nul(rejection.reason))
-        columns[3].append(_no_nul(rejection.body[:MAX_REJECTED_BODY]))
+        columns[2].append(storable_text(rejection.reason))
+        columns[3].append(storable_text(rejection.body[:MAX_REJECTED_BODY]))
         columns[4].append(count)
     return columns
-
-
-def _no_nul(text: str) -> str:
-    return text.replace("\x00", "\ufffd")
 
 
 def _job_info(row: tuple[Any, ...]) -> JobInfo:

@@ -33,8 +33,8 @@ delays each direction by ``--latency-ms`` (0.5: a round trip of about 1 ms, as a
 RDS Proxy in a VPC sees), where it pays one round trip per row: the condition the workers
 actually run in. The relay touches neither the server nor the shared loopback device.
 
-Usage: ``python bench/store.py [--db URL] [--rows 20000] [--rounds 5] [--packs 100,1000]
-[--batch 4] [--latency-ms 0.5] [--latency-rows 5000]``
+Usage: ``python bench/store.py [--db URL] [--rows 12000] [--rounds 5] [--packs 100,1000]
+[--batch 4] [--latency-ms 0.5] [--latency-rows 3000]``
 """
 
 from __future__ import annotations
@@ -438,7 +438,7 @@ def main() -> None:
         default=ADMIN_URL,
         help="admin URL of the server: the bench creates and drops a database there",
     )
-    parser.add_argument("--rows", type=int, default=20_000, help="rows per measurement")
+    parser.add_argument("--rows", type=int, default=12_000, help="rows per measurement")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--packs", default="100,1000", help="pack sizes, comma-separated")
     parser.add_argument(
@@ -454,7 +454,7 @@ def main() -> None:
         help="also measure through a relay adding this much each way (0: loopback only)",
     )
     parser.add_argument(
-        "--latency-rows", type=int, default=5_000, help="rows per measurement with latency"
+        "--latency-rows", type=int, default=3_000, help="rows per measurement with latency"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "store.json")
     args = parser.parse_args()

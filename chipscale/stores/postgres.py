@@ -33,12 +33,14 @@ at once: the second INSERT waits for the first to commit, fails, and upserts.
 COPY was measured and left out. COPY cannot upsert, so it needs a staging temporary table
 (session state: a direct connection only) and three round trips (COPY, INSERT ... SELECT,
 COMMIT). bench/store.py runs it beside unnest on the same rows (2 shared cores, PostgreSQL 15,
-medians of 7 rounds, bench/results/store.json): over loopback unnest wrote 44,400 rows/s at
-100 tiles a pack and 73,400 at 1,000, COPY 31,600 and 66,500 (0.71x, 0.91x); with a 1.57 ms
-round trip, as to RDS Proxy, unnest 27,300 and 67,200, COPY 10,200 and 46,100 (0.37x, 0.69x).
+medians of 5 rounds, bench/results/store.json): over loopback unnest wrote 34,100 rows/s at
+100 tiles a pack and 78,400 at 1,000, COPY 24,600 and 48,300 (0.72x, 0.62x); with a 1.85 ms
+round trip, as to RDS Proxy, unnest 28,900 and 76,700, COPY 8,600 and 43,100 (0.30x, 0.56x).
 A second write path, slower and wrong behind the proxy, is not worth having. (One row per
-statement, chip-n-scale's way, wrote 3,500 and 3,800 rows/s over loopback, 619 and 629 with
-the round trip: unnest is 12.7x and 19.3x faster here, 44x and 107x where the workers run.)
+statement, chip-n-scale's way, wrote 1,700 and 2,000 rows/s over loopback, 500 and 590 with
+the round trip: unnest is 20x and 39x faster here, 58x and 131x where the workers run. As
+the worker writes, 4 messages of 100 tiles a write: 74,700 rows/s, 36x; 56,000 and 104x with
+the round trip.)
 
 Outages. A failure to connect, a dropped connection, a server shutting down or restarting, a
 deadlock or serialization failure, too many connections: :class:`StoreUnavailable`, so the

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
-from rasterio.errors import RasterioError
 
 from chipscale.atomic import atomic_write
 from chipscale.errors import ChipscaleError, one_line
@@ -35,7 +34,9 @@ class ChipscaleGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (ChipscaleError, RasterioError, OSError) as exc:
+        except Exception as exc:
+            if not _reported_in_one_line(exc):
+                raise
             if log.isEnabledFor(logging.DEBUG):
                 log.exception("failed")
             click.echo(f"Error: {one_line(exc)}", err=True)
@@ -43,6 +44,19 @@ class ChipscaleGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+
+
+def _reported_in_one_line(exc: Exception) -> bool:
+    """Whether ``exc`` is an expected failure: chipscale's, the system's, or rasterio's.
+
+    rasterio is looked up, not imported: importing it (with boto3 and numpy behind it) costs
+    about 50 MB and half a second, which commands that never open a raster (download,
+    status, push from a tile list) need not pay, and they cannot raise its errors.
+    """
+    if isinstance(exc, ChipscaleError | OSError):
+        return True
+    rasterio_errors = sys.modules.get("rasterio.errors")
+    return rasterio_errors is not None and isinstance(exc, rasterio_errors.RasterioError)
 
 
 def _console() -> Any:

@@ -68,9 +68,9 @@ FORMATS = {
 COORD_PRECISION = 7
 #: Rows per GeoParquet row group: what the writer holds in memory at once, and the unit a
 #: reader skips by the bbox column's statistics. A million-row ``chipscale download`` from
-#: SQLite peaks at 156 MB with 10,000 (250 MB with 50,000). Where pandas is installed,
-#: pyarrow imports it on its first array: about 50 MB more, once, whatever the row count
-#: (197 MB for a million rows from SQLite, 207 MB from PostgreSQL, 181 MB for 2,000 rows).
+#: PostgreSQL peaks at 177 MB with 10,000 (bench/push.py; CSV 58 MB), most of it imports:
+#: pyarrow, and pandas, which pyarrow imports on its first array wherever it is installed
+#: (about 50 MB, once). With 50,000 a row group the peak was 250 MB.
 GEOPARQUET_BATCH_ROWS = 10_000
 #: GeoParquet's own columns, after the CSV's.
 GEOMETRY_COLUMNS = ("geometry", "bbox")

@@ -245,3 +245,26 @@ def test_model_info_prints_the_metadata_inside_the_file(tmp_path) -> None:
     torch.save(torch.nn.Linear(2, 2).state_dict(), weights)
     refused = CliRunner().invoke(cli, ["model", "info", str(weights)])
     assert refused.exit_code == 1 and "state_dict" in refused.output
+
+
+def test_the_cli_starts_without_rasterio_and_still_reports_its_errors_in_one_line() -> None:
+    """rasterio (with boto3 and numpy behind it) is about 50 MB and half a second at start:
+    commands that read no raster (download, status, push from a list) do without it."""
+    probe = (
+        "import sys, chipscale.cli as c; "
+        "print(sorted(m for m in ('rasterio', 'boto3', 'numpy', 'torch') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"
+
+    from rasterio.errors import RasterioIOError
+
+    from chipscale.cli import _reported_in_one_line
+    from chipscale.errors import SourceError
+
+    assert _reported_in_one_line(RasterioIOError("not a raster"))
+    assert _reported_in_one_line(SourceError("missing"))
+    assert _reported_in_one_line(FileNotFoundError("x"))
+    assert not _reported_in_one_line(KeyError("a bug"))  # a bug keeps its traceback

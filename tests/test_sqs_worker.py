@@ -405,7 +405,10 @@ def test_end_to_end_push_worker_through_torchserve_then_download(
 
     pushed = CliRunner().invoke(
         cli,
-        ["push", queue.url, "--source", lambda_env.source, "--zoom", str(ZOOM), "--json"],
+        [
+            *("push", queue.url, "--source", lambda_env.source, "--zoom", str(ZOOM), "--json"),
+            *("--max-tiles-per-message", "8"),  # several messages a batch, one write
+        ],
         catch_exceptions=False,
     )
     assert pushed.exit_code == 0, pushed.output
@@ -416,7 +419,7 @@ def test_end_to_end_push_worker_through_torchserve_then_download(
 
     module = load_handler(monkeypatch, torchserve.predictions_url)
     messages = receive_all(queue)
-    assert len(messages) == summary["messages_sent"]
+    assert len(messages) == summary["messages_sent"] >= 8
     assert run_batches(module, queue, messages) == []
     job = summary["job"]
     with open_store(lambda_env.db) as store:

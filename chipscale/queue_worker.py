@@ -239,10 +239,8 @@ class QueueWorker:
         may be one pack's doing, so each pack is then written alone, and only the packs that
         fail alone fail.
         """
-        rows = [row for pack in packs for row in pack.results]
-        start = time.perf_counter()
         try:
-            self.store.write(rows)
+            return list(self._store_together(packs))
         except TransientError as exc:
             return [exc] * len(packs)
         except Exception as exc:
@@ -250,24 +248,24 @@ class QueueWorker:
                 return [exc]
             log.warning("writing %d packs at once failed (%s): writing each alone", len(packs), exc)
             return [self._store_alone(pack) for pack in packs]
-        elapsed = time.perf_counter() - start
-        # Each pack's share of the write by rows: the WriteSeconds sum stays the time written.
-        outcomes: list[PackOutcome | Exception] = []
-        for pack in packs:
-            outcome = pack.outcome(elapsed * len(pack.results) / max(1, len(rows)))
-            self._record(outcome)
-            outcomes.append(outcome)
-        return outcomes
 
     def _store_alone(self, pack: PackResults) -> PackOutcome | Exception:
-        start = time.perf_counter()
         try:
-            self.store.write(pack.results)
+            (outcome,) = self._store_together([pack])
         except Exception as exc:  # this pack's message fails; the others go on
             return exc
-        outcome = pack.outcome(time.perf_counter() - start)
-        self._record(outcome)
         return outcome
+
+    def _store_together(self, packs: Sequence[PackResults]) -> list[PackOutcome]:
+        rows = [row for pack in packs for row in pack.results]
+        start = time.perf_counter()
+        self.store.write(rows)
+        elapsed = time.perf_counter() - start
+        # Each pack's share of the write by rows: the WriteSeconds sum stays the time written.
+        outcomes = [pack.outcome(elapsed * len(pack.results) / max(1, len(rows))) for pack in packs]
+        for outcome in outcomes:
+            self._record(outcome)
+        return outcomes
 
     def _reject(self, message_id: str, reason: str, body: str, job: str | None) -> None:
         log.warning("message %s rejected: %s", message_id, reason)

@@ -10,14 +10,15 @@ temporary tables, no session advisory locks, no named prepared statements
 its parameters). The one exception is :meth:`PostgresStore.iter_results`, whose server-side
 cursor holds a connection of its own for as long as the export streams.
 
-One round trip per write (see below for the exception). :meth:`PostgresStore.write` sends the whole pack as one
-``INSERT ... SELECT FROM unnest(<one array per column>)`` statement in autocommit mode, so
-the statement is its own transaction: no BEGIN, no COMMIT round trips. Arrays go in binary,
-and a column with one value on every row (the job, the model, the zoom) goes once, as a
-scalar (see :func:`_write_parameters`). Tiles repeated within one call are merged first (one
-row per key, the last result wins, ``attempts`` counting each), since one statement cannot
-write a row twice, and rows are sent in key order so concurrent writers lock rows in the
-same order. The worker Lambda writes the rows of its whole batch of messages in one call.
+One round trip per write (two when it meets stored tiles, below). :meth:`PostgresStore.write`
+sends the whole pack as one ``INSERT ... SELECT FROM unnest(<one array per column>)``
+statement in autocommit mode, so the statement is its own transaction: no BEGIN, no COMMIT
+round trips. Arrays go in binary, and a column with one value on every row (the job, the
+model, the zoom) goes once, as a scalar (see :func:`_write_parameters`). Tiles repeated
+within one call are merged first (one row per key, the last result wins, ``attempts``
+counting each), since one statement cannot write a row twice, and rows are sent in key
+order so concurrent writers lock rows in the same order. The worker Lambda writes the rows
+of its whole batch of messages in one call.
 
 Insert first, upsert when needed. Nearly every write is of tiles not stored yet; a
 redelivery or a rerun is the exception. ``ON CONFLICT DO UPDATE`` makes every row a

@@ -174,6 +174,20 @@ def job_packs(job: str, source: str, tiles: list[Tile], max_tiles: int = 100) ->
     return [PackMessage(job, source, pack).to_json() for pack in pack_tiles(tiles, max_tiles)]
 
 
+def emf_totals(out: str) -> dict[str, float]:
+    """Each metric's sum over the EMF documents the handler printed."""
+    totals: dict[str, float] = {}
+    for line in out.splitlines():
+        if '"_aws"' not in line:
+            continue
+        doc = json.loads(line)
+        for metric in doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]:
+            value = doc[metric["Name"]]
+            total = sum(value) if isinstance(value, list) else value
+            totals[metric["Name"]] = totals.get(metric["Name"], 0) + total
+    return totals
+
+
 def test_a_batch_with_poison_messages_does_the_rest_and_records_why(
     lambda_env: SimpleNamespace,
     queue: SimpleNamespace,
@@ -219,14 +233,7 @@ def test_a_batch_with_poison_messages_does_the_rest_and_records_why(
     assert any("outside the allowed sources" in r for r in reasons)
     assert any("control character" in r for r in reasons)
 
-    emf = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
-    totals: dict[str, float] = {}
-    for doc in emf:
-        for metric in doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]:
-            value = doc[metric["Name"]]
-            totals[metric["Name"]] = totals.get(metric["Name"], 0) + (
-                sum(value) if isinstance(value, list) else value
-            )
+    totals = emf_totals(capsys.readouterr().out)
     assert totals[names.METRIC_TILES_OK] + totals[names.METRIC_TILES_EMPTY] == len(tiles)
     assert totals[names.METRIC_MESSAGES_REJECTED] == len(poison)
     module.worker().close()
@@ -356,14 +363,7 @@ def test_a_pack_the_store_refuses_fails_alone(
         assert store.counts("refused")["total"] == 0
         assert store.rejects() == []  # a failed write is retried, not rejected
 
-    totals: dict[str, float] = {}
-    for line in capsys.readouterr().out.splitlines():
-        if '"_aws"' in line:
-            doc = json.loads(line)
-            for metric in doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]:
-                value = doc[metric["Name"]]
-                total = sum(value) if isinstance(value, list) else value
-                totals[metric["Name"]] = totals.get(metric["Name"], 0) + total
+    totals = emf_totals(capsys.readouterr().out)
     assert totals[names.METRIC_TILES_OK] + totals[names.METRIC_TILES_EMPTY] == len(tiles)
     module.worker().close()
 

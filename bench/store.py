@@ -77,6 +77,7 @@ METHODS = ["store_unnest", "per_row", "executemany", "copy"]
 BATCH_METHODS = {"store_batch": "store_unnest", "per_row_batch": "per_row"}
 #: Methods measured rewriting rows already stored (redeliveries), one pack a write.
 REWRITE_METHODS = {"store_rewrite": "store_unnest", "per_row_rewrite": "per_row"}
+ALL_METHODS = [*METHODS, *BATCH_METHODS, *REWRITE_METHODS]
 #: The server's admin URL: the benches create their databases there and drop them.
 ADMIN_URL = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -314,9 +315,7 @@ def bench_condition(
     url: str, sizes: Sequence[int], rows: int, rounds: int, label: str, batch: int
 ) -> dict[str, dict[str, list[float]]]:
     """Rows per second of every method and pack size, each round in a rotated order."""
-    runs: dict[str, dict[str, list[float]]] = {
-        str(n): {m: [] for m in [*METHODS, *BATCH_METHODS, *REWRITE_METHODS]} for n in sizes
-    }
+    runs: dict[str, dict[str, list[float]]] = {str(n): {m: [] for m in ALL_METHODS} for n in sizes}
     store = PostgresStore(url, create=False)
     conns = {m: connect(url, autocommit=False) for m in ("per_row", "executemany", "copy")}
     writers = {
@@ -337,10 +336,9 @@ def bench_condition(
         ]
         units[size] = {m: packs for m in [*METHODS, *REWRITE_METHODS]}
         units[size] |= {m: batches for m in BATCH_METHODS}
-    methods = [*METHODS, *BATCH_METHODS, *REWRITE_METHODS]
     try:
         for size in sizes:  # warm-up: caches, the first plans, the table's first pages
-            for method in methods:
+            for method in ALL_METHODS:
                 measure(
                     url,
                     writers[method],
@@ -348,7 +346,8 @@ def bench_condition(
                     stored_before=before.get(method),
                 )
         for round_ in range(rounds):
-            order = methods[round_ % len(methods) :] + methods[: round_ % len(methods)]
+            turn = round_ % len(ALL_METHODS)
+            order = ALL_METHODS[turn:] + ALL_METHODS[:turn]
             for size in sizes:
                 for method in order:
                     rate = measure(
@@ -470,7 +469,7 @@ def main() -> None:
             "rows_per_measurement": {"loopback": args.rows, "with_latency": args.latency_rows},
             "rounds": args.rounds,
             "packs_per_worker_write": args.batch,
-            "order": "rotating per round: " + ", ".join(METHODS),
+            "order": "rotating per round: " + ", ".join(ALL_METHODS),
             "rows": "z18 packs of adjacent tiles, 90% ok with 6 class scores rounded to 6 "
             "decimals as the worker writes them (about 100 B of JSON), 10% empty; every "
             "measurement into an emptied table (inserts)",

@@ -77,8 +77,8 @@ def parse_message(
     unknown = sorted(set(doc) - _V1_KEYS)
     if unknown:
         raise InvalidMessageError(f"unknown message fields: {', '.join(map(str, unknown))}")
-    job = _text(doc.get("job", default_job), "job", MAX_JOB_LENGTH)
-    source = _text(doc.get("source", default_source), "source", MAX_SOURCE_LENGTH)
+    job = check_job(doc.get("job", default_job))
+    source = check_source(doc.get("source", default_source))
     raw_tiles = doc.get("tiles")
     if not isinstance(raw_tiles, list) or not raw_tiles:
         raise InvalidMessageError("tiles must be a non-empty list of [x, y, z]")
@@ -104,9 +104,20 @@ def _parse_single_tile(
         tile = make_tile(doc["x"], doc["y"], doc["z"])
     except InvalidTileError as exc:
         raise InvalidMessageError(str(exc)) from None
-    job = _text(doc.get("job", default_job), "job", MAX_JOB_LENGTH)
-    source = _text(doc.get("source", default_source), "source", MAX_SOURCE_LENGTH)
+    job = check_job(doc.get("job", default_job))
+    source = check_source(doc.get("source", default_source))
     return PackMessage(job=job, source=source, tiles=(tile,))
+
+
+def check_job(value: Any) -> str:
+    """``value`` if it can be a message's job, else :class:`InvalidMessageError` saying why."""
+    return _text(value, "job", MAX_JOB_LENGTH)
+
+
+def check_source(value: Any) -> str:
+    """``value`` if it can be a message's source, else :class:`InvalidMessageError` saying why
+    (the text only: whether a worker can read it is push's and the worker's to say)."""
+    return _text(value, "source", MAX_SOURCE_LENGTH)
 
 
 def _text(value: Any, field: str, limit: int) -> str:

@@ -41,13 +41,12 @@ from typing import Any
 import numpy as np
 from mercantile import Tile
 
-from chipscale.errors import ChipscaleError, TileListError, one_line
+from chipscale.errors import ChipscaleError, InvalidMessageError, TileListError, one_line
 from chipscale.messages import (
-    MAX_JOB_LENGTH,
-    MAX_SOURCE_LENGTH,
     SCHEMA_VERSION,
     PackMessage,
-    storable,
+    check_job,
+    check_source,
 )
 from chipscale.packs import DEFAULT_MAX_TILES, pack_tiles
 from chipscale.stores.base import ResultStore, utc_now
@@ -124,13 +123,17 @@ def is_xyz_template(source: str) -> bool:
 def validate_job(job: str) -> str:
     """Return ``job`` if the workers can store it, else raise :class:`PushError` saying why
     (they would refuse every message of the push)."""
-    if not job.strip():
-        raise PushError("job is empty")
-    if len(job) > MAX_JOB_LENGTH:
-        raise PushError(f"job is longer than {MAX_JOB_LENGTH} characters")
-    if not storable(job):
-        raise PushError(f"job {job!r} holds a control character or a lone surrogate")
-    return job
+    return _message_text(job, "job", check_job)
+
+
+def _message_text(value: str, field: str, check: Callable[[Any], str]) -> str:
+    """``value`` checked as the workers check a message's ``field``, as a PushError."""
+    if not value or not value.strip():
+        raise PushError(f"{field} is empty")
+    try:
+        return check(value)
+    except InvalidMessageError as exc:
+        raise PushError(str(exc)) from None
 
 
 def validate_source(source: str) -> str:
@@ -143,12 +146,7 @@ def validate_source(source: str) -> str:
     >>> validate_source("https://tiles.example/{z}/{x}/{y}.jpg")
     'https://tiles.example/{z}/{x}/{y}.jpg'
     """
-    if not source or not source.strip():
-        raise PushError("source is empty")
-    if len(source) > MAX_SOURCE_LENGTH:
-        raise PushError(f"source is longer than {MAX_SOURCE_LENGTH} characters")
-    if not storable(source):
-        raise PushError(f"source {source!r} holds a control character or a lone surrogate")
+    _message_text(source, "source", check_source)
     if not is_xyz_template(source):
         return source
     if _TEMPLATE_FIELD.sub("", source).count("{") or "}" in _TEMPLATE_FIELD.sub("", source):

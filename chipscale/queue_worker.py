@@ -179,19 +179,6 @@ class QueueWorker:
             self._predictor = self._open_predictor(self.settings.model_url)
         return self._predictor
 
-    def handle(
-        self, message_id: str, body: str, *, remaining_s: float | None = None
-    ) -> PackOutcome | None:
-        """Process one message and store its rows; None when it was rejected for good (and
-        recorded). Raises what :meth:`predict` raises, or why the rows were not stored."""
-        pack = self.predict(message_id, body, remaining_s=remaining_s)
-        if pack is None:
-            return None
-        (outcome,) = self.store_packs([pack])
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
     def predict(
         self, message_id: str, body: str, *, remaining_s: float | None = None
     ) -> PackResults | None:

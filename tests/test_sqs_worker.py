@@ -383,7 +383,7 @@ def test_a_pack_is_not_started_without_time_to_finish(
     )
     body = PackMessage("late", lambda_env.source, (Tile(0, 0, 1),)).to_json()
     with pytest.raises(OutOfTime):
-        worker.handle("m-1", body, remaining_s=DEADLINE_MARGIN_S - 1)
+        worker.predict("m-1", body, remaining_s=DEADLINE_MARGIN_S - 1)
     assert opened == []
     worker.close()
 

@@ -9,14 +9,15 @@ DEMO_ZOOM ?= 19
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# One stamp per extra set: a change to pyproject.toml reinstalls.
-$(VENV)/.installed-local: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[local]'
+# One stamp per extra set: a change to pyproject.toml reinstalls. `cli` is every extra the
+# README's commands need (in-process model, TorchServe, PostgreSQL, AWS, GeoParquet).
+$(VENV)/.installed-cli: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[cli]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $@ $(VENV)/.installed-local
+	touch $@ $(VENV)/.installed-cli
 
 # The AWS CDK CLI, pinned by package-lock.json (npm's `latest` aws-cdk is a stale 3.0.0).
 node_modules/.installed: package.json package-lock.json
@@ -27,7 +28,7 @@ node_modules/.installed: package.json package-lock.json
 synth: $(VENV)/.installed-dev node_modules/.installed
 	JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION=20 node_modules/.bin/cdk synth --quiet
 
-demo: $(VENV)/.installed-local
+demo: $(VENV)/.installed-cli
 	$(BIN)/python examples/build_demo_model.py -o examples/demo-model.pt
 	$(BIN)/chipscale run --source examples/rasterio_cogeo.tif --zoom $(DEMO_ZOOM) \
 		--model examples/demo-model.pt --out demo-out

@@ -19,8 +19,11 @@ from typing import IO, Any
 
 import click
 
-from chipscale.atomic import atomic_write
+from chipscale.atomic import atomic_write, refuse_overwrite
 from chipscale.errors import ChipscaleError, one_line
+from chipscale.pipes import die_of_sigpipe, reader_gone
+from chipscale.redaction import RedactingFormatter, remember, scrub
+from chipscale.safe_text import cell, markup, plural, printable
 from chipscale.tilelist import MAX_ZOOM, TileFormat, parse_tile, read_tile_list, write_tile_list
 
 log = logging.getLogger("chipscale")
@@ -29,21 +32,36 @@ DEFAULT_OUT = "chipscale-out"
 
 
 class ChipscaleGroup(click.Group):
-    """Turns expected failures into one-line errors and exit code 1."""
+    """Turns expected failures into one-line errors and exit code 1, and a reader that left
+    the pipe (``| head``) into a quiet death by SIGPIPE (see chipscale.pipes)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
-        except Exception as exc:
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a reader gone shows here, not in Python's final flush
+            return result
+        except Exception as raised:
+            if isinstance(raised, BrokenPipeError) and reader_gone():
+                die_of_sigpipe()
+            exc = _as_missing_extra(raised, ctx)
             if not _reported_in_one_line(exc):
                 raise
             if log.isEnabledFor(logging.DEBUG):
                 log.exception("failed")
-            click.echo(f"Error: {one_line(exc)}", err=True)
+            click.echo(f"Error: {printable(scrub(one_line(exc)))}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+
+
+def _as_missing_extra(exc: Exception, ctx: click.Context) -> Exception:
+    """An optional module's ModuleNotFoundError as the error naming its extra (chipscale.extras)."""
+    if isinstance(exc, ModuleNotFoundError):
+        from chipscale.extras import from_import_error
+
+        return from_import_error(exc, f"chipscale {ctx.invoked_subcommand}") or exc
+    return exc
 
 
 def _reported_in_one_line(exc: Exception) -> bool:
@@ -62,14 +80,14 @@ def _reported_in_one_line(exc: Exception) -> bool:
 def _console() -> Any:
     """A rich console for tables on stdout; as wide as needed when not a terminal (a pipe or a
     log file), where rich would otherwise wrap every cell at 80 columns."""
-    from rich.console import Console
+    from chipscale.pipes import stdout_console
 
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    return stdout_console() if sys.stdout.isatty() else stdout_console(width=160)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: object) -> None:
     """Warnings meant for the user (e.g. a slow strip-organised source), without source lines."""
-    click.echo(f"Warning: {message}", err=True)
+    click.echo(f"Warning: {printable(str(message))}", err=True)
 
 
 # ----------------------------------------------------------------------------- options
@@ -87,6 +105,18 @@ def _parse_bands(_ctx: click.Context, _param: click.Parameter, value: str | None
     if not bands or min(bands) < 1:
         raise click.BadParameter("band numbers start at 1")
     return bands
+
+
+def _parse_job(_ctx: click.Context, _param: click.Parameter, value: str | None):
+    """A --job the results stores and workers can keep (e.g. UTF-8 text), else bad usage."""
+    if value is None:
+        return None
+    from chipscale.messages import check_job
+
+    try:
+        return check_job(value)
+    except ChipscaleError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _parse_bbox(_ctx: click.Context, _param: click.Parameter, value: str | None):
@@ -131,8 +161,14 @@ def _db_option(required: bool = False):
         "--db",
         envvar="DATABASE_URL",
         required=required,
+        callback=_remember_secrets,
         help="Results store: sqlite:///path.db or postgresql://... (env DATABASE_URL).",
     )
+
+
+def _remember_secrets(_ctx: click.Context, _param: click.Parameter, value: str | None):
+    """A database URL's password, noted so that no error or log line can print it."""
+    return None if value is None else remember(value)
 
 
 @contextmanager
@@ -160,7 +196,9 @@ def cli(verbose: int, quiet: bool) -> None:
     Tiles are XYZ (x, y, z); one tile on the command line is written Z/X/Y.
     """
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     if not verbose:
         warnings.showwarning = _one_line_warning
     if verbose < 2:
@@ -262,7 +300,11 @@ def tile(source: str, tile: str, output: str, size: int, bands: tuple[int, ...] 
     "default: the bundled demo land-cover model.",
 )
 @bands_option
-@click.option("--job", help="Job name (default: SOURCE-NAME-zZOOM). Re-running a job resumes it.")
+@click.option(
+    "--job",
+    help="Job name (default: SOURCE-NAME-zZOOM). Re-running a job resumes it.",
+    callback=_parse_job,
+)
 @_db_option()
 @click.option(
     "--out",
@@ -309,16 +351,23 @@ def run(
     from chipscale.predictors import open_predictor
     from chipscale.progress import tile_progress
     from chipscale.runner import default_model_threads, run_local
-    from chipscale.stores import open_store
+    from chipscale.stores import open_store, store_files
 
     if aoi and tiles_file:
         raise click.UsageError("give --aoi or --tiles, not both")
     out = Path(out_dir)
     job = job or default_job_name(source, zoom)
     db = db or f"sqlite:///{out / 'results.db'}"
+    written = ["results.csv", "results.geojson"] + ([] if no_preview else ["preview.png"])
+    inputs = [source, tiles_file] if tiles_file else [source]
+    refuse_overwrite([out / n for n in written], store=store_files(db), inputs=inputs)
 
     # The model first: a wrong model file fails before any work on the area.
     predictor = open_predictor(model, threads=threads or default_model_threads())
+    if not no_preview:  # and what the end needs, before the work, not after
+        from chipscale.extras import require
+
+        require("matplotlib", "chipscale run's preview.png (--no-preview skips it)")
     if tiles_file:
         tiles = list(read_tile_list(tiles_file))
         other = {t.z for t in tiles} - {zoom}
@@ -328,8 +377,8 @@ def run(
             )
     else:
         tiles = list(cover_tiles(zoom, source=source, aoi=aoi))
-    click.echo(f"{len(tiles)} tiles at zoom {zoom} over {source}", err=True)
-    with open_store(db) as store, tile_progress(f"job {job}") as progress:
+    click.echo(printable(f"{plural(len(tiles), 'tile')} at zoom {zoom} over {source}"), err=True)
+    with open_store(db) as store, tile_progress(markup(f"job {job}")) as progress:
         summary = run_local(
             job=job,
             source=source,
@@ -343,7 +392,7 @@ def run(
             on_progress=progress.advance,
         )
         progress.stop()
-        _print_summary(summary, store.counts(job), predictor.info.name, db)
+        _print_summary(summary, store.counts(job), predictor.info.name, store.url)
         if summary.interrupted:
             click.echo("Interrupted: finished packs are stored; re-run to resume.", err=True)
             sys.exit(130)
@@ -361,8 +410,7 @@ def run(
                 out / "preview.png",
                 title=f"{job} - {predictor.info.name}",
             )
-    written = ["results.csv", "results.geojson"] + ([] if no_preview else ["preview.png"])
-    click.echo(f"Wrote {', '.join(str(out / n) for n in written)}", err=True)
+    click.echo(printable(f"Wrote {', '.join(str(out / n) for n in written)}"), err=True)
 
 
 def default_job_name(source: str, zoom: int) -> str:
@@ -381,7 +429,7 @@ def _print_summary(summary: Any, counts: dict[str, int], model_name: str, db: st
 
     from chipscale.job_status import remaining
 
-    table = Table(title=f"job {summary.job} ({model_name})", title_justify="left")
+    table = Table(title=cell(f"job {summary.job} ({model_name})"), title_justify="left")
     columns = ("tiles", "ok", "empty", "error", "remaining", "this run", "tiles/s")
     for column in columns:
         table.add_column(column, justify="right")
@@ -399,11 +447,12 @@ def _print_summary(summary: Any, counts: dict[str, int], model_name: str, db: st
         click.echo(
             f"time: {summary.seconds:.1f} s (worker time read {summary.read_seconds:.1f} s, "
             f"predict {summary.predict_seconds:.1f} s, write {summary.write_seconds:.1f} s); "
-            f"results in {db}",
+            f"results in {printable(db)}",
             err=True,
         )
     elif summary.skipped:
-        click.echo(f"Nothing to do: all {summary.skipped} tiles were done before.", err=True)
+        done = "the tile was" if summary.skipped == 1 else f"all {summary.skipped:,} tiles were"
+        click.echo(f"Nothing to do: {done} done before.", err=True)
 
 
 # ----------------------------------------------------------------------------- export
@@ -446,7 +495,7 @@ def db_setup(db: str | None, stack: str | None, region: str | None) -> None:
 @_db_option()
 @stack_option
 @region_option
-@click.option("--job", help="Job to export (default: every job).")
+@click.option("--job", help="Job to export (default: every job).", callback=_parse_job)
 @click.option(
     "-o",
     "--output",
@@ -473,6 +522,9 @@ def download(
     from chipscale.export import export_results, format_for
 
     _db_or_stack(db, stack)
+    from chipscale.stores import open_store, store_files
+
+    refuse_overwrite([output], store=store_files(db))
     fmt = format_for(output)
     if stack:
         from chipscale.operations import StackOperations
@@ -480,29 +532,27 @@ def download(
         answer = StackOperations.for_stack(stack, region=region).download(
             output, fmt=fmt, job=job, class_name=class_name, min_score=min_score
         )
+        where = f"s3://{answer['bucket']}/{answer['key']}"
         click.echo(
-            f"{answer['rows']} rows -> {output} (from s3://{answer['bucket']}/{answer['key']})",
-            err=True,
+            printable(f"{plural(answer['rows'], 'row')} -> {output} (from {where})"), err=True
         )
         return
-    from chipscale.stores import open_store
-
-    with open_store(db) as store:  # type: ignore[arg-type]
+    with open_store(db, create=False) as store:  # type: ignore[arg-type]
         count = export_results(store, job, output, class_name=class_name, min_score=min_score)
-    click.echo(f"{count} rows -> {output}", err=True)
+    click.echo(printable(f"{plural(count, 'row')} -> {output}"), err=True)
 
 
 @cli.command()
 @_db_option()
 @stack_option
 @region_option
-@click.option("--job", help="One job (default: every job in the store).")
+@click.option("--job", help="One job (default: every job in the store).", callback=_parse_job)
 @click.option(
     "--json",
     "as_json",
     is_flag=True,
-    help="Machine-readable output: the list of job reports; with --stack an object "
-    '{"jobs": [...], "queue": {...}}.',
+    help='Machine-readable output: {"jobs": [...], "queue": null}, the queue\'s view in '
+    '"queue" with --stack.',
 )
 def status(
     db: str | None, stack: str | None, region: str | None, job: str | None, as_json: bool
@@ -529,7 +579,7 @@ def status(
         from chipscale.job_status import job_reports
         from chipscale.stores import open_store
 
-        with open_store(db) as store:  # type: ignore[arg-type]
+        with open_store(db, create=False) as store:  # type: ignore[arg-type]
             report = job_reports(store, job)
             where = store.url
     if as_json:
@@ -541,11 +591,11 @@ def status(
     columns = (
         "job", "zoom", "model", "tiles", "pushed", "ok", "empty", "error", "remaining", "rejected"
     )  # fmt: skip
-    table = Table(title=f"jobs in {where}", title_justify="left")
+    table = Table(title=cell(f"jobs in {where}"), title_justify="left")
     for column in columns:
         table.add_column(column, justify="left" if column in ("job", "model") else "right")
     for row in report:
-        table.add_row(*("-" if row.get(c) is None else str(row[c]) for c in columns))
+        table.add_row(*(cell("-" if row.get(c) is None else row[c]) for c in columns))
     _console().print(table)
     if queue is not None:
         from chipscale.redrive import describe_queue_view
@@ -565,6 +615,7 @@ def convert_geojson(
     """Turn a downloaded results CSV into GeoJSON tile polygons (chip-n-scale's command)."""
     from chipscale.export import csv_to_geojson
 
+    refuse_overwrite([geojson_file], inputs=[csv_file])
     count = csv_to_geojson(csv_file, geojson_file, class_name=class_name, min_score=min_score)
     click.echo(f"{count} features -> {geojson_file}", err=True)
 
@@ -666,9 +717,10 @@ def serve(model_path: str, host: str, port: int, run_dir: str | None, **knobs: A
     """Serve MODEL (a .mar, or a .pt/.pt2 file packaged on the fly) with a local TorchServe.
 
     Started with model_server/config.properties, the GPU hosts' file; returns control only
-    once every worker is READY, and Ctrl-C stops TorchServe and its workers cleanly.
+    once every worker is READY; Ctrl-C, SIGTERM and SIGHUP stop TorchServe and its workers.
+    Ports already in use are refused.
     """
-    from chipscale.serving import TorchServe, default_run_dir, package_model
+    from chipscale.serving import TorchServe, default_run_dir, exit_on_termination, package_model
 
     run = Path(run_dir) if run_dir else default_run_dir()
     mar = Path(model_path)
@@ -679,16 +731,17 @@ def serve(model_path: str, host: str, port: int, run_dir: str | None, **knobs: A
         mar, run, host=host, inference_port=port, management_port=port + 1, metrics_port=port + 2
     )
     click.echo(f"Starting TorchServe for {mar.name} (logs in {run / 'logs'})...", err=True)
-    try:
-        server.start()
-        click.echo(f"Ready: {server.predictions_url}", err=True)
-        click.echo(f"  chipscale run --model {server.predictions_url} ...", err=True)
-        click.echo(f"  metrics: {server.metrics_url}/metrics   Ctrl-C stops.", err=True)
-        assert server.process is not None
-        code = server.process.wait()
-        raise ChipscaleError(f"TorchServe stopped (launcher exit {code}); see {run / 'logs'}")
-    finally:
-        server.stop()
+    with exit_on_termination():
+        try:
+            server.start()
+            click.echo(f"Ready: {server.predictions_url}", err=True)
+            click.echo(f"  chipscale run --model {server.predictions_url} ...", err=True)
+            click.echo(f"  metrics: {server.metrics_url}/metrics   Ctrl-C stops.", err=True)
+            assert server.process is not None
+            code = server.process.wait()
+            raise ChipscaleError(f"TorchServe stopped (launcher exit {code}); see {run / 'logs'}")
+        finally:
+            server.stop()
 
 
 # ----------------------------------------------------------------------------- verify
@@ -697,7 +750,11 @@ def serve(model_path: str, host: str, port: int, run_dir: str | None, **knobs: A
 @cli.command()
 @click.option("--stack", help="Deployed stack to check (its CloudFormation outputs name it all).")
 @click.option("--endpoint", help="Check this predictions URL directly (a tunnel, a local serve).")
-@click.option("--db", help="Check this postgresql:// database directly (a tunnel, local runs).")
+@click.option(
+    "--db",
+    callback=_remember_secrets,
+    help="Check this postgresql:// database directly (a tunnel, local runs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify(stack: str | None, endpoint: str | None, db: str | None, as_json: bool) -> None:
     """Smoke-test a deployment: queue, dead-letter queue, event source, worker function, GPU
@@ -729,7 +786,7 @@ def verify(stack: str | None, endpoint: str | None, db: str | None, as_json: boo
         for column in ("check", "ok", "detail"):
             table.add_column(column)
         for r in results:
-            table.add_row(r.name, "ok" if r.ok else "[red]FAIL[/red]", r.detail)
+            table.add_row(r.name, "ok" if r.ok else "[red]FAIL[/red]", cell(r.detail))
         _console().print(table)
     failed = failures(results)
     if failed:
@@ -765,13 +822,13 @@ def _push_tiles(
     """The tiles to push: a tile list (``-`` is stdin), or the cover of the source's
     footprint, the AOI and the bbox intersected (as ``chipscale cover`` does)."""
     from chipscale.push import is_xyz_template
-    from chipscale.tilelist import iter_tile_lines
+    from chipscale.tilelist import read_tile_stream
 
     if tiles_file is not None:
         if aoi or bbox:
             raise click.UsageError("give a tile list or --aoi/--bbox, not both")
         if tiles_file == "-":
-            return iter_tile_lines(click.get_text_stream("stdin"), name="<stdin>")
+            return read_tile_stream(click.get_binary_stream("stdin"), name="<stdin>")
         return read_tile_list(tiles_file)
     footprint = source if source is not None and not is_xyz_template(source) else None
     if footprint is None and aoi is None and bbox is None:
@@ -829,8 +886,9 @@ def _push_summary_line(summary: Any) -> str:
     messages = summary.messages if summary.dry_run else summary.messages_sent
     skipped = f" ({summary.skipped:,} skipped as done)" if summary.skipped else ""
     line = (
-        f"job {summary.job}: {verb} {tiles:,} tiles{skipped} in {messages:,} messages with "
-        f"{summary.requests:,} SQS requests ({summary.requests_per_1000_tiles:.2f} per 1,000 "
+        f"job {summary.job}: {verb} {plural(tiles, 'tile')}{skipped} in "
+        f"{plural(messages, 'message')} with {plural(summary.requests, 'SQS request')} "
+        f"({summary.requests_per_1000_tiles:.2f} per 1,000 "
         f"tiles; chip-n-scale: 1,000), {summary.bytes:,} bytes, {summary.seconds:.1f} s"
     )
     if summary.dry_run:
@@ -988,13 +1046,14 @@ def push(
             raise
         if not dry_run:
             _record_push(jobs, job, source, plan, summary, **details)
-    click.echo(_push_summary_line(summary), err=True)
+    click.echo(printable(_push_summary_line(summary)), err=True)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
     if not summary.ok:
         raise ChipscaleError(
-            f"{summary.failed_tiles:,} tiles in {summary.failed_messages:,} messages were not "
-            f"queued: {'; '.join(summary.failure_reasons)}"
+            f"{plural(summary.failed_tiles, 'tile')} in "
+            f"{plural(summary.failed_messages, 'message')} could not be queued: "
+            f"{'; '.join(summary.failure_reasons)}"
         )
 
 
@@ -1008,7 +1067,7 @@ def _run_push(
 
     verb = "counting" if sender is None else "pushing"
     try:
-        with tile_progress(f"{verb} job {job}") as progress:
+        with tile_progress(markup(f"{verb} job {job}")) as progress:
             progress.start(plan.todo, plan.skipped)
             return run_push(
                 plan,
@@ -1124,7 +1183,7 @@ def _redrive_summary_line(summary: Any) -> str:
             f" ({summary.fallback_reason})" if summary.fallback_reason else ""
         )
     return (
-        f"moved {summary.moved:,} messages from {queue_name(summary.dlq_url)} to "
+        f"moved {plural(summary.moved, 'message')} from {queue_name(summary.dlq_url)} to "
         f"{queue_name(summary.queue_url)}, {summary.failed:,} failed, {summary.seconds:.1f} s; "
         f"{how}"
     )
@@ -1201,13 +1260,14 @@ def redrive_command(
         for message in messages:
             click.echo(json.dumps(message.to_dict()))
         click.echo(
-            f"{len(messages)} of {pair.dlq.visible:,} messages of {dlq_name} shown; nothing moved",
+            f"{len(messages)} of {plural(pair.dlq.visible, 'message')} of {dlq_name} shown; "
+            "nothing moved",
             err=True,
         )
         return
     in_flight = f" ({pair.dlq.in_flight:,} more in flight)" if pair.dlq.in_flight else ""
     click.echo(
-        f"dead-letter queue {dlq_name}: {pair.to_move:,} messages{in_flight}; "
+        f"dead-letter queue {dlq_name}: {plural(pair.to_move, 'message')}{in_flight}; "
         f"queue {queue_name_}: {pair.queue.visible:,} waiting",
         err=True,
     )
@@ -1218,10 +1278,10 @@ def redrive_command(
     if not yes:
         if not _can_prompt():
             raise click.UsageError(
-                f"no terminal to confirm moving {count:,} messages on: pass --yes to move them"
+                f"no terminal to confirm moving {plural(count, 'message')}: pass --yes to move them"
             )
         if not click.confirm(
-            f"Move {count:,} messages from {dlq_name} back to {queue_name_}?", err=True
+            f"Move {plural(count, 'message')} from {dlq_name} back to {queue_name_}?", err=True
         ):
             click.echo("Nothing moved.", err=True)
             raise click.exceptions.Exit(1)
@@ -1240,7 +1300,8 @@ def redrive_command(
     click.echo(_redrive_summary_line(summary), err=True)
     if summary.undeleted:
         click.echo(
-            f"Warning: {summary.undeleted:,} messages went to {queue_name_} but their delete "
+            f"Warning: {plural(summary.undeleted, 'message')} went to {queue_name_} but their "
+            "delete "
             f"from {dlq_name} failed: a later redrive sends them again (harmless: the worker's "
             "writes are idempotent)",
             err=True,
@@ -1249,7 +1310,7 @@ def redrive_command(
         click.echo(json.dumps(summary.to_dict(), indent=2))
     if not summary.ok:
         raise ChipscaleError(
-            f"{summary.failed:,} messages were not moved and stay in {dlq_name}: "
+            f"{plural(summary.failed, 'message')} could not be moved (still in {dlq_name}): "
             f"{'; '.join(summary.failure_reasons)}; run redrive again to retry them"
         )
 

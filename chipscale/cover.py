@@ -13,20 +13,25 @@ cut at +-180 (RFC 7946), so each piece covers its own side of the grid.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import mercantile
+import numpy as np
+import shapely
 from mercantile import Tile
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
 from rasterio.warp import transform_geom
 from shapely import prepared
+from shapely.errors import GEOSException
 from shapely.geometry import MultiPolygon, Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
-from chipscale.errors import AOIError, SourceError
+from chipscale.errors import AOIError, SourceError, cut, one_line, quoted
 from chipscale.gdal_env import gdal_env
 from chipscale.tilelist import MAX_ZOOM
 from chipscale.tiles import open_source
@@ -51,11 +56,12 @@ def parse_bbox(text: str) -> BBox:
     try:
         west, south, east, north = (float(v) for v in text.split(","))
     except ValueError:
-        raise AOIError(f"bbox {text!r} is not four numbers W,S,E,N") from None
+        raise AOIError(f"bbox {quoted(text)} is not four numbers W,S,E,N") from None
+    # Written so that NaN fails each test (every comparison with NaN is false).
     if not (-180 <= west <= 180 and -180 <= east <= 180):
-        raise AOIError(f"bbox {text!r}: longitudes must be within -180..180")
+        raise AOIError(f"bbox {quoted(text)}: longitudes must be within -180..180")
     if not (-90 <= south < north <= 90):
-        raise AOIError(f"bbox {text!r}: latitudes must be within -90..90 with S < N")
+        raise AOIError(f"bbox {quoted(text)}: latitudes must be within -90..90 with S < N")
     return west, south, east, north
 
 
@@ -72,57 +78,112 @@ def read_aoi(path: str | Path) -> BaseGeometry:
 
     Coordinates are EPSG:4326 unless the file declares another CRS with the (pre-RFC 7946)
     ``crs`` member, e.g. ``{"type": "name", "properties": {"name": "EPSG:3857"}}``.
+    Latitudes beyond web mercator's +-85.05 are clipped; a coordinate off the globe (or not
+    a finite number) is an :class:`AOIError`. An invalid polygon (e.g. a self-intersecting
+    ring) is repaired keeping every part of its area, with one warning.
     """
     path = Path(path)
+    name = quoted(str(path), limit=300)  # a path is worth showing whole
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_a_number)
     except OSError as exc:
-        raise AOIError(f"Cannot read AOI {str(path)!r}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AOIError(f"AOI {str(path)!r} is not GeoJSON: {exc}") from None
+        raise AOIError(f"Cannot read AOI {name}: {exc.strerror}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN or Infinity
+        raise AOIError(f"AOI {name} is not GeoJSON: {cut(one_line(exc))}") from None
+    except RecursionError:
+        raise AOIError(f"AOI {name} is nested too deeply to be GeoJSON") from None
     if not isinstance(doc, dict):
-        raise AOIError(f"AOI {str(path)!r} is not a GeoJSON object")
-    geometries = list(_geometries(doc, str(path)))
-    polygons = [g for g in geometries if g.get("type") in ("Polygon", "MultiPolygon")]
+        raise AOIError(f"AOI {name} is not a GeoJSON object")
+    polygons = [g for g in _geometries(doc, name) if g["type"] in ("Polygon", "MultiPolygon")]
     if not polygons:
-        raise AOIError(f"AOI {str(path)!r} has no Polygon or MultiPolygon")
-    crs = _declared_crs(doc, str(path))
-    parts = []
+        raise AOIError(f"AOI {name} has no Polygon or MultiPolygon")
+    crs = _declared_crs(doc, name)
+    parts, repairs = [], []
     for geom in polygons:
-        if crs != WGS84:
-            geom = transform_geom(crs, WGS84, geom, antimeridian_cutting=True)
         try:
-            parts.append(_lonlat_shape(geom))
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise AOIError(f"AOI {str(path)!r} has an invalid geometry: {exc}") from None
+            if crs != WGS84:
+                geom = transform_geom(crs, WGS84, geom, antimeridian_cutting=True)
+            lonlat = shape(geom)
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            raise AOIError(f"AOI {name} has an invalid geometry: {cut(one_line(exc))}") from None
+        except (RecursionError, GEOSException):
+            raise AOIError(f"AOI {name} has an invalid geometry") from None
+        _check_lonlat(lonlat, name)
+        if not lonlat.is_valid:
+            repairs.append(shapely.is_valid_reason(lonlat))
+        parts.append(_lonlat_shape(lonlat))
+    if repairs:
+        warnings.warn(
+            f"AOI {name} had {len(repairs)} invalid polygon(s) ({repairs[0]}); repaired "
+            "keeping every part of the area",
+            stacklevel=2,
+        )
     area = unary_union(parts).intersection(WORLD)
     if area.is_empty:
-        raise AOIError(f"AOI {str(path)!r} is empty inside the web-mercator world")
+        raise AOIError(f"AOI {name} is empty inside the web-mercator world")
     return area
 
 
+def _not_a_number(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not a number JSON allows")
+
+
+def _check_lonlat(geom: BaseGeometry, name: str) -> None:
+    """Refuse coordinates off the globe: a longitude beyond +-360 (+-180, or a ring written
+    on across the antimeridian), a latitude beyond +-90, a polygon wider than the world."""
+    coords = shapely.get_coordinates(geom)
+    lon, lat = coords[:, 0], coords[:, 1]
+    bad = ~np.isfinite(coords).all(axis=1) | (np.abs(lon) > 360) | (np.abs(lat) > 90)
+    if bad.any():
+        x, y = coords[int(np.argmax(bad))]
+        raise AOIError(
+            f"AOI {name}: coordinate ({x:g}, {y:g}) is off the globe (longitude within "
+            "-180..180, latitude within -90..90)"
+        )
+    if len(coords) and lon.max() - lon.min() > 360:
+        raise AOIError(
+            f"AOI {name}: a polygon spans {lon.max() - lon.min():g} degrees of longitude, "
+            "more than the world's 360"
+        )
+
+
 def _geometries(doc: dict, name: str) -> Iterator[dict]:
-    kind = doc.get("type")
-    if kind == "FeatureCollection":
-        for feature in doc.get("features") or []:
-            yield from _geometries(feature, name)
-    elif kind == "Feature":
-        if doc.get("geometry"):
-            yield from _geometries(doc["geometry"], name)
-    elif kind == "GeometryCollection":
-        for geom in doc.get("geometries") or []:
-            yield from _geometries(geom, name)
-    elif kind in (
-        "Polygon",
-        "MultiPolygon",
-        "Point",
-        "MultiPoint",
-        "LineString",
-        "MultiLineString",
-    ):
-        yield doc
-    else:
-        raise AOIError(f"AOI {name!r}: unknown GeoJSON type {kind!r}")
+    """The geometries of a GeoJSON object, walked with a stack (no recursion to exhaust)."""
+    todo: list[Any] = [doc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, dict):
+            raise AOIError(
+                f"AOI {name}: features and geometries must be GeoJSON objects, "
+                f"not {type(item).__name__}"
+            )
+        kind = item.get("type")
+        if kind == "FeatureCollection":
+            todo.extend(reversed(_members(item, "features", name)))
+        elif kind == "Feature":
+            if item.get("geometry"):
+                todo.append(item["geometry"])
+        elif kind == "GeometryCollection":
+            todo.extend(reversed(_members(item, "geometries", name)))
+        elif kind in (
+            "Polygon",
+            "MultiPolygon",
+            "Point",
+            "MultiPoint",
+            "LineString",
+            "MultiLineString",
+        ):
+            yield item
+        else:
+            shown = quoted(kind) if isinstance(kind, str) else type(kind).__name__
+            raise AOIError(f"AOI {name}: unknown GeoJSON type {shown}")
+
+
+def _members(item: dict, key: str, name: str) -> list[Any]:
+    members = item.get(key) or []
+    if not isinstance(members, list):
+        raise AOIError(f"AOI {name}: {key} is not a list")
+    return members
 
 
 def _declared_crs(doc: dict, name: str) -> CRS:
@@ -132,15 +193,25 @@ def _declared_crs(doc: dict, name: str) -> CRS:
     try:
         crs_name = crs_member["properties"]["name"]
         return CRS.from_user_input(crs_name.replace("urn:ogc:def:crs:", "").replace("::", ":"))
-    except (KeyError, TypeError, CRSError) as exc:
-        raise AOIError(f"AOI {name!r}: cannot understand its crs member ({exc})") from None
+    except (KeyError, TypeError, AttributeError, CRSError) as exc:
+        raise AOIError(
+            f"AOI {name}: cannot understand its crs member ({cut(one_line(exc))})"
+        ) from None
 
 
-def _lonlat_shape(geom: dict) -> BaseGeometry:
-    """A shapely geometry from lon/lat GeoJSON, with a ring that wraps past 180 unwrapped."""
-    result = shape(geom)
+def _lonlat_shape(geom: BaseGeometry) -> BaseGeometry:
+    """A valid lon/lat area, with a ring that wraps past 180 unwrapped.
+
+    An invalid polygon is repaired by GEOS's ``make_valid`` (the "structure" method: the
+    union of what the rings enclose, so a bow tie keeps both lobes), keeping only areas.
+    """
+    result = geom
     if not result.is_valid:
-        result = result.buffer(0)
+        repaired = shapely.make_valid(result, method="structure", keep_collapsed=False)
+        polygons = [p for p in shapely.get_parts(repaired) if p.geom_type.endswith("Polygon")]
+        result = unary_union(polygons) if polygons else Polygon()
+    if result.is_empty:
+        return result
     west, _, east, _ = result.bounds
     if east > 180 or west < -180:
         # A ring written continuously across the antimeridian (e.g. 179 .. 181): split it.
@@ -174,7 +245,7 @@ def source_footprint(source: str) -> BaseGeometry:
     geom = {"type": "Polygon", "coordinates": [ring]}
     if crs != WGS84:
         geom = transform_geom(crs, WGS84, geom, antimeridian_cutting=True, precision=-1)
-    footprint = _lonlat_shape(geom).intersection(WORLD)
+    footprint = _lonlat_shape(shape(geom)).intersection(WORLD)
     if footprint.is_empty:
         raise SourceError(f"Source {source!r} lies outside the web-mercator world")
     return footprint

@@ -16,6 +16,34 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+#: How much of a user's text an error message quotes.
+QUOTE_LIMIT = 80
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(text)``, cut to ``limit`` characters: error messages quote user input (a tile
+    list line, an option, a GeoJSON member), which can be megabytes long.
+
+    >>> quoted("17-44-6")
+    "'17-44-6'"
+    >>> quoted("x" * 1000, limit=5)
+    "'xxxxx'... (1,000 characters)"
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+def cut(text: str, limit: int = 4 * QUOTE_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters: for a message that may quote user input (e.g. a
+    parser's) inside an error of ours.
+
+    >>> cut("could not convert " + "x" * 1000, limit=20)
+    'could not convert xx... (1,018 characters)'
+    """
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def storable_text(text: str) -> str:
     """``text`` with what no results store can keep replaced by U+FFFD: NUL (PostgreSQL's
     text refuses it) and lone surrogates (UTF-8 has none). Error texts quote servers and
@@ -75,8 +103,21 @@ class PartialPrediction(ModelFormatError):
         super().__init__(f"{len(self.failed)} of {len(scores)} tiles refused by the model: {first}")
 
 
+class MissingExtraError(ChipscaleError):
+    """An optional module a command needs is not installed (see chipscale.extras)."""
+
+
 class StoreError(ChipscaleError):
     """A results store URL or file is unusable."""
+
+
+class JobConflict(StoreError):
+    """A job exists with another source or model: its source and model are fixed when it is
+    created, so its rows never mix two images or two models."""
+
+
+class OutputError(ChipscaleError):
+    """An output path names an input of the same command, or its results store."""
 
 
 class TransientError(ChipscaleError):

@@ -33,6 +33,8 @@ import mercantile
 
 from chipscale.atomic import atomic_write
 from chipscale.errors import ChipscaleError
+from chipscale.extras import missing_message
+from chipscale.safe_text import from_spreadsheet_text, spreadsheet_text
 from chipscale.stores.base import ResultStore
 from chipscale.tilelist import make_tile
 from chipscale.types import ResultRow
@@ -75,6 +77,8 @@ GEOPARQUET_BATCH_ROWS = 10_000
 #: GeoParquet's own columns, after the CSV's.
 GEOMETRY_COLUMNS = ("geometry", "bbox")
 _BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
+#: CSV quoting: minimal, or all for a row with a lone "\r" (csv leaves it unquoted).
+_QUOTINGS = (csv.QUOTE_MINIMAL, csv.QUOTE_ALL)
 
 PathLike = str | os.PathLike[str]
 
@@ -225,17 +229,18 @@ def _check_classes(classes: Sequence[str], reserved: Sequence[str] = ()) -> list
 
 
 def write_csv(rows: Iterable[ResultRow], out: TextIO | PathLike, classes: Sequence[str]) -> int:
-    """Write rows as CSV (header first); return how many rows were written."""
+    """Write rows as CSV (header first, text cells formula-safe); return how many were written."""
     classes = _check_classes(classes)
     count = 0
     with _opened(out) as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow([*FIXED_HEAD, *classes, *FIXED_TAIL])
+        writers = [csv.writer(handle, lineterminator="\n", quoting=q) for q in _QUOTINGS]
+        writers[0].writerow([*FIXED_HEAD, *map(spreadsheet_text, classes), *FIXED_TAIL])
         for row in rows:
             head, class_values = _row_values(row, classes)
             scores = ["" if v is None else repr(v) for v in class_values]
-            tail = [row.model_name or "", row.model_version or "", row.error or ""]
-            writer.writerow([*head, *scores, *tail])
+            text = [row.job, row.model_name or "", row.model_version or "", row.error or ""]
+            job, *tail = map(spreadsheet_text, text)
+            writers["\r" in "".join(text)].writerow([job, *head[1:], *scores, *tail])
             count += 1
     return count
 
@@ -290,13 +295,10 @@ def require_pyarrow() -> tuple[Any, Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise ExportError(
-            "GeoParquet export needs pyarrow: pip install 'chipscale[parquet]'"
-        ) from None
+        raise ExportError(missing_message("pyarrow", "GeoParquet export")) from None
     if not hasattr(pq.ParquetWriter, "add_key_value_metadata"):
         raise ExportError(
-            f"GeoParquet export needs pyarrow>=17, not {pa.__version__}: "
-            "pip install 'chipscale[parquet]'"
+            missing_message(f"pyarrow>=17 (not {pa.__version__})", "GeoParquet export", "parquet")
         )
     return pa, pq
 
@@ -511,7 +513,7 @@ def read_csv_rows(
         if owned:
             handle.close()
         raise ExportError(f"{name!r} is not a CSV: {exc}") from None
-    header = [h.strip() for h in header]
+    header = [from_spreadsheet_text(h.strip()) for h in header]
     if all(col in header for col in (*FIXED_HEAD, *FIXED_TAIL)):
         start, end = header.index("status") + 1, header.index("model_name")
         found = header[start:end]
@@ -566,15 +568,15 @@ def _ours(
                     int(values[index["x"]]), int(values[index["y"]]), int(values[index["z"]])
                 )
                 yield ResultRow(
-                    job=values[index["job"]],
+                    job=from_spreadsheet_text(values[index["job"]]),
                     z=tile.z,
                     x=tile.x,
                     y=tile.y,
                     status=status,  # type: ignore[arg-type]
                     output=scores if status == "ok" else None,
-                    error=values[index["error"]] or None,
-                    model_name=values[index["model_name"]] or None,
-                    model_version=values[index["model_version"]] or None,
+                    error=from_spreadsheet_text(values[index["error"]]) or None,
+                    model_name=from_spreadsheet_text(values[index["model_name"]]) or None,
+                    model_version=from_spreadsheet_text(values[index["model_version"]]) or None,
                     attempts=0,
                     created_at="",
                     updated_at="",

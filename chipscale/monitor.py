@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from chipscale import names
 from chipscale.errors import ChipscaleError, one_line
+from chipscale.extras import missing_message
 from chipscale.prometheus import TorchServeMetrics
 
 if TYPE_CHECKING:
@@ -1131,7 +1132,7 @@ def plot(history: History, path: str, *, title: str = "") -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MonitorError("--plot needs matplotlib: pip install 'chipscale[local]'") from None
+        raise MonitorError(missing_message("matplotlib", "--plot")) from None
     period = history.window.period_s
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     try:

@@ -924,7 +924,9 @@ def record_job(
 
     The model fields (name, version, classes) are the worker's to fill, so an existing
     record's are kept, as are its other ``extra`` keys. ``tiles_total`` is every tile of the
-    job, those a resume skipped included, so ``chipscale status`` counts what remains.
+    job, those a resume skipped included, so ``chipscale status`` counts what remains. A
+    job recorded with another source (messages without one read the worker's default:
+    :data:`WORKER_DEFAULT_SOURCE`) is refused with :class:`~chipscale.errors.JobConflict`.
 
     This is the hook for ``--stack`` pushes too: there the database sits inside the VPC, and
     the operations Lambda will call this with the same arguments.
@@ -941,7 +943,7 @@ def record_job(
     else:
         info = replace(
             existing,
-            source=source or existing.source,
+            source=source or WORKER_DEFAULT_SOURCE,
             zoom=zoom if zoom is not None else existing.zoom,
             tiles_total=tiles_total,
             extra={**existing.extra, **extra},
@@ -967,7 +969,8 @@ class StoreJobs:
     def done_tiles(self, job: str) -> set[Tile]:
         from chipscale.stores import open_store
 
-        with open_store(self.url) as store:
+        # A resume reads: a mistyped store is an error, not an empty one (all pushed again).
+        with open_store(self.url, create=False) as store:
             return store.done_tiles(job)
 
 

@@ -9,7 +9,8 @@ alone, so its neighbours in the batch are deleted and never redone. What an exce
 means follows :mod:`chipscale.errors`:
 
 * a message that can never succeed (not JSON, wrong schema, a tile off the grid, more tiles
-  than ``max_tiles_per_message``, a source outside the allow-list) is recorded in the store's
+  than ``max_tiles_per_message``, a source outside the allow-list, a job recorded with
+  another source or model: see :meth:`QueueWorker.job_refusal`) is recorded in the store's
   ``rejects`` table with its reason and *returned from*, so SQS deletes it instead of
   redelivering it until the dead-letter queue;
 * a source that is not a raster, or tiles the model refuses, become ``error`` rows inside
@@ -25,22 +26,24 @@ kept for the life of the container.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from chipscale import names
+from chipscale.allowed_sources import check_prefix, source_refusal
 from chipscale.errors import ChipscaleError, InvalidMessageError, TransientError
-from chipscale.messages import parse_message, storable
+from chipscale.messages import PackMessage, load_body, parse_message, storable
 from chipscale.packs import DEFAULT_MAX_TILES
 from chipscale.predictors import Predictor
+from chipscale.push import WORKER_DEFAULT_SOURCE
 from chipscale.stores import ResultStore
+from chipscale.stores.base import job_conflict
 from chipscale.torchserve_client import ModelChanged
-from chipscale.types import MAX_REJECTED_BODY, Rejection
+from chipscale.types import MAX_REJECTED_BODY, JobInfo, Rejection
 from chipscale.worker import PackOutcome, PackResults, predict_pack
 
 log = logging.getLogger(__name__)
@@ -88,57 +91,30 @@ class WorkerSettings:
             raise WorkerConfigError(
                 f"{names.ENV_MAX_TILES_PER_MESSAGE}={raw_max!r} is not a number"
             ) from None
-        allowed = environ.get(names.ENV_ALLOWED_SOURCES, "")
+        allowed = tuple(
+            p.strip() for p in environ.get(names.ENV_ALLOWED_SOURCES, "").split(",") if p.strip()
+        )
+        for prefix in allowed:
+            try:
+                check_prefix(prefix)
+            except InvalidMessageError as exc:
+                raise WorkerConfigError(f"{names.ENV_ALLOWED_SOURCES}: {exc}") from None
         return cls(
             model_url=model_url,
             max_tiles=max_tiles,
             default_job=environ.get(names.ENV_DEFAULT_JOB) or None,
             default_source=environ.get(names.ENV_DEFAULT_SOURCE) or None,
-            allowed_sources=tuple(p.strip() for p in allowed.split(",") if p.strip()),
+            allowed_sources=allowed,
         )
-
-
-def source_refusal(source: str, allowed: Sequence[str]) -> str | None:
-    """Why the cloud worker must not read ``source``, or None when it may.
-
-    s3:// sources must lie under an allowed ``s3://`` prefix (the worker's IAM role reads only
-    those buckets anyway; refusing here records a clear reason instead of an AccessDenied).
-    http(s) sources must match an allowed http(s) prefix when any is configured, and are
-    open otherwise. Anything else (a local path, a GDAL ``/vsi`` path) would read the
-    Lambda's own file system and is refused.
-
-    >>> source_refusal("s3://tiles/a/x.tif", ["s3://tiles/a/"]) is None
-    True
-    >>> source_refusal("s3://tiles-b/x.tif", ["s3://tiles/"])
-    "source 's3://tiles-b/x.tif' is outside the allowed sources: s3://tiles/"
-    """
-    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
-    if scheme == "s3":
-        candidates = [p for p in allowed if p.startswith("s3://")]
-    elif scheme in ("http", "https"):
-        candidates = [p for p in allowed if p.startswith(("http://", "https://"))]
-        if not candidates:
-            return None
-    else:
-        return f"source {source!r} is not an s3:// or http(s):// URL"
-    if any(source.startswith(_as_prefix(p)) for p in candidates):
-        return None
-    listed = ", ".join(candidates) or "(no s3:// source is configured)"
-    return f"source {source!r} is outside the allowed sources: {listed}"
-
-
-def _as_prefix(allowed: str) -> str:
-    """``s3://bucket`` allows ``s3://bucket/...``, never ``s3://bucket-other/...``."""
-    scheme, _, rest = allowed.partition("://")
-    return allowed if "/" in rest else f"{scheme}://{rest}/"
 
 
 def job_of(body: str) -> str | None:
     """The job named by a body that failed validation, if it is readable at all (for status)."""
     try:
-        job = json.loads(body).get("job")
-    except (ValueError, AttributeError):
+        doc = load_body(body)
+    except InvalidMessageError:
         return None
+    job = doc.get("job") if isinstance(doc, dict) else None
     return job[:200] if isinstance(job, str) and storable(job) else None
 
 
@@ -166,6 +142,7 @@ class QueueWorker:
         self._clock = clock
         self._predictor: Predictor | None = None
         self._store: ResultStore | None = None
+        self._jobs: dict[str, JobInfo] = {}  # recorded jobs seen (see job_refusal)
 
     @property
     def store(self) -> ResultStore:
@@ -201,6 +178,7 @@ class QueueWorker:
             self._reject(message_id, str(exc), body, job_of(body))
             return None
         refusal = source_refusal(message.source, settings.allowed_sources)
+        refusal = refusal or self.job_refusal(message)
         if refusal is not None:
             self._reject(message_id, refusal, body, message.job)
             return None
@@ -215,6 +193,27 @@ class QueueWorker:
             # Hosts rolled to another model: the next message starts on the new version.
             self._drop_predictor()
             raise
+
+    def job_refusal(self, message: PackMessage) -> str | None:
+        """Why ``message``'s rows may not go into its job, or None: a recorded job keeps the
+        source and model it was created with (:func:`chipscale.stores.base.job_conflict`).
+        A job recorded by a push without a source reads the worker's default. A job no one
+        recorded may be written. Recorded jobs are kept for the container's life (their
+        source and model never change), so a job costs one lookup per container."""
+        recorded = self._jobs.get(message.job)
+        if recorded is None:
+            recorded = self.store.get_job(message.job)
+            if recorded is None:
+                return None
+            if recorded.source == WORKER_DEFAULT_SOURCE and self.settings.default_source:
+                recorded = replace(recorded, source=self.settings.default_source)
+            self._jobs[message.job] = recorded
+        wanted = JobInfo(message.job, message.source)
+        if recorded.model_name is not None:
+            info = self.predictor.info
+            wanted = replace(wanted, model_name=info.name, model_version=info.version)
+        conflict = job_conflict(recorded, wanted)
+        return None if conflict is None else str(conflict)
 
     def store_packs(self, packs: Sequence[PackResults]) -> list[PackOutcome | Exception]:
         """Store the rows of ``packs`` in one write; for each pack its outcome, or the

@@ -30,7 +30,6 @@ idempotent writes absorb.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -46,8 +45,10 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from chipscale.errors import ChipscaleError, one_line
+from chipscale.errors import ChipscaleError, InvalidMessageError, one_line
+from chipscale.messages import load_body
 from chipscale.push import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES
+from chipscale.safe_text import plural
 from chipscale.stack import CREDENTIALS_HELP, NoCredentials, NoRegion
 
 Method = Literal["auto", "move-task", "receive"]
@@ -222,7 +223,7 @@ def describe_queue_view(view: Mapping[str, Any], *, stack: str | None = None) ->
     ]
     dlq = view["dlq"]
     depth = int(dlq["visible"]) + int(dlq["in_flight"])
-    line = f"dead-letter queue {queue_name(dlq['url'])}: {depth} messages"
+    line = f"dead-letter queue {queue_name(dlq['url'])}: {plural(depth, 'message')}"
     if dlq["in_flight"]:
         line += f" ({dlq['in_flight']} in flight)"
     if depth and stack:
@@ -285,8 +286,8 @@ def describe_body(body: str) -> tuple[str | None, int | None]:
     (None, None)
     """
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = load_body(body)  # the workers' parser: a poison body is described, not raised
+    except InvalidMessageError:
         return None, None
     if not isinstance(doc, dict):
         return None, None

@@ -109,11 +109,9 @@ def run_local(
     each pack with its tile count: the CLI draws its progress bar from them.
     """
     info = predictor.info
-    _check_same_job(store.get_job(job), source, info.name, info.version)
     all_tiles = list(dict.fromkeys(tiles))
-    done = store.done_tiles(job)
-    todo = [t for t in all_tiles if t not in done]
-    summary = RunSummary(job=job, total=len(all_tiles), skipped=len(all_tiles) - len(todo))
+    # Recorded first, atomically: a job of another source or model is refused before any
+    # work, even when another run is creating it at this moment (JobConflict).
     store.start_job(
         JobInfo(
             job=job,
@@ -125,6 +123,9 @@ def run_local(
             classes=info.classes,
         )
     )
+    done = store.done_tiles(job)
+    todo = [t for t in all_tiles if t not in done]
+    summary = RunSummary(job=job, total=len(all_tiles), skipped=len(all_tiles) - len(todo))
     if on_start:
         on_start(len(todo), summary.skipped)
     if not todo:
@@ -181,28 +182,6 @@ def run_local(
             "re-run the same command to resume"
         )
     return summary
-
-
-def _check_same_job(
-    recorded: JobInfo | None, source: str, model_name: str, model_version: str
-) -> None:
-    """A resumed job must keep its source and model, or its results would mix two runs."""
-    if recorded is None:
-        return
-    if recorded.source != source:
-        raise RunError(
-            f"job {recorded.job!r} reads {recorded.source}, not {source}: "
-            "give this run its own --job name"
-        )
-    if recorded.model_name and (recorded.model_name, recorded.model_version) != (
-        model_name,
-        model_version,
-    ):
-        raise RunError(
-            f"job {recorded.job!r} was scored by {recorded.model_name} "
-            f"v{recorded.model_version}, not {model_name} v{model_version}: "
-            "give this run its own --job name"
-        )
 
 
 def _join(threads: list[threading.Thread]) -> None:

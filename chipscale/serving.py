@@ -11,6 +11,7 @@ logs, pid file and worker sockets go to a run directory, never the cwd.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -23,11 +24,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chipscale.errors import ChipscaleError, ModelFormatError
+from chipscale.extras import missing_message
 from chipscale.names import INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT
 
 MODEL_SERVER_DIR = Path(__file__).resolve().parents[1] / "model_server"
@@ -115,6 +118,7 @@ def package_model(
     """
     from chipscale.predictors import read_model_metadata
 
+    archiver = _venv_tool("torch-model-archiver", ("model_archiver", "torch"), "packaging a model")
     model = Path(model)
     meta = read_model_metadata(model)
     name = _agree("name", meta.get("name"), name)
@@ -137,7 +141,7 @@ def package_model(
         serialized = Path(tmp) / f"{name}{model.suffix or '.pt'}"
         shutil.copyfile(model, serialized)
         cmd = [
-            _venv_tool("torch-model-archiver"),
+            archiver,
             "--model-name", name,
             "--version", version,
             "--serialized-file", str(serialized),
@@ -165,14 +169,21 @@ def _agree(field_name: str, from_file: Any, from_flag: str | None) -> str:
     return str(value)
 
 
-def _venv_tool(name: str) -> str:
-    """A console script of this interpreter's environment (TorchServe runs from the venv)."""
+def _venv_tool(name: str, modules: tuple[str, ...], needed_for: str) -> str:
+    """A console script of this interpreter's environment (TorchServe runs from the venv),
+    or the one-line error naming the ``model`` extra when it or a module it needs is not
+    installed (the script fails later, and less clearly, without its modules)."""
+    for module in modules:
+        try:
+            installed = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            installed = False
+        if not installed:
+            raise ServingError(missing_message(module, needed_for, "model"))
     candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
+    found = str(candidate) if candidate.is_file() else shutil.which(name)
     if not found:
-        raise ServingError(f"{name} not found: install chipscale's 'model' extra")
+        raise ServingError(missing_message(name, needed_for, "model"))
     return found
 
 
@@ -195,6 +206,15 @@ class TorchServe:
     config_file: Path = CONFIG_PROPERTIES
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    launcher: str = field(default="", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.launcher = _venv_tool("torchserve", ("ts", "yaml", "torch"), "serving a model")
+        # TorchServe runs with the run directory as its cwd: a relative path would not name
+        # the same place there (its TEMP, LOG_LOCATION and model store).
+        self.mar = Path(self.mar).absolute()
+        self.run_dir = Path(self.run_dir).absolute()
+        self.config_file = Path(self.config_file).absolute()
 
     @classmethod
     def on_free_ports(cls, mar: Path, run_dir: Path, **kwargs: Any) -> TorchServe:
@@ -259,6 +279,7 @@ class TorchServe:
         """Start TorchServe and return once every worker of the model is READY."""
         if self.process is not None and self.process.poll() is None:
             raise ServingError("this TorchServe is already running")
+        self.check_ports_free()
         for sub in ("tmp", "logs", "store"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         store = self.run_dir / "store"
@@ -266,7 +287,7 @@ class TorchServe:
         if not target.exists() or target.stat().st_mtime < self.mar.stat().st_mtime:
             shutil.copyfile(self.mar, target)
         cmd = [
-            _venv_tool("torchserve"),
+            self.launcher,
             "--start",
             "--foreground",
             "--ncs",  # no config snapshots: every start reads config.properties
@@ -291,6 +312,20 @@ class TorchServe:
             self.stop()
             raise
         return self
+
+    def check_ports_free(self) -> None:
+        """Refuse ports something already listens on: an earlier TorchServe left running
+        would answer the readiness checks, and the new one would fail behind it."""
+        for host, port in (
+            (self.host, self.inference_port),
+            ("127.0.0.1", self.management_port),
+            (self.host, self.metrics_port),
+        ):
+            if not port_is_free(host, port):
+                raise ServingError(
+                    f"port {port} on {host} is already in use (another TorchServe still "
+                    "running?): stop what listens there or choose another port"
+                )
 
     def workers(self) -> list[dict[str, Any]]:
         """The model's workers as the management API describes them (empty if unreachable)."""
@@ -339,6 +374,14 @@ class TorchServe:
         # Even when the launcher is gone (it exits 0 whatever the JVM did), the JVM or its
         # Python workers may not be: they hold the ports and the model's memory.
         _reap_group(process.pid)
+        # A kill is not instant: return once the ports are released, so a start on the same
+        # ports right after (a restart) finds them free.
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and not all(
+            port_is_free("127.0.0.1", port)
+            for port in (self.inference_port, self.management_port, self.metrics_port)
+        ):
+            time.sleep(0.05)
 
     def __enter__(self) -> TorchServe:
         return self.start()
@@ -354,6 +397,42 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether nothing answers on ``port`` and this process could listen on it at ``host``."""
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, port)) == 0:
+            return False
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free
+        try:
+            listener.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def exit_on_termination() -> Iterator[None]:
+    """Inside, SIGTERM and SIGHUP raise ``SystemExit(128 + signal)``, so ``finally`` blocks
+    (stopping TorchServe's process group, which lives in a session of its own) run as they
+    do for Ctrl-C: systemd and container runtimes stop with SIGTERM, a closed terminal
+    sends SIGHUP. A second signal during the cleanup is ignored, not a half-done stop."""
+    caught = (signal.SIGTERM, signal.SIGHUP)
+
+    def leave(signum: int, _frame: object) -> None:
+        for sig in caught:
+            signal.signal(sig, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, leave) for sig in caught}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _reap_group(pgid: int) -> None:
     """Kill what is left of a process group (a Python worker the JVM did not take down)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -361,6 +440,6 @@ def _reap_group(pgid: int) -> None:
 
 
 def default_run_dir() -> Path:
-    """Where ``chipscale serve`` keeps logs and sockets: ``.chipscale/serve/<time>``."""
+    """Where ``chipscale serve`` keeps logs and sockets: ``./.chipscale/serve/<time>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(".chipscale") / "serve" / stamp
+    return Path.cwd() / ".chipscale" / "serve" / stamp

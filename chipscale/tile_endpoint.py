@@ -75,7 +75,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 import urllib3
@@ -84,6 +84,7 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader, MemoryFile
 
+from chipscale import redaction
 from chipscale.errors import SourceError, SourceUnavailable, one_line
 from chipscale.tilelist import make_tile
 from chipscale.types import ImageData
@@ -153,19 +154,9 @@ def tile_url(template: str, tile: Tile) -> str:
     return _PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), template)
 
 
-def redact(url: str) -> str:
-    """``url`` fit for messages and logs: no user information, no query string.
-
-    >>> redact("https://user:pw@h.example:8080/a/1/2/3.png?access_token=secret")
-    'https://h.example:8080/a/1/2/3.png?...'
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    query = "..." if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+#: ``url`` fit for messages and logs (no user information, no query string): the one
+#: redaction of :mod:`chipscale.redaction`.
+redact = redaction.redact
 
 
 @dataclass(frozen=True, slots=True)

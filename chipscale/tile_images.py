@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 
 from chipscale.types import ImageData
@@ -31,12 +34,14 @@ def to_display(image: ImageData) -> np.ndarray:
 
 
 def to_png(image: ImageData) -> bytes:
-    """PNG bytes of a tile, invalid pixels transparent."""
+    """PNG bytes of a tile, invalid pixels transparent; a picture, so no georeferencing
+    (rasterio's warning that it has none is expected, not shown)."""
     rgb = to_display(image)
     alpha = np.where(image.mask, 255, 0).astype(np.uint8)[np.newaxis]
     pixels = np.concatenate([rgb, alpha])
     _, height, width = pixels.shape
-    with MemoryFile() as memfile:
+    with MemoryFile() as memfile, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with memfile.open(
             driver="PNG", width=width, height=height, count=4, dtype="uint8"
         ) as dataset:

@@ -4,11 +4,13 @@ Parse, don't validate: text becomes a frozen :class:`mercantile.Tile` once, here
 out-of-range value is rejected here (mercantile itself only warns).
 
 Three line formats are read, one tile a line: ``x-y-z`` (chip-n-scale's), ``z/x/y`` and
-``[x, y, z]`` JSON. Blank lines and lines starting with ``#`` are skipped.
+``[x, y, z]`` JSON. Blank lines and lines starting with ``#`` are skipped. Files and stdin
+are UTF-8 (a leading byte-order mark is skipped), read a bounded line at a time.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -17,9 +19,12 @@ from typing import IO, Literal
 
 from mercantile import Tile
 
-from chipscale.errors import InvalidTileError, TileListError
+from chipscale.errors import InvalidTileError, TileListError, cut, quoted
 
 MAX_ZOOM = 30
+#: The longest line a tile list may hold, in bytes (a tile takes about 20): a longer one is
+#: an error at once, however long it is, instead of being read whole into memory.
+MAX_LINE_BYTES = 4096
 
 TileFormat = Literal["x-y-z", "z/x/y", "json"]
 
@@ -35,7 +40,7 @@ def make_tile(x: int, y: int, z: int) -> Tile:
     """
     for name, value in (("x", x), ("y", y), ("z", z)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidTileError(f"Tile {name}={value!r} is not an integer")
+            raise InvalidTileError(f"Tile {name}={cut(repr(value))} is not an integer")
     if not 0 <= z <= MAX_ZOOM:
         raise InvalidTileError(f"Tile(x={x}, y={y}, z={z}): zoom must be within 0..{MAX_ZOOM}")
     n = 1 << z
@@ -62,7 +67,7 @@ def parse_tile(text: str, *, order: Literal["auto", "zxy"] = "auto") -> Tile:
         z, x, y = (int(v) for v in match.groups())
         return make_tile(x, y, z)
     if order == "zxy":
-        raise InvalidTileError(f"{text.strip()!r} is not a tile written Z/X/Y")
+        raise InvalidTileError(f"{quoted(text.strip())} is not a tile written Z/X/Y")
     if match := _DASHED.match(text):
         x, y, z = (int(v) for v in match.groups())
         return make_tile(x, y, z)
@@ -71,16 +76,20 @@ def parse_tile(text: str, *, order: Literal["auto", "zxy"] = "auto") -> Tile:
         try:
             values = json.loads(stripped)
         except json.JSONDecodeError as exc:
-            raise InvalidTileError(f"{stripped!r} is not a JSON [x, y, z] tile: {exc}") from None
+            raise InvalidTileError(
+                f"{quoted(stripped)} is not a JSON [x, y, z] tile: {exc}"
+            ) from None
         if isinstance(values, list) and len(values) == 3:
             return make_tile(*values)
-    raise InvalidTileError(f"{stripped!r} is not a tile (expected x-y-z, z/x/y or [x, y, z])")
+    raise InvalidTileError(f"{quoted(stripped)} is not a tile (expected x-y-z, z/x/y or [x, y, z])")
 
 
 def iter_tile_lines(lines: Iterable[str], *, name: str = "<tiles>") -> Iterator[Tile]:
     """Yield the tiles of a tile list, naming the file and line of a bad entry."""
     for number, line in enumerate(lines, start=1):
         text = line.strip().rstrip(",")
+        if number == 1:
+            text = text.removeprefix("\ufeff")
         if not text or text.startswith("#"):
             continue
         try:
@@ -90,14 +99,53 @@ def iter_tile_lines(lines: Iterable[str], *, name: str = "<tiles>") -> Iterator[
 
 
 def read_tile_list(path: str | Path) -> Iterator[Tile]:
-    """Stream the tiles of a tile-list file in any of the three formats."""
+    """Stream the tiles of a tile-list file in any of the three formats (see
+    :func:`read_tile_stream`)."""
     path = Path(path)
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as exc:
-        raise TileListError(f"Cannot read tile list {str(path)!r}: {exc.strerror}") from None
+        raise TileListError(
+            f"Cannot read tile list {quoted(str(path), 300)}: {exc.strerror}"
+        ) from None
     with handle:
-        yield from iter_tile_lines(handle, name=str(path))
+        yield from read_tile_stream(handle, name=str(path))
+
+
+def read_tile_stream(stream: IO[bytes], *, name: str) -> Iterator[Tile]:
+    """Stream the tiles of a binary tile list (a file, stdin).
+
+    A line longer than :data:`MAX_LINE_BYTES` or not UTF-8 is a :class:`TileListError`
+    naming it, and so is a list without a tile: nothing to do is a mistake worth a message,
+    as an AOI that misses the image is.
+    """
+    count = 0
+    for tile in iter_tile_lines(_utf8_lines(stream, name), name=name):
+        count += 1
+        yield tile
+    if count == 0:
+        raise TileListError(f"{name} holds no tiles (it is empty or only comments)")
+
+
+def _utf8_lines(stream: IO[bytes], name: str) -> Iterator[str]:
+    """The lines of ``stream`` as text, each read with a bounded ``readline``."""
+    number = 0
+    while line := stream.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            raise TileListError(
+                f"{name}, line {number} is longer than {MAX_LINE_BYTES:,} bytes: "
+                "a tile list holds one tile a line"
+            )
+        if number == 1:
+            line = line.removeprefix(codecs.BOM_UTF8)
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TileListError(
+                f"{name}, line {number} is not UTF-8 text "
+                f"(0x{line[exc.start]:02x} at byte {exc.start + 1} of the line)"
+            ) from None
 
 
 def format_tile(tile: Tile, fmt: TileFormat = "x-y-z") -> str:

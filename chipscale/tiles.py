@@ -23,6 +23,8 @@ Validity mask, first kind present wins (rio-tiler's order):
        (``SOURCE.msk``; for local files only, see :mod:`chipscale.gdal_env`): valid where the
        warped mask is non-zero.
     Pixels outside the source are invalid in every case and their data is 0 (or nodata).
+    So is, whatever the mask kind, a pixel of a float source that is NaN or inf in any
+    selected band: its data becomes 0 (or nodata), so no NaN ever reaches a model.
 
 Order of results
     :func:`read_tiles` yields pack by pack: packs in the order of their first tile in the
@@ -138,7 +140,7 @@ _GENERIC = re.compile(
 _SHORT_READ = re.compile(r"Read error at .*got \d+ bytes, expected")
 
 
-def _messages(exc: BaseException) -> str:
+def _chain(exc: BaseException) -> list[str]:
     """The messages of an exception and of the ones it was raised from (GDAL chains its
     errors: the top one is often "Read failed. See previous exception for details.")."""
     seen: list[str] = []
@@ -146,7 +148,23 @@ def _messages(exc: BaseException) -> str:
     while current is not None and len(seen) < 10:
         seen.append(str(current))
         current = current.__cause__ or current.__context__
-    return " | ".join(seen)
+    return seen
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying what failed. GDAL's "Read failed. See previous exception for
+    details." says nothing: then the chained messages, which name the band, the block and
+    the bytes missing (``IReadBlock failed at X offset 0, Y offset 3 ... got 0 bytes,
+    expected 123499``), each once."""
+    top = one_line(exc)
+    if "See previous exception" not in top:
+        return top
+    parts: list[str] = []
+    for message in _chain(exc)[1:]:
+        text = " ".join(message.split())
+        if text and not any(text in part for part in parts):
+            parts.append(text)
+    return "; ".join(parts) or top
 
 
 def _source_error(
@@ -165,8 +183,10 @@ def _source_error(
     file is the network, not the file (tests/reliability: an S3 outage mid-job must be
     retried, not stored as ``error`` rows).
     """
-    text = f"cannot read raster {os.fspath(source)}: {one_line(exc)}"
-    message = _messages(exc)
+    text = f"cannot read raster {os.fspath(source)}: {_reason(exc)}"
+    message = " | ".join(_chain(exc))
+    if not is_remote(os.fspath(source)) and _SHORT_READ.search(message):
+        text += " (the file ends before this block: truncated?)"
     if is_remote(os.fspath(source)) and (
         _TRANSIENT.search(message)
         or (after_outage and _GENERIC.search(message))
@@ -449,9 +469,13 @@ class TileReader:
         ymax = min(last, math.ceil((ORIGIN - s) / span) - 1)
         return xmin, ymin, xmax, ymax
 
+    @property
+    def _fill(self) -> float:
+        """The data value of invalid pixels: the nodata value, else 0 (a NaN nodata too)."""
+        return 0 if self.nodata is None or np.isnan(self.nodata) else self.nodata
+
     def _empty(self) -> ImageData:
-        fill = 0 if self.nodata is None or np.isnan(self.nodata) else self.nodata
-        data = np.full((len(self.bands), self.size, self.size), fill, dtype=self.dtype)
+        data = np.full((len(self.bands), self.size, self.size), self._fill, dtype=self.dtype)
         return ImageData(data=data, mask=np.zeros((self.size, self.size), dtype=bool))
 
     def _warp(self, z: int, x0: int, y0: int, nx: int, ny: int) -> tuple[np.ndarray, np.ndarray]:
@@ -488,12 +512,19 @@ class TileReader:
 
     def _split(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Data and validity mask from bands read with their alpha/mask band last (or not,
-        with nodata): the module's documented mask order."""
+        with nodata): the module's documented mask order, then non-finite pixels."""
         if self.nodata is None:
-            return values[:-1], values[-1] != 0
-        if np.isnan(self.nodata):
-            return values, ~np.isnan(values).any(axis=0)
-        return values, ~(values == values.dtype.type(self.nodata)).any(axis=0)
+            data, mask = values[:-1], values[-1] != 0
+        elif np.isnan(self.nodata):
+            data, mask = values, ~np.isnan(values).any(axis=0)
+        else:
+            data, mask = values, ~(values == values.dtype.type(self.nodata)).any(axis=0)
+        if data.dtype.kind == "f":
+            finite = np.isfinite(data).all(axis=0)
+            if not finite.all():
+                data[:, ~finite] = self._fill
+                mask &= finite
+        return data, mask
 
     def _read_direct(
         self, dataset: DatasetReader, transform: Affine, nx: int, ny: int
@@ -515,8 +546,7 @@ class TileReader:
         ox0, ox1 = round((col0 - win.col_off) * sx), round((col1 - win.col_off) * sx)
         oy0, oy1 = round((row0 - win.row_off) * sy), round((row1 - win.row_off) * sy)
         extra = 0 if self.nodata is not None else 1
-        fill = 0 if self.nodata is None or np.isnan(self.nodata) else self.nodata
-        values = np.full((len(self.bands) + extra, height, width), fill, dtype=self.dtype)
+        values = np.full((len(self.bands) + extra, height, width), self._fill, dtype=self.dtype)
         if ox1 <= ox0 or oy1 <= oy0:
             return self._split(values)
         sub = rasterio.windows.Window(col0, row0, col1 - col0, row1 - row0)

@@ -21,6 +21,8 @@ What happens to a pack's tiles:
 - any other 4xx refuses that request's tiles only: the other requests finish and
   :class:`~chipscale.errors.PartialPrediction` carries their scores plus the server's reason
   for each refused row, which the worker stores as ``error`` rows;
+- a tile without finite scores (the handler's ``null`` row, with its reason in ``errors``,
+  or a ``NaN`` literal from another server) is refused the same way, never returned as NaN;
 - every answer is checked (JSON, one row per tile, the model's classes, the model name and
   version read at start): a model swapped under a running job raises :class:`ModelChanged`
   rather than mixing two versions' scores silently.
@@ -32,6 +34,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import random
 import re
 import threading
@@ -52,6 +55,7 @@ from chipscale.errors import (
     PartialPrediction,
     PredictorUnavailable,
 )
+from chipscale.scores import non_finite_rows
 from chipscale.types import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -111,6 +115,8 @@ class _Scored:
     start: int
     stop: int
     scores: np.ndarray
+    #: The server's reason for each row it has no scores for (batch row -> reason).
+    unscored: dict[int, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +267,7 @@ class TorchServePredictor:
             raise ModelFormatError(f"a batch must be (N, bands, size, size), got {shape}")
         scores = np.full((len(batch), len(self.info.classes)), np.nan, dtype=np.float32)
         refused: dict[int, str] = {}
+        unscored: dict[int, str] = {}
         pending = {self._submit(executor, batch, rows, deadline) for rows in self._chunks(batch)}
         try:
             while pending:
@@ -271,6 +278,7 @@ class TorchServePredictor:
                     outcome = future.result()  # re-raises PredictorUnavailable, ModelChanged
                     if isinstance(outcome, _Scored):
                         scores[outcome.start : outcome.stop] = outcome.scores
+                        unscored.update(outcome.unscored)
                     elif isinstance(outcome, _Refused):
                         rows = range(outcome.start, outcome.stop)
                         refused.update(dict.fromkeys(rows, outcome.reason))
@@ -280,6 +288,8 @@ class TorchServePredictor:
             for future in pending:  # the pack fails whole: send no more of it
                 future.cancel()
             raise
+        for row, reason in non_finite_rows(scores).items():  # NaN is no score: refuse it
+            refused.setdefault(row, unscored.get(row, reason))
         if refused:
             raise PartialPrediction(scores, refused)
         return scores
@@ -357,7 +367,8 @@ class TorchServePredictor:
         what = f"{stop - start} tiles"
         answer = self._post(_npy(tiles), what, PREDICT_RETRY_STATUSES, deadline)
         if 200 <= answer.status < 300:
-            return _Scored(start, stop, self._scores(answer.data, stop - start))
+            scores, unscored = self._scores(answer.data, stop - start)
+            return _Scored(start, stop, scores, {start + i: r for i, r in unscored.items()})
         if answer.status in SPLIT_STATUSES and stop - start > 1:
             return _TooLarge(start, stop, answer.status)
         if answer.status == 507:  # one tile and still out of memory: a busy GPU, try later
@@ -467,8 +478,9 @@ class TorchServePredictor:
             )
         return document
 
-    def _scores(self, data: bytes, tiles: int) -> np.ndarray:
-        """The ``(tiles, classes)`` scores of a 200 answer, after checking whose they are."""
+    def _scores(self, data: bytes, tiles: int) -> tuple[np.ndarray, dict[int, str]]:
+        """The ``(tiles, classes)`` scores of a 200 answer, after checking whose they are,
+        and the server's reason for each row it has no scores for (``null``, read as NaN)."""
         document = _json(data)
         if not isinstance(document, dict) or "scores" not in document:
             raise ChipscaleError(
@@ -488,8 +500,11 @@ class TorchServePredictor:
                 f"TorchServe at {self.url} answered classes {classes}, expected "
                 f"{list(info.classes)}"
             )
+        rows = document["scores"]
+        if isinstance(rows, list):
+            rows = [[math.nan] * len(info.classes) if row is None else row for row in rows]
         try:
-            scores = np.asarray(document["scores"], dtype=np.float32)
+            scores = np.asarray(rows, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise ChipscaleError(
                 f"TorchServe at {self.url} answered scores that are not a table of numbers: {exc}"
@@ -500,7 +515,13 @@ class TorchServePredictor:
                 f"TorchServe at {self.url} answered scores of shape {scores.shape} for "
                 f"{tiles} tiles, expected {expected} (tiles, classes)"
             )
-        return scores
+        errors = document.get("errors")
+        unscored = {
+            int(row): " ".join(str(reason).split())
+            for row, reason in (errors.items() if isinstance(errors, dict) else ())
+            if str(row).isdigit() and int(row) < tiles
+        }
+        return scores, unscored
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -25,13 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import numpy as np
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from chipscale.errors import ChipscaleError, one_line
+from chipscale.redaction import redact, scrub, secrets_of
 from chipscale.stack import StackOutputs, output_key
 
 # ----------------------------------------------------------------------------- names
@@ -535,18 +535,20 @@ def check_schema(db_url: str, *, schema: str | None = None) -> CheckResult:
     ``search_path`` in the URL is honoured), with the results primary key of RESULTS_SCHEMA."""
     import psycopg
 
-    if not db_url.startswith(("postgresql://", "postgres://")):
-        raise CheckFailed(
-            f"the schema check needs a postgresql:// URL, got {db_url.split(':')[0]}:"
-        )
-    where = _redact(db_url)
+    from chipscale.stores import is_postgres_url
+    from chipscale.stores.postgres import libpq_url
+
+    if not is_postgres_url(db_url):
+        raise CheckFailed(f"the schema check needs a postgresql:// URL, got {redact(db_url)}")
+    where = redact(db_url)
+    dsn = libpq_url(db_url)
     try:
-        with psycopg.connect(db_url, connect_timeout=DB_CONNECT_TIMEOUT, autocommit=True) as conn:
+        with psycopg.connect(dsn, connect_timeout=DB_CONNECT_TIMEOUT, autocommit=True) as conn:
             if schema is None:
                 schema = str(conn.execute("SELECT current_schema()").fetchone()[0])  # type: ignore[index]
             problems = _schema_problems(conn, schema)
     except psycopg.Error as exc:
-        raise CheckFailed(f"{where}: {one_line(exc)}") from exc
+        raise CheckFailed(f"{where}: {scrub(one_line(exc), secrets_of(db_url))}") from None
     if problems:
         raise CheckFailed(
             f"{where} schema {schema}: {'; '.join(problems)}: the results schema is not set "
@@ -587,13 +589,6 @@ def _schema_problems(conn: Any, schema: str) -> list[str]:
             shown = f"({', '.join(key)})" if key else "none"
             problems.append(f"{table} primary key is {shown}, expected ({', '.join(expected)})")
     return problems
-
-
-def _redact(db_url: str) -> str:
-    """The database URL without its password, for messages and logs."""
-    parts = urlsplit(db_url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.hostname or 'localhost'}{port}{parts.path}"
 
 
 def private_checks(endpoint_url: str | None, db_url: str | None) -> list[CheckResult]:

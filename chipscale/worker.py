@@ -6,7 +6,8 @@ Failure policy (see :mod:`chipscale.errors`): a permanent failure (the source ca
 opened or is not a raster, the model refuses the input) becomes ``error`` rows carrying the
 reason, so the message is done; a transient failure (model server, database, a remote
 source timing out or answering 5xx) raises, so the queue delivers the message again. Tiles
-without a valid pixel are ``empty`` and never reach the model. Writes are upserts keyed on
+without a valid pixel are ``empty`` and never reach the model; a tile the model answers NaN
+or inf for is an ``error`` row, never ``ok``. Writes are upserts keyed on
 (job, z, x, y): a repeat is harmless.
 """
 
@@ -25,8 +26,10 @@ from mercantile import Tile
 from chipscale.errors import ChipscaleError, PartialPrediction, SourceError, storable_text
 from chipscale.messages import PackMessage
 from chipscale.predictors import Predictor
+from chipscale.scores import non_finite_rows
 from chipscale.stores import ResultStore
-from chipscale.tiles import cached_reader
+from chipscale.tile_endpoint import TileEndpointReader
+from chipscale.tiles import TileReader, cached_reader
 from chipscale.types import ImageData, ModelInfo, TileResult
 
 log = logging.getLogger(__name__)
@@ -114,8 +117,8 @@ def predict_pack(
     try:
         with _timed(seconds, "read"):
             reader = cached_reader(message.source, size=info.tile_size, bands=bands)
-            images = dict(reader.read(message.tiles))
-            at_stake = [tile for tile in message.tiles if not images[tile].is_empty]
+            images, errors = _read_images(reader, message.tiles)
+            at_stake = [t for t in message.tiles if t in images and not images[t].is_empty]
             batch = _stack(info, [images[t] for t in at_stake]) if at_stake else None
         with _timed(seconds, "predict"):
             if batch is not None:
@@ -124,6 +127,13 @@ def predict_pack(
                 except PartialPrediction as exc:  # only some tiles refused: keep the rest
                     scores, refused = exc.scores, exc.failed
                     log.warning("job %s: %s", message.job, exc)
+                # Whatever the predictor, a NaN score is no score (a refused row's is NaN).
+                unscored = {i: r for i, r in non_finite_rows(scores).items() if i not in refused}
+                if unscored:
+                    log.warning(
+                        "job %s: %d tiles got non-finite scores", message.job, len(unscored)
+                    )
+                    refused = {**refused, **unscored}
                 for i, (tile, row) in enumerate(zip(at_stake, scores, strict=True)):
                     if i in refused:
                         errors[tile] = refused[i]
@@ -136,13 +146,45 @@ def predict_pack(
         if not exc.permanent:
             raise
         log.warning("%d tiles of job %s failed: %s", len(at_stake), message.job, exc)
-        errors = dict.fromkeys(at_stake, str(exc))
+        errors.update(dict.fromkeys(at_stake, str(exc)))
 
     results = [
         _result(message.job, t, info, output=outputs.get(t), error=errors.get(t))
         for t in message.tiles
     ]
     return PackResults(results, seconds.get("read", 0.0), seconds.get("predict", 0.0))
+
+
+def _read_images(
+    reader: TileReader | TileEndpointReader, tiles: Sequence[Tile]
+) -> tuple[dict[Tile, ImageData], dict[Tile, str]]:
+    """Each tile's pixels, or why they cannot be read (tile -> reason).
+
+    Adjacent tiles are read with one warp of their common window. When such a shared read
+    fails for good (a damaged or truncated file), the tiles not yet read are read one at a
+    time, so only the tiles whose own pixels are unreadable become ``error`` rows, as
+    ``chipscale tile`` would find them. A transient failure raises (the message is retried).
+    """
+    images: dict[Tile, ImageData] = {}
+    try:
+        for tile, image in reader.read(tiles):  # kept as they come: packs read before a failure
+            images[tile] = image
+        return images, {}
+    except SourceError as exc:
+        if not exc.permanent:
+            raise
+        log.info("a shared read failed, reading the other tiles alone: %s", exc)
+    errors: dict[Tile, str] = {}
+    for tile in dict.fromkeys(tiles):
+        if tile in images:
+            continue
+        try:
+            images[tile] = reader.tile(tile)
+        except SourceError as exc:
+            if not exc.permanent:
+                raise
+            errors[tile] = str(exc)
+    return images, errors
 
 
 @contextmanager

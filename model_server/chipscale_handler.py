@@ -8,7 +8,9 @@ Wire protocol (``POST /predictions/NAME``, one request = one or more tiles):
 - an empty body asks for the model's metadata (how a client learns bands and tile size);
 - answer 200: ``{"model", "version", "classes", "scores": [[...] per tile],
   "batch": {"requests", "tiles"}}``; ``batch`` says how many requests and tiles TorchServe's
-  batcher put in the same handler call as this one;
+  batcher put in the same handler call as this one; a tile the model answered NaN or inf for
+  has ``null`` scores and its reason in ``"errors": {"ROW": reason}`` (never a ``NaN``
+  literal, which is not JSON);
 - errors are per request, JSON ``{"error": message, "status": code}``: 400 a body that is not
   a numeric ``.npy`` array of tiles, 422 tiles that do not fit the model (bands, size, dtype),
   500 the model raised on this request's tiles, 507 out of memory (worth a retry). One bad
@@ -176,17 +178,29 @@ class ChipscaleHandler:
         return Rejection(500, f"the model raised on these tiles: {text}")
 
     def _scores_body(self, scores: np.ndarray, batch_info: dict[str, int]) -> str:
+        """The 200 answer; a tile the model answered NaN or inf for gets ``null`` scores and
+        its reason in ``errors`` (JSON has no NaN: the answer stays strict JSON)."""
         assert self.runtime is not None
         meta = self.runtime.metadata
-        return json.dumps(
-            {
-                "model": meta.name,
-                "version": meta.version,
-                "classes": list(meta.classes),
-                "scores": scores.tolist(),
-                "batch": batch_info,
-            }
-        )
+        finite = np.isfinite(scores).all(axis=1)
+        errors = {
+            str(i): f"the model returned non-finite scores {scores[i].tolist()} for this tile"
+            for i in np.flatnonzero(~finite)
+        }
+        if errors:
+            log.warning("the model returned non-finite scores for %d tiles", len(errors))
+        body: dict[str, Any] = {
+            "model": meta.name,
+            "version": meta.version,
+            "classes": list(meta.classes),
+            "scores": [
+                row if ok else None for row, ok in zip(scores.tolist(), finite, strict=True)
+            ],
+            "batch": batch_info,
+        }
+        if errors:
+            body["errors"] = errors
+        return json.dumps(body, allow_nan=False)
 
     @staticmethod
     def _finish(context: Any, i: int, answer: str | Rejection | None) -> str:

@@ -18,6 +18,9 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from chipscale.allowed_sources import check_prefix
+from chipscale.errors import InvalidMessageError
+
 #: GPUs per instance of the GPU families the fleet accepts (NVIDIA A10G, L4, L40S, T4).
 #: Sizes not listed carry one GPU.
 _MULTI_GPU_SIZES: dict[str, dict[str, int]] = {
@@ -307,7 +310,7 @@ class DeploymentConfig:
         need(1 <= self.max_tiles_per_message <= 10000, "maxTilesPerMessage", "between 1 and 10000")
         need(1 <= self.max_receive_count <= 1000, "maxReceiveCount", "between 1 and 1000")
         for source in self.source_buckets:
-            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^*?]*)?", source):
+            if not _is_source_prefix(source):
                 p.append(f"sourceBuckets: {source!r} is not a bucket name or bucket/prefix")
         need(
             bool(re.fullmatch(r"[a-z0-9]+\.[a-z0-9]+", self.db_instance_class)),
@@ -413,3 +416,15 @@ def default_context() -> Mapping[str, Any]:
         value = f.default
         out[_camel(f.name)] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def _is_source_prefix(source: str) -> bool:
+    """Whether ``bucket[/prefix]`` is a prefix the worker's allow-list accepts (no wildcard,
+    no dot segment): the worker refuses a malformed one at cold start."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^*?]*)?", source):
+        return False
+    try:
+        check_prefix(f"s3://{source.rstrip('/')}/")
+    except InvalidMessageError:
+        return False
+    return True

@@ -77,7 +77,7 @@ def test_download_and_convert_geojson_with_a_class_filter(demo_run, tmp_path) ->
     features = json.loads((tmp_path / "top.geojson").read_text())["features"]
     assert len(features) == expected
     script = subprocess.run(
-        [sys.executable, "scripts/download", "--db", db, "-o", str(tmp_path / "s.geojson")],
+        ["scripts/download", "--db", db, "-o", str(tmp_path / "s.geojson")],
         capture_output=True,
         text=True,
         cwd=Path(__file__).parents[1],

@@ -17,6 +17,10 @@ import pytest
 from stacks.bundle import MAX_UNZIPPED_BYTES, build_bundle, bundle_size
 
 LAMBDAS = Path(__file__).resolve().parents[1] / "lambdas"
+#: Lambda refuses more than 250 MiB unzipped (MAX_UNZIPPED_BYTES); fail well before, while
+#: there is room to act: a new dependency of the worker extra shows here first. Measured:
+#: 213.3 MiB for CPython 3.11 (this test's build), 211.7 MiB for 3.12 (the Lambda's).
+HEADROOM_BYTES = 235 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,10 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_bundle_is_small_and_carries_no_model_or_cdk_code(bundle: Path) -> None:
-    assert bundle_size(bundle) < MAX_UNZIPPED_BYTES
+    size = bundle_size(bundle)
+    assert HEADROOM_BYTES < MAX_UNZIPPED_BYTES
+    assert size < HEADROOM_BYTES, f"the bundle is {size / 2**20:.1f} MiB unzipped (cap 250)"
+    print(f"bundle: {size / 2**20:.1f} MiB unzipped")
     top = {p.name for p in bundle.iterdir()}
     assert not top & {"torch", "aws_cdk", "torchserve", "matplotlib"}
     assert {"psycopg", "psycopg_binary", "aws_lambda_powertools", "rasterio"} <= top

@@ -484,7 +484,7 @@ def test_sender_fault_is_not_retried_and_exits_1(
     result = run_cli(str(path), queue, "--source", SOURCE, "--concurrency", "1")
     assert result.exit_code == 1
     last = result.output.strip().splitlines()[-1]
-    assert last.startswith("Error: 64 tiles in 1 messages were not queued: ")
+    assert last.startswith("Error: 64 tiles in 1 message could not be queued: ")
     assert "InvalidParameterValue: injected" in last
     bodies = drain(sqs, queue)
     assert fakes[0].calls == len(bodies) // 10 + 1  # nothing sent twice, nothing retried

@@ -356,7 +356,7 @@ def test_failed_sends_exit_1_with_one_line_naming_them(
     *_, summary_line, error = result.stderr.splitlines()
     assert summary_line.startswith("moved 26 messages") and ", 4 failed" in summary_line
     assert error == (
-        f"Error: 4 messages were not moved and stay in {dlq.rsplit('/', 1)[1]}: "
+        f"Error: 4 messages could not be moved (still in {dlq.rsplit('/', 1)[1]}): "
         "InternalError: try again; run redrive again to retry them"
     )
     assert Counter(m["Body"] for m in drain(sqs, queue)) == Counter(texts[4:])

@@ -13,8 +13,9 @@ import time
 import pytest
 
 from chipscale.cover import cover
+from chipscale.errors import JobConflict
 from chipscale.predictors import open_predictor
-from chipscale.runner import RunError, run_local
+from chipscale.runner import run_local
 from chipscale.stores import SQLiteStore, open_store
 
 
@@ -37,7 +38,7 @@ def test_run_then_resume_skips_everything(aerial, predictor, tmp_path) -> None:
         assert (second.skipped, second.processed) == (len(tiles), 0)
         assert store.counts("a")["total"] == len(tiles)
         assert store.get_job("a").tiles_total == len(tiles)
-        with pytest.raises(RunError, match="its own --job"):  # never mix two sources
+        with pytest.raises(JobConflict, match=r"not other\.tif"):  # never mix two sources
             run_local(job="a", source="other.tif", tiles=tiles, predictor=predictor, store=store)
 
 

@@ -174,3 +174,12 @@ def test_descriptions_exist_for_every_field() -> None:
 
 def test_repo_root_is_the_checkout() -> None:
     assert (REPO_ROOT / "cdk.json").is_file() and Path(__file__).parent.parent == REPO_ROOT
+
+
+@pytest.mark.parametrize(
+    "source", ["bucket/../secret", "bucket/a/%2e%2e/b", "bucket/./x", "bucket/a\\b"]
+)
+def test_a_source_prefix_the_worker_would_refuse_is_a_config_error(source: str) -> None:
+    # The worker refuses such a prefix at cold start: the deploy must not get that far.
+    with pytest.raises(ConfigError, match="sourceBuckets"):
+        config_of(sourceBuckets=[source])

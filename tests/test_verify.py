@@ -530,7 +530,7 @@ def test_stack_without_operations_function_names_the_output(
 def test_schema_check_refuses_a_non_postgresql_url() -> None:
     (result,) = run_checks([Check(CHECK_SCHEMA, lambda: check_schema("sqlite:///results.db"))])
     assert not result.ok
-    assert result.detail == "the schema check needs a postgresql:// URL, got sqlite:"
+    assert result.detail == "the schema check needs a postgresql:// URL, got sqlite:///results.db"
 
 
 def test_worker_timeout_too_long_for_the_queue_visibility_fails(aws: str) -> None:

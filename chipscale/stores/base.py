@@ -18,7 +18,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 import orjson
 from mercantile import Tile
 
-from chipscale.errors import StoreError
+from chipscale.errors import JobConflict, StoreError
 from chipscale.types import JobInfo, Rejection, ResultRow, TileResult
 
 #: The values of ``results.status``, in the order counts and legends show them.
@@ -40,7 +40,13 @@ class ResultStore(Protocol):
     url: str
 
     def start_job(self, job: JobInfo) -> None:
-        """Record a job, or update it in place (its ``created_at`` is kept)."""
+        """Record a new job, or update a recorded one of the same source and model in place
+        (its ``created_at`` is kept); :class:`JobConflict` for another source or model.
+
+        The check and the write are one atomic step, so of two writers creating one job at
+        once, one wins. A job without ``model_name`` keeps the recorded model and classes
+        (push records jobs the workers score); a recorded job without one takes the first.
+        """
         ...
 
     def write(self, results: Sequence[TileResult]) -> None:
@@ -169,6 +175,30 @@ def results_filter(job: str | None, status: str | None, placeholder: str) -> tup
         clauses.append(f"status = {placeholder}")
         params.append(status)
     return (f"WHERE {' AND '.join(clauses)}" if clauses else "", params)
+
+
+def job_conflict(recorded: JobInfo, wanted: JobInfo) -> JobConflict | None:
+    """Why ``wanted`` may not write into the ``recorded`` job of its name, or None when it may:
+    a job's source and model are fixed at creation (a job that names no model, or whose
+    record names none, agrees with any).
+
+    >>> job_conflict(JobInfo("j", "a.tif"), JobInfo("j", "b.tif"))
+    JobConflict("job 'j' reads a.tif, not b.tif: give this one its own job name (--job)")
+    """
+    if recorded.source != wanted.source:
+        found, asked = recorded.source, wanted.source
+        return JobConflict(
+            f"job {recorded.job!r} reads {found}, not {asked}: "
+            "give this one its own job name (--job)"
+        )
+    if recorded.model_name is None or wanted.model_name is None:
+        return None
+    if (recorded.model_name, recorded.model_version) == (wanted.model_name, wanted.model_version):
+        return None
+    return JobConflict(
+        f"job {recorded.job!r} was scored by {recorded.model_name} v{recorded.model_version}, "
+        f"not {wanted.model_name} v{wanted.model_version}: give this one its own job name (--job)"
+    )
 
 
 def validate_results(results: Sequence[TileResult]) -> None:

@@ -59,25 +59,23 @@ dependency). Schema: see :data:`MIGRATIONS` and :func:`setup_database`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, NamedTuple, Self, TypeVar
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import psycopg
 from mercantile import Tile
 from psycopg import errors as pg_errors
-from psycopg.conninfo import conninfo_to_dict
 
 from chipscale.errors import StoreError, StoreUnavailable, one_line, storable_text
+from chipscale.redaction import redact, scrub, secrets_of
 from chipscale.stores.base import (
     DONE_STATUSES,
     STATUSES,
     check_status,
     dump_json,
+    job_conflict,
     results_filter,
     validate_results,
 )
@@ -273,19 +271,27 @@ ON CONFLICT (message_id) DO UPDATE SET
     updated_at = excluded.updated_at
 """
 
+# Insert, or compare and update, in one statement: the WHERE refuses a recorded job of
+# another source or model (no row returned; see ResultStore.start_job), and a concurrent
+# insert of the same job waits for the first to commit, then is compared with it.
 _UPSERT_JOB = """
-INSERT INTO jobs (job, source, zoom, model_name, model_version, classes, tiles_total,
-                  created_at, updated_at, extra)
+INSERT INTO jobs AS j (job, source, zoom, model_name, model_version, classes, tiles_total,
+                       created_at, updated_at, extra)
 VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, now(), now(), %s::jsonb)
 ON CONFLICT (job) DO UPDATE SET
-    source = excluded.source,
     zoom = excluded.zoom,
-    model_name = excluded.model_name,
-    model_version = excluded.model_version,
-    classes = excluded.classes,
+    model_name = coalesce(excluded.model_name, j.model_name),
+    model_version = CASE WHEN excluded.model_name IS NULL THEN j.model_version
+                         ELSE excluded.model_version END,
+    classes = CASE WHEN excluded.model_name IS NULL THEN j.classes ELSE excluded.classes END,
     tiles_total = excluded.tiles_total,
     updated_at = excluded.updated_at,
     extra = excluded.extra
+WHERE j.source = excluded.source
+    AND (j.model_name IS NULL OR excluded.model_name IS NULL
+         OR (j.model_name, j.model_version)
+            IS NOT DISTINCT FROM (excluded.model_name, excluded.model_version))
+RETURNING true
 """
 
 
@@ -312,49 +318,29 @@ _TRANSIENT_STATES = frozenset({"55P03"})  # lock_not_available
 
 
 def libpq_url(url: str) -> str:
-    """The URL libpq reads: SQLAlchemy's ``postgresql+psycopg://`` spelled ``postgresql://``."""
+    """The URL libpq reads: SQLAlchemy's ``postgresql+driver://`` (``postgres+driver://``)
+    spelled ``postgresql://``; a libpq keyword string as it is.
+
+    A password holding an unencoded ``@`` or ``/`` is refused (libpq would read part of it
+    as the host or the database, and print it): percent-encode it.
+    """
     scheme, sep, rest = url.partition("://")
-    if sep and scheme.lower().startswith("postgresql+"):
+    if not sep:
+        return url
+    head = rest.split("?", 1)[0]
+    at = head.rfind("@")
+    if head.count("@") > 1 or "/" in head[: max(at, 0)]:
+        raise StoreError(
+            f"the database URL {redact_url(url)} holds an unencoded '@' or '/' before its "
+            "host: percent-encode them in the user name and password (@ as %40, / as %2F)"
+        )
+    if scheme.lower().startswith(("postgresql+", "postgres+")):
         return f"postgresql://{rest}"
     return url
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password shown as ``***``: what messages, logs and ``store.url`` show.
-
-    >>> redact_url("postgresql://chip:s3cret@db:5432/results?sslmode=require")
-    'postgresql://chip:***@db:5432/results?sslmode=require'
-    """
-    if "://" not in url:  # a libpq keyword/value string
-        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    query = "&".join(
-        "password=***" if item.lower().startswith("password=") else item
-        for item in parts.query.split("&")
-        if item
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _passwords(url: str) -> set[str]:
-    """The password as the URL spells it and as libpq reads it (a malformed URL's error
-    message may quote either)."""
-    found = set()
-    if "://" in url:
-        with contextlib.suppress(ValueError):
-            raw = urlsplit(url).password
-            if raw:
-                found |= {raw, unquote(raw)}
-    with contextlib.suppress(psycopg.Error):
-        password = conninfo_to_dict(libpq_url(url)).get("password")
-        if password:
-            found |= {str(password), quote(str(password), safe="")}
-    return found
+#: What messages, logs and ``store.url`` show of a URL: see :mod:`chipscale.redaction`.
+redact_url = redact
 
 
 # ----------------------------------------------------------------------------- errors
@@ -372,15 +358,10 @@ class _Describer:
 
     def __init__(self, url: str) -> None:
         self.where = redact_url(url)
-        secrets = sorted(_passwords(url), key=len, reverse=True)
-        # Whole tokens only, so that a short password does not eat into ordinary words.
-        either = "|".join(re.escape(secret) for secret in secrets)
-        self._secrets = (
-            re.compile(rf"(?<![0-9A-Za-z])(?:{either})(?![0-9A-Za-z])") if secrets else None
-        )
+        self._secrets = secrets_of(url)
 
     def scrub(self, text: str) -> str:
-        return self._secrets.sub("***", text) if self._secrets else text
+        return scrub(text, self._secrets)
 
     def error(self, exc: psycopg.Error, doing: str) -> StoreError | StoreUnavailable:
         reason = self.scrub(one_line(exc))
@@ -583,7 +564,8 @@ class PostgresStore:
     # -- the port -------------------------------------------------------------------------
 
     def start_job(self, job: JobInfo) -> None:
-        """Record a job, or update it in place (its ``created_at`` is kept)."""
+        """Record a new job, or update a recorded one of the same source and model; see
+        :meth:`ResultStore.start_job`. One statement compares and writes (:data:`_UPSERT_JOB`)."""
         params = (
             job.job,
             job.source,
@@ -594,7 +576,18 @@ class PostgresStore:
             job.tiles_total,
             dump_json(dict(job.extra)),
         )
-        self._call(f"recording job {job.job!r}", lambda conn: conn.execute(_UPSERT_JOB, params))
+
+        def upsert(conn: psycopg.Connection) -> tuple[Any, ...] | None:
+            if conn.execute(_UPSERT_JOB, params).fetchone():
+                return None
+            return conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job = %s", (job.job,)
+            ).fetchone()
+
+        recorded = self._call(f"recording job {job.job!r}", upsert)
+        if recorded is not None:
+            conflict = job_conflict(_job_info(recorded), job)
+            raise conflict or StoreError(f"job {job.job!r} changed while it was recorded")
 
     def write(self, results: Sequence[TileResult]) -> None:
         """Upsert results in one statement (one transaction, one round trip); a re-written

@@ -28,6 +28,7 @@ from chipscale.stores.base import (
     STATUSES,
     check_status,
     dump_json,
+    job_conflict,
     load_json,
     results_filter,
     utc_now,
@@ -126,16 +127,18 @@ ON CONFLICT (message_id) DO UPDATE SET
     updated_at = excluded.updated_at
 """
 
+# The source is never updated, and the model only filled in (see ResultStore.start_job):
+# start_job compares the recorded job first, under the same write lock.
 _UPSERT_JOB = """
-INSERT INTO jobs (job, source, zoom, model_name, model_version, classes, tiles_total,
-                  created_at, updated_at, extra)
+INSERT INTO jobs AS j (job, source, zoom, model_name, model_version, classes, tiles_total,
+                       created_at, updated_at, extra)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (job) DO UPDATE SET
-    source = excluded.source,
     zoom = excluded.zoom,
-    model_name = excluded.model_name,
-    model_version = excluded.model_version,
-    classes = excluded.classes,
+    model_name = coalesce(excluded.model_name, j.model_name),
+    model_version = CASE WHEN excluded.model_name IS NULL THEN j.model_version
+                         ELSE excluded.model_version END,
+    classes = CASE WHEN excluded.model_name IS NULL THEN j.classes ELSE excluded.classes END,
     tiles_total = excluded.tiles_total,
     updated_at = excluded.updated_at,
     extra = excluded.extra
@@ -189,9 +192,14 @@ class SQLiteStore:
         The database file; it and its parent folders are created if missing.
     busy_timeout
         Seconds to wait for another process's write lock before StoreUnavailable.
+    create
+        False for reading commands: a missing file, or one without chipscale's results
+        schema, is a StoreError and nothing is created (an older schema is still upgraded).
     """
 
-    def __init__(self, path: str | Path, *, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self, path: str | Path, *, busy_timeout: float = 30.0, create: bool = True
+    ) -> None:
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self._busy_ms = max(0, int(busy_timeout * 1000))
@@ -204,13 +212,18 @@ class SQLiteStore:
             )
         if self.path.exists() and not self.path.is_file():
             raise StoreError(f"SQLite store {str(self.path)!r} is not a file")
+        if not create and not self.path.exists():
+            raise StoreError(
+                f"no SQLite results store at {str(self.path)!r}: check the path "
+                "(`chipscale run` and `chipscale db-setup` create one)"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(
                 f"Cannot create the folder of SQLite store {str(self.path)!r}: {exc.strerror}"
             ) from None
-        self._conn = self._connect(readonly=False)
+        self._conn = self._connect(readonly=False, create=create)
         try:
             self._init_schema()
         except BaseException:
@@ -219,21 +232,32 @@ class SQLiteStore:
 
     # -- connections and schema -------------------------------------------------------------
 
-    def _connect(self, *, readonly: bool) -> sqlite3.Connection:
+    def _connect(self, *, readonly: bool, create: bool = True) -> sqlite3.Connection:
         try:
-            if readonly:
-                uri = self.path.resolve().as_uri() + "?mode=ro"
+            if readonly or not create:  # mode=rw opens, never creates: no file appears
+                uri = self.path.resolve().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
                 conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             else:
                 # isolation_level=None: no implicit transactions; write() says BEGIN itself.
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            if not (readonly or create):
+                self._check_results(conn)  # before WAL mode, which would rewrite the header
             if not readonly:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as exc:
             raise _translate(exc, self.path, "opening") from None
         return conn
+
+    def _check_results(self, conn: sqlite3.Connection) -> None:
+        """StoreError (``conn`` closed) unless the file holds a results schema, of any version."""
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            conn.close()
+            raise StoreError(
+                f"SQLite file {str(self.path)!r} holds no chipscale results: check the path "
+                "(`chipscale run` and `chipscale db-setup` create a store)"
+            )
 
     def _init_schema(self) -> None:
         try:
@@ -286,7 +310,9 @@ class SQLiteStore:
     # -- the port -------------------------------------------------------------------------
 
     def start_job(self, job: JobInfo) -> None:
-        """Record a job, or update it in place (its ``created_at`` is kept)."""
+        """Record a new job, or update a recorded one of the same source and model; see
+        :meth:`ResultStore.start_job`. One IMMEDIATE transaction holds the write lock from
+        the comparison to the write, so two processes cannot both create the job."""
         now = utc_now()
         params = (
             job.job,
@@ -303,7 +329,14 @@ class SQLiteStore:
         with self._lock:
             self._check_open()
             try:
-                self._conn.execute(_UPSERT_JOB, params)
+                with self._immediate():
+                    rows = self._conn.execute(
+                        f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job = ?", (job.job,)
+                    ).fetchall()
+                    conflict = job_conflict(_job_info(rows[0]), job) if rows else None
+                    if conflict is not None:
+                        raise conflict
+                    self._conn.execute(_UPSERT_JOB, params)
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path, f"recording job {job.job!r}") from None
 

@@ -87,7 +87,7 @@ from rasterio.io import DatasetReader, MemoryFile
 from chipscale import redaction
 from chipscale.errors import SourceError, SourceUnavailable, one_line
 from chipscale.tilelist import make_tile
-from chipscale.types import ImageData
+from chipscale.types import ImageData, invalidate_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +410,7 @@ class TileEndpointReader:
             mask = dataset.read_masks(1, out_shape=(self.size, self.size)) != 0
         else:
             mask = np.ones((self.size, self.size), dtype=bool)
+        invalidate_non_finite(data, mask, 0 if nodata is None or math.isnan(nodata) else nodata)
         return _Decoded(data, mask)
 
     def _palette(self, dataset: DatasetReader, where: str) -> _Decoded:

@@ -57,11 +57,11 @@ from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 
-from chipscale.errors import SourceError, SourceUnavailable, one_line
+from chipscale.errors import SourceError, SourceUnavailable, one_line, quoted
 from chipscale.gdal_env import gdal_env, is_remote
 from chipscale.tile_endpoint import TileEndpointReader, is_tile_endpoint
 from chipscale.tilelist import make_tile
-from chipscale.types import ImageData
+from chipscale.types import ImageData, invalidate_non_finite
 
 WEB_MERCATOR = CRS.from_epsg(3857)
 LONLAT = CRS.from_epsg(4326)
@@ -224,6 +224,10 @@ def open_source(source: str | os.PathLike[str], overview_level: int | None = Non
     """
     kwargs = {} if overview_level is None else {"overview_level": overview_level}
     path = gdal_path(source)
+    try:
+        path.encode()  # GDAL takes UTF-8: a name of undecodable bytes is none it can open
+    except UnicodeEncodeError:
+        raise SourceError(f"source {quoted(str(source))} is not UTF-8 text") from None
     with _STALE_LOCK:
         stale = path in _STALE
     try:
@@ -519,11 +523,7 @@ class TileReader:
             data, mask = values, ~np.isnan(values).any(axis=0)
         else:
             data, mask = values, ~(values == values.dtype.type(self.nodata)).any(axis=0)
-        if data.dtype.kind == "f":
-            finite = np.isfinite(data).all(axis=0)
-            if not finite.all():
-                data[:, ~finite] = self._fill
-                mask &= finite
+        invalidate_non_finite(data, mask, self._fill)
         return data, mask
 
     def _read_direct(

@@ -29,6 +29,23 @@ class ImageData:
         return not bool(self.mask.any())
 
 
+def invalidate_non_finite(data: np.ndarray, mask: np.ndarray, fill: float) -> None:
+    """Mark NaN and inf pixels of float ``(bands, h, w)`` data invalid in ``mask`` and set
+    them to ``fill``, in place: no source's NaN reaches a model, and an all-NaN tile is empty.
+
+    >>> data, mask = np.array([[[1.0, np.nan]]]), np.array([[True, True]])
+    >>> invalidate_non_finite(data, mask, 0)
+    >>> data.tolist(), mask.tolist()
+    ([[[1.0, 0.0]]], [[True, False]])
+    """
+    if data.dtype.kind != "f":
+        return
+    finite = np.isfinite(data).all(axis=0)
+    if not finite.all():
+        data[:, ~finite] = fill
+        mask &= finite
+
+
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     """What a predictor says about the model it runs (from the model file's metadata)."""

@@ -78,6 +78,17 @@ def test_a_job_name_that_is_not_utf8_is_bad_usage(
     assert_one_line_error(done, 2, "--job", "UTF-8")
 
 
+@pytest.mark.parametrize("command", ["run", "tile", "cover"])
+def test_a_source_path_that_is_not_utf8_is_a_one_line_error(command: str, tmp_path: Path) -> None:
+    source = b"\xff.tif"
+    args: dict[str, list[str | bytes]] = {
+        "run": ["run", "--source", source, "-z", "10", "--out", "out"],
+        "tile": ["tile", source, "10/1/1", "-o", "t.png"],
+        "cover": ["cover", "--source", source, "-z", "10"],
+    }
+    assert_one_line_error(chipscale(*args[command], cwd=tmp_path), 1, "UTF-8")
+
+
 # ----------------------------------------------------------------------------- store URLs
 
 

@@ -201,6 +201,11 @@ def make_handler(state: TileServer) -> type[BaseHTTPRequestHandler]:
                 return self.answer(200, encode(gray_uint16(), "GTiff", nodata=0), "image/tiff")
             if route == "palette":
                 return self.answer(200, palette_png())
+            if route == "float":  # float32 without nodata: a NaN half, one inf pixel
+                pixels = gray_uint16().astype(np.float32)
+                pixels[:, :, :128] = np.nan
+                pixels[:, 0, 200] = np.inf
+                return self.answer(200, encode(pixels, "GTiff"), "image/tiff")
             kind = route if route in ("jpeg", "webp", "big", "rgb", "naip") else "png"
             body = state.render(kind, tile)
             if body is None:
@@ -344,6 +349,15 @@ def test_geotiff_uint16_with_nodata(tile_server: TileServer) -> None:
     assert image.data.dtype == np.uint16 and image.data.shape == (1, 256, 256)
     assert not image.mask[:, :128].any() and image.mask[:, 128:].all()
     np.testing.assert_array_equal(image.data, gray_uint16())
+
+
+def test_non_finite_pixels_of_a_float_tile_are_invalid(tile_server: TileServer) -> None:
+    # As from a COG: NaN and inf are no data, set to 0, and never reach a model.
+    image = read_tile(tile_server.template("float", ".tif"), Tile(1, 1, 2))
+    assert image.data.dtype == np.float32 and np.isfinite(image.data).all()
+    assert not image.mask[:, :128].any() and not image.mask[0, 200]
+    assert image.mask[1:, 128:].all()
+    assert (image.data[:, :, :128] == 0).all()
 
 
 def test_paletted_png_expanded_to_rgb(tile_server: TileServer) -> None:

@@ -283,9 +283,7 @@ def test_scripts_sqs_push_is_an_executable_entry(tmp_path: Path) -> None:
     script = ROOT / "scripts" / "sqs-push"
     assert os.access(script, os.X_OK)
     path = write_list(tmp_path / "tiles.txt", block(0, 0, 8, 10, 10))
-    result = subprocess.run(
-        [sys.executable, str(script), str(path), "--dry-run"], capture_output=True, text=True
-    )
+    result = subprocess.run([str(script), str(path), "--dry-run"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "would push 100 tiles" in result.stderr
 

@@ -117,7 +117,8 @@ class JobConflict(StoreError):
 
 
 class OutputError(ChipscaleError):
-    """An output path names an input of the same command, or its results store."""
+    """An output cannot be written where asked: it names an input or the results store, or
+    its folder is a file."""
 
 
 class TransientError(ChipscaleError):

@@ -503,7 +503,7 @@ def test_plot_writes_a_png(aws: str, tmp_path: Path) -> None:
 def test_gpu_monitor_script_is_chipscale_monitor(aws: str) -> None:
     deployed = deploy(instances=0)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu-monitor"), "--stack", deployed.name, "--json"],
+        [str(ROOT / "scripts" / "gpu-monitor"), "--stack", deployed.name, "--json"],
         env=clean_env(
             AWS_REGION="us-east-1",
             AWS_ENDPOINT_URL=aws,

@@ -42,7 +42,7 @@ def test_worker_imports_without_torch_or_matplotlib() -> None:
 def test_operator_scripts_are_executable_entries_into_the_cli(script: str) -> None:
     path = ROOT / "scripts" / script
     assert os.access(path, os.X_OK)
-    result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True)
+    result = subprocess.run([str(path), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "Usage:" in result.stdout
 
 

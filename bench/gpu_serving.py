@@ -212,7 +212,7 @@ def until(seconds: float, one_pass: Callable[[], int], device: torch.device) -> 
 
 class StdlibHttpClient:
     """Fallback TorchServe client (stdlib only): .npy bodies, one keep-alive connection per
-    thread, ``concurrency`` threads. Used when chipscale.torchserve_client is absent."""
+    thread, ``concurrency`` threads. Used when chipscale.models.torchserve_client is absent."""
 
     def __init__(self, url: str, tiles_per_request: int, concurrency: int) -> None:
         import http.client
@@ -253,7 +253,7 @@ def torchserve_unavailable() -> str | None:
         return "java not found (TorchServe's frontend needs Java 11+)"
     try:
         importlib.metadata.version("torchserve")
-        import chipscale.serving  # noqa: F401
+        import chipscale.models.serving  # noqa: F401
     except Exception as exc:
         return f"torchserve or chipscale not importable ({type(exc).__name__}: {exc})"
     return None
@@ -264,7 +264,7 @@ def torchserve_client(
     model_file: Path, work: Path, args: argparse.Namespace
 ) -> Iterator[tuple[Any, str, dict[str, Any]]]:
     """A started TorchServe serving ``model_file`` and a client for it."""
-    from chipscale.serving import ServingConfig, TorchServe, package_model
+    from chipscale.models.serving import ServingConfig, TorchServe, package_model
 
     config = ServingConfig(
         batch_size=args.requests_per_batch,
@@ -278,7 +278,7 @@ def torchserve_client(
     server.start()
     try:
         try:
-            from chipscale.torchserve_client import TorchServePredictor
+            from chipscale.models.torchserve_client import TorchServePredictor
 
             client: Any = TorchServePredictor(
                 server.predictions_url,
@@ -290,7 +290,7 @@ def torchserve_client(
             client = StdlibHttpClient(
                 server.predictions_url, args.tiles_per_request, args.concurrency
             )
-            kind = "stdlib http.client (chipscale.torchserve_client absent)"
+            kind = "stdlib http.client (chipscale.models.torchserve_client absent)"
         settings = {
             "version": importlib.metadata.version("torchserve"),
             "config": "model_server/config.properties",

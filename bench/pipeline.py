@@ -28,11 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from chipscale.cover import cover  # noqa: E402
-from chipscale.predictors import open_predictor  # noqa: E402
-from chipscale.runner import DEFAULT_WORKERS, default_model_threads, run_local  # noqa: E402
-from chipscale.stores import open_store  # noqa: E402
-from chipscale.tiles import read_tiles  # noqa: E402
+from chipscale.grid.cover import cover  # noqa: E402
+from chipscale.models.predictors import open_predictor  # noqa: E402
+from chipscale.pipeline.runner import DEFAULT_WORKERS, default_model_threads, run_local  # noqa: E402
+from chipscale.results import open_store  # noqa: E402
+from chipscale.sources.cog import read_tiles  # noqa: E402
 
 
 def main() -> None:

@@ -58,10 +58,10 @@ sys.path.insert(0, str(ROOT))
 import mercantile  # noqa: E402
 from mercantile import Tile  # noqa: E402
 
-from chipscale import push as push_lib  # noqa: E402
-from chipscale.stores import is_postgres_url, open_store  # noqa: E402
-from chipscale.tilelist import write_tile_list  # noqa: E402
-from chipscale.types import JobInfo, TileResult  # noqa: E402
+from chipscale.cloud import push as push_lib  # noqa: E402
+from chipscale.grid.tilelist import write_tile_list  # noqa: E402
+from chipscale.results import is_postgres_url, open_store  # noqa: E402
+from chipscale.values import JobInfo, TileResult  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "push.json"
 BIN = Path(sys.executable).parent
@@ -80,8 +80,8 @@ RSS_WRAPPER = (
 )
 NAIVE_PACK = (
     "import sys\n"
-    "from chipscale.packs import pack_tiles\n"
-    "from chipscale.tilelist import read_tile_list\n"
+    "from chipscale.grid.packs import pack_tiles\n"
+    "from chipscale.grid.tilelist import read_tile_list\n"
     "print(sum(1 for _ in pack_tiles(read_tile_list(sys.argv[1]))))\n"
 )
 
@@ -202,7 +202,7 @@ def bench_requests(push_tiles: int, cns_sample: int, work: Path) -> dict[str, An
         queue = client.create_queue(QueueName="bench-push")["QueueUrl"]
         drain = Drain(push_lib.sqs_client(region="us-east-1", endpoint_url=endpoint), queue)
         drain.start()
-        from chipscale.tilelist import read_tile_list
+        from chipscale.grid.tilelist import read_tile_list
 
         summary = push_lib.push(
             read_tile_list(path),

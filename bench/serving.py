@@ -11,10 +11,10 @@ What runs, all in one process and one TorchServe, so the figures share their con
 
 * ``in_process``: ``ModelRuntime.predict`` on batches of ``--batch`` tiles (``sub_batch`` the
   same), one torch thread: what ``chipscale run --model FILE`` does with one worker.
-* ``torchserve``: TorchServe 0.12 started by ``chipscale.serving.TorchServe`` with
+* ``torchserve``: TorchServe 0.12 started by ``chipscale.models.serving.TorchServe`` with
   ``model_server/config.properties`` (the GPU hosts' file), one worker, one torch thread, the
   handler's ``sub_batch`` equal to ``--batch``; tiles sent by the production client
-  (``chipscale.torchserve_client.TorchServePredictor``) at 1, 8, 32 and 64 tiles per request.
+  (``chipscale.models.torchserve_client.TorchServePredictor``) at 1, 8, 32 and 64 tiles per request.
   The headline is the request size equal to ``--batch``, so the handler runs the model on
   the same batch the in-process figure does. ``batchSize`` 4 requests (``--batch-size``;
   the figures in bench/results were taken with it), ``maxBatchDelay`` 10 ms; requests in
@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import resnet_model  # noqa: E402
 
-from chipscale.serving import ServingConfig, TorchServe, package_model  # noqa: E402
+from chipscale.models.serving import ServingConfig, TorchServe, package_model  # noqa: E402
 from model_server.chipscale_runtime import load_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serving.json"
@@ -129,7 +129,7 @@ def production_client(url: str, tiles_per_request: int, concurrency: int) -> Cli
     """``TorchServePredictor`` as ``chipscale run --model URL`` uses it, or None when this
     checkout does not have it yet (the raw client then stands in, and the JSON says so)."""
     try:
-        from chipscale.torchserve_client import TorchServePredictor
+        from chipscale.models.torchserve_client import TorchServePredictor
     except ImportError:
         return None
     return TorchServePredictor(url, tiles_per_request=tiles_per_request, concurrency=concurrency)
@@ -304,12 +304,14 @@ def main() -> None:
             group = server.process.pid  # started in its own session: pid = process group
             clients: dict[str, Client] = {}
             concurrency: dict[str, int] = {}
-            client_kind = "chipscale.torchserve_client.TorchServePredictor"
+            client_kind = "chipscale.models.torchserve_client.TorchServePredictor"
             for size in sizes:
                 c = args.concurrency or concurrency_for(size, args.batch)
                 client = production_client(server.predictions_url, size, c)
                 if client is None:
-                    client_kind = "raw urllib3 (chipscale.torchserve_client not in this checkout)"
+                    client_kind = (
+                        "raw urllib3 (chipscale.models.torchserve_client not in this checkout)"
+                    )
                     client = RawHttpClient(server.predictions_url, size, c)
                 clients[f"torchserve_{size}"] = client
                 concurrency[f"torchserve_{size}"] = c

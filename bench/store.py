@@ -17,7 +17,7 @@ script creates (``--db``: the admin URL, default the local server) and drops at 
 
 All four pay the same Python work per pack (JSON encoding, merging repeated tiles).
 
-And as the worker Lambda writes (:mod:`chipscale.sqs_batch`): the rows of a whole batch of
+And as the worker Lambda writes (:mod:`chipscale.cloud.sqs_batch`): the rows of a whole batch of
 ``--batch`` messages (the stack's default batch size) in one ``PostgresStore.write``,
 ``store_batch``, against the per-row way committing once per batch too, ``per_row_batch``
 (chip-n-scale commits once per invocation). And rewriting rows already stored (a redelivery,
@@ -64,9 +64,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from chipscale.stores import postgres as pg  # noqa: E402
-from chipscale.stores.postgres import PostgresStore, setup_database  # noqa: E402
-from chipscale.types import TileResult  # noqa: E402
+from chipscale.results import postgres as pg  # noqa: E402
+from chipscale.results.postgres import PostgresStore, setup_database  # noqa: E402
+from chipscale.values import TileResult  # noqa: E402
 from stacks.config import DeploymentConfig  # noqa: E402
 
 CLASSES = ("water", "forest", "grass", "crops", "built", "bare")
@@ -119,7 +119,7 @@ def make_packs(rows: int, pack: int, seed: int = 0) -> list[list[TileResult]]:
             results.append(TileResult("bench-job", tile, "empty", None, None, "bench", "1.0"))
             continue
         raw = [rng.random() for _ in CLASSES]
-        # the worker's output: {class: score} rounded to SCORE_DECIMALS (chipscale.worker)
+        # the worker's output: {class: score} rounded to SCORE_DECIMALS (chipscale.pipeline.process)
         scores = {name: round(v / sum(raw), 6) for name, v in zip(CLASSES, raw, strict=True)}
         results.append(TileResult("bench-job", tile, "ok", scores, None, "bench", "1.0"))
     return [results[i : i + pack] for i in range(0, rows, pack)]

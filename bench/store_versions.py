@@ -38,7 +38,7 @@ _MEASURE = """
 import sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]  # the version's chipscale; this bench's packs
 # chipscale first: bench/store.py puts this checkout on sys.path when it is imported.
-from chipscale.stores.postgres import PostgresStore, setup_database
+from chipscale.results.postgres import PostgresStore, setup_database
 from store import make_packs, measure
 assert sys.modules["chipscale"].__file__.startswith(sys.argv[1]), "not the version asked for"
 url, rows, pack = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])

@@ -28,7 +28,7 @@ import rasterio
 import rio_tiler
 from rio_tiler.io import Reader
 
-from chipscale.tiles import TileReader, read_tile, read_tiles, source_footprint_lonlat
+from chipscale.sources.cog import TileReader, read_tile, read_tiles, source_footprint_lonlat
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT = SHARED / "rasterio_cogeo.tif"

@@ -78,7 +78,7 @@ def refuse_overwrite(
     outputs: Iterable[PathLike], *, store: Iterable[PathLike] = (), inputs: Iterable[PathLike] = ()
 ) -> None:
     """:class:`OutputError` when an output is one of the files of the results ``store`` (see
-    :func:`chipscale.stores.store_files`) or one of the ``inputs``; call it before any work.
+    :func:`chipscale.results.store_files`) or one of the ``inputs``; call it before any work.
 
     Paths are compared resolved (relative or absolute, ``./`` and ``..``, symlinks) and, for
     files that exist, by device and inode (hard links), so no spelling gets past.

@@ -69,9 +69,9 @@ ENV_DB_SECRET_ARN: Final = "CHIPSCALE_DB_SECRET_ARN"
 ENV_DB_HOST: Final = "CHIPSCALE_DB_HOST"
 ENV_DB_NAME: Final = "CHIPSCALE_DB_NAME"
 #: Comma-separated ``s3://bucket/prefix/`` and ``http(s)://host/prefix/`` sources the worker
-#: may read, compared path segment by path segment (chipscale.allowed_sources). No s3:// prefix:
-#: no s3:// source; no http(s):// prefix: any http(s) source. The IAM role reads only these
-#: buckets anyway.
+#: may read, compared path segment by path segment (chipscale.cloud.allowed_sources). No s3://
+#: prefix: no s3:// source; no http(s):// prefix: any http(s) source. The IAM role reads only
+#: these buckets anyway.
 ENV_ALLOWED_SOURCES: Final = "CHIPSCALE_ALLOWED_SOURCES"
 ENV_MAX_TILES_PER_MESSAGE: Final = "CHIPSCALE_MAX_TILES_PER_MESSAGE"
 ENV_DEFAULT_JOB: Final = "CHIPSCALE_DEFAULT_JOB"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from chipscale.demo_model import build
+from chipscale.models.demo_model import build
 
 
 def main(argv: list[str] | None = None) -> int:

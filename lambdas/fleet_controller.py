@@ -1,7 +1,7 @@
 """Fleet controller Lambda: the worker's concurrency follows the GPUs in service.
 
 Invoked by Auto Scaling instance events and by a schedule; every invocation converges the
-event source mapping on the fleet (see chipscale.fleet), whatever the event says.
+event source mapping on the fleet (see chipscale.ops.fleet), whatever the event says.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import boto3
 from aws_lambda_powertools import Logger
 
-from chipscale.fleet import FleetSettings
+from chipscale.ops.fleet import FleetSettings
 
 logger = Logger(service="chipscale-fleet-controller")
 

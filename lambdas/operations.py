@@ -2,7 +2,7 @@
 
 The results database and the model endpoint are private; ``chipscale verify | db-setup |
 status | download --stack NAME`` and ``push --stack`` invoke this function instead of reaching
-into the VPC. Thin on purpose: the actions live in :mod:`chipscale.operations`.
+into the VPC. Thin on purpose: the actions live in :mod:`chipscale.ops.operations`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import boto3
 from aws_lambda_powertools import Logger
 
 from chipscale import names
-from chipscale.db_credentials import url_from_environment
-from chipscale.operations import OperationsEnvironment, run_action
+from chipscale.cloud.db_credentials import url_from_environment
+from chipscale.ops.operations import OperationsEnvironment, run_action
 
 logger = Logger(service="chipscale-operations")
 

@@ -1,7 +1,7 @@
 """SQS worker Lambda: a batch of pack messages in, partial batch failures out.
 
-Thin on purpose: :class:`chipscale.sqs_batch.PackBatchProcessor` (Powertools' BatchProcessor)
-runs each record through :meth:`chipscale.queue_worker.QueueWorker.predict`, stores the
+Thin on purpose: :class:`chipscale.cloud.sqs_batch.PackBatchProcessor` (Powertools' BatchProcessor)
+runs each record through :meth:`chipscale.cloud.queue_worker.QueueWorker.predict`, stores the
 batch's rows in one write, and reports only the records that raised or whose rows were not
 stored, so one failing message never sends its neighbours back. Connections live for the
 container.
@@ -19,12 +19,12 @@ from aws_lambda_powertools.utilities.batch import process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from chipscale import names
-from chipscale.db_credentials import url_from_environment
-from chipscale.predictors import open_predictor
-from chipscale.queue_worker import QueueWorker, WorkerSettings
-from chipscale.sqs_batch import PackBatchProcessor
-from chipscale.stores import open_store
-from chipscale.worker import PackResults
+from chipscale.cloud.db_credentials import url_from_environment
+from chipscale.cloud.queue_worker import QueueWorker, WorkerSettings
+from chipscale.cloud.sqs_batch import PackBatchProcessor
+from chipscale.models.predictors import open_predictor
+from chipscale.pipeline.process import PackResults
+from chipscale.results import open_store
 
 logger = Logger(service=names.WORKER_SERVICE)
 metrics = Metrics(namespace=names.METRICS_NAMESPACE, service=names.WORKER_SERVICE)

@@ -18,7 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from chipscale.allowed_sources import check_prefix
+from chipscale.cloud.allowed_sources import check_prefix
 from chipscale.errors import InvalidMessageError
 
 #: GPUs per instance of the GPU families the fleet accepts (NVIDIA A10G, L4, L40S, T4).

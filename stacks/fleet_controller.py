@@ -1,6 +1,6 @@
 """Fleet controller: the worker's Lambda concurrency follows the GPUs in service.
 
-``fleet_controller.handler`` (logic in ``chipscale.fleet``) sets the worker's event source
+``fleet_controller.handler`` (logic in ``chipscale.ops.fleet``) sets the worker's event source
 mapping to MaximumConcurrency = per-GPU concurrency x GPUs in service, capped at the worker's
 reserved concurrency when it has one (``reservedConcurrency``, passed as
 ``names.ENV_RESERVED_CONCURRENCY``), and disables it while no GPU is in service, so

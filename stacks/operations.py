@@ -2,7 +2,7 @@
 
 DESIGN.md, "Reaching a private stack": the database and the model endpoint have no public
 address, so ``chipscale verify --stack NAME`` invokes this function (``operations.handler``,
-same bundle as the worker; the actions are in chipscale/operations.py), and so do
+same bundle as the worker; the actions are in chipscale/ops/operations.py), and so do
 ``db-setup``, ``status``, ``download`` and ``push --stack`` (recording the job, resuming).
 It is allowed what those need and no more: the secret's read, HTTPS to AWS endpoints, the
 security-group paths to the load balancer and the proxy that the stack adds, and writes
@@ -20,14 +20,14 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
 from chipscale import names
-from chipscale.operations import DONE_TILES_PREFIX, EXPORT_PREFIX
+from chipscale.ops.operations import DONE_TILES_PREFIX, EXPORT_PREFIX
 from stacks.common import acknowledge, python_function
 from stacks.config import DeploymentConfig
 
 HANDLER = "operations.handler"
 #: What the function does today, for its description and the stack output's.
 PURPOSE = "verify, db-setup, status, export, record-job, done-tiles, scrape-metrics"
-#: Results-bucket prefixes the function writes (chipscale.operations' keys start with them).
+#: Results-bucket prefixes the function writes (chipscale.ops.operations' keys start with them).
 WRITE_PREFIXES = (EXPORT_PREFIX, DONE_TILES_PREFIX)
 #: Lambda's /tmp for an export before its upload: 10 GiB (the most Lambda allows) holds a
 #: GeoJSON of some 20 million tiles; /tmp is billed only while the function runs.

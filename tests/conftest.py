@@ -145,7 +145,7 @@ def bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch, aerial: Path) -> s
 def start_torchserve(mar: Path, run_dir: Path) -> Any:
     """A real TorchServe on free loopback ports, started with model_server/config.properties
     (the GPU hosts' file) and ready (every worker READY); the caller stops it."""
-    from chipscale.serving import ServingError, TorchServe
+    from chipscale.models.serving import ServingError, TorchServe
 
     if shutil.which("java") is None:
         unavailable("java (TorchServe's frontend) is not installed")
@@ -159,7 +159,7 @@ def start_torchserve(mar: Path, run_dir: Path) -> Any:
 @pytest.fixture(scope="session")
 def demo_model_file() -> Path:
     """The bundled demo model file (built on first use)."""
-    from chipscale.predictors import demo_model_path
+    from chipscale.models.predictors import demo_model_path
 
     return demo_model_path()
 
@@ -167,7 +167,7 @@ def demo_model_file() -> Path:
 @pytest.fixture(scope="session")
 def demo_mar(demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo model packaged as TorchServe serves it in the cloud."""
-    from chipscale.serving import ServingConfig, package_model
+    from chipscale.models.serving import ServingConfig, package_model
 
     out = tmp_path_factory.mktemp("mar")
     # CPU settings: one worker, short batching delay; the rest as on a GPU host.
@@ -187,7 +187,7 @@ def torchserve(demo_mar: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 try:  # the real schema, as `chipscale db-setup` creates it (tests that build it by hand)
-    from chipscale.stores.postgres import SCHEMA as RESULTS_DDL
+    from chipscale.results.postgres import SCHEMA as RESULTS_DDL
 except ImportError:  # no psycopg: every PostgreSQL fixture skips anyway
     RESULTS_DDL = ""
 
@@ -225,7 +225,7 @@ def empty_db(pg_admin: str) -> Iterator[str]:
 @pytest.fixture
 def results_db(empty_db: str) -> str:
     """A fresh database holding the results schema, set up as `chipscale db-setup` does."""
-    from chipscale.stores.postgres import setup_database
+    from chipscale.results.postgres import setup_database
 
     setup_database(empty_db)
     return empty_db

@@ -32,7 +32,7 @@ def tiles_of(result: Result) -> set[tuple[int, int, int]]:
 
 
 def reference_cover(parts: list[Polygon], zoom: int) -> set[tuple[int, int, int]]:
-    """Brute force, independent of chipscale.cover: every tile of the parts' bounds whose
+    """Brute force, independent of chipscale.grid.cover: every tile of the parts' bounds whose
     box shares some area with a part."""
     found = set()
     for part in parts:

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from chipscale.cli import cli
-from chipscale.cover import cover
+from chipscale.grid.cover import cover
 
 EXE = [sys.executable, "-m", "chipscale.cli"]
 
@@ -235,7 +235,7 @@ def test_status_reports_each_job(demo_run) -> None:
 
 
 def test_model_info_prints_the_metadata_inside_the_file(tmp_path) -> None:
-    from chipscale.predictors import demo_model_path
+    from chipscale.models.predictors import demo_model_path
 
     result = CliRunner().invoke(cli, ["model", "info", str(demo_model_path())])
     assert result.exit_code == 0, result.output

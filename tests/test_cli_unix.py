@@ -43,8 +43,8 @@ def sqlite_db(tmp_path: Path) -> str:
     """A SQLite results store holding one small job, ``done``."""
     from mercantile import Tile
 
-    from chipscale.stores import open_store
-    from chipscale.types import JobInfo, TileResult
+    from chipscale.results import open_store
+    from chipscale.values import JobInfo, TileResult
 
     url = f"sqlite:///{tmp_path / 'results.db'}"
     with open_store(url) as store:

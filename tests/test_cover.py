@@ -15,8 +15,8 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 from shapely.geometry import box
 
-from chipscale.cover import cover, cover_bbox, cover_geometry, parse_bbox, read_aoi
 from chipscale.errors import AOIError, SourceError
+from chipscale.grid.cover import cover, cover_bbox, cover_geometry, parse_bbox, read_aoi
 
 
 def test_bbox_cover_matches_mercantile_inside() -> None:

@@ -16,9 +16,9 @@ from mercantile import Tile
 from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale.cli import cli
-from chipscale.cover import cover
-from chipscale.stores import open_store
-from chipscale.types import JobInfo, TileResult
+from chipscale.grid.cover import cover
+from chipscale.results import open_store
+from chipscale.values import JobInfo, TileResult
 
 JOB = '=HYPERLINK("http://evil.example","x")'
 CLASSES = ("=cmd|' /C calc'!A0", "road")

@@ -14,7 +14,8 @@ import rasterio
 from mercantile import Tile
 from rasterio.warp import transform_bounds
 
-from chipscale.export import (
+from chipscale.results import open_store
+from chipscale.results.export import (
     ExportError,
     csv_to_geojson,
     export_results,
@@ -22,8 +23,7 @@ from chipscale.export import (
     write_csv,
     write_geojson,
 )
-from chipscale.stores import open_store
-from chipscale.types import JobInfo, ResultRow, TileResult
+from chipscale.values import JobInfo, ResultRow, TileResult
 
 CLASSES = ("road", "field")
 
@@ -183,7 +183,7 @@ def test_csv_to_geojson_chip_n_scale_format(tmp_path: Path) -> None:
 
 
 def test_render_preview(aerial: Path, tmp_path: Path) -> None:
-    from chipscale.preview import render_preview
+    from chipscale.results.preview import render_preview
 
     with rasterio.open(aerial) as src:
         bounds = transform_bounds(src.crs, "EPSG:4326", *src.bounds)

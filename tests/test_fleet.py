@@ -32,8 +32,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from chipscale import names
-from chipscale import verify as verify_module
-from chipscale.fleet import (
+from chipscale.ops import verify as verify_module
+from chipscale.ops.fleet import (
     MAX_MAXIMUM_CONCURRENCY,
     MIN_MAXIMUM_CONCURRENCY,
     DesiredMapping,

@@ -22,15 +22,15 @@ from mercantile import Tile
 from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale.cli import cli
-from chipscale.export import (
+from chipscale.ops.operations import OperationsEnvironment, StackOperations, run_action
+from chipscale.results import open_store
+from chipscale.results.export import (
     ExportError,
     export_results,
     format_for,
     write_geoparquet,
 )
-from chipscale.operations import OperationsEnvironment, StackOperations, run_action
-from chipscale.stores import open_store
-from chipscale.types import JobInfo, ResultRow, TileResult
+from chipscale.values import JobInfo, ResultRow, TileResult
 
 CLASSES = ("road", "field")
 TILES = [Tile(100, 200, 18), Tile(101, 200, 18), Tile(102, 201, 18), Tile(103, 199, 18)]
@@ -245,7 +245,7 @@ def test_without_pyarrow_the_error_says_how_to_install_it(
 
 def test_csv_and_geojson_exports_never_import_pyarrow() -> None:
     probe = (
-        "import sys, chipscale.export, chipscale.operations\n"
+        "import sys, chipscale.results.export, chipscale.ops.operations\n"
         "assert 'pyarrow' not in sys.modules, 'pyarrow imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

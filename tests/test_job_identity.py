@@ -35,11 +35,11 @@ from test_sqs_worker import (  # noqa: F401 (fixtures)
 )
 
 from chipscale.cli import cli
-from chipscale.cover import cover
+from chipscale.cloud.push import WORKER_DEFAULT_SOURCE
 from chipscale.errors import ChipscaleError
-from chipscale.push import WORKER_DEFAULT_SOURCE
-from chipscale.stores import open_store
-from chipscale.types import JobInfo, TileResult
+from chipscale.grid.cover import cover
+from chipscale.results import open_store
+from chipscale.values import JobInfo, TileResult
 
 EXE = [sys.executable, "-m", "chipscale.cli"]
 

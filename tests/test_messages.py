@@ -8,7 +8,7 @@ import pytest
 from mercantile import Tile
 
 from chipscale.errors import InvalidMessageError
-from chipscale.messages import PackMessage, parse_message
+from chipscale.pipeline.messages import PackMessage, parse_message
 
 
 def test_round_trip() -> None:

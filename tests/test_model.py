@@ -12,10 +12,10 @@ import torch
 from conftest import free_port
 from torch import nn
 
-from chipscale import demo_model
 from chipscale.errors import ChipscaleError, ModelFormatError, PredictorUnavailable
-from chipscale.predictors import InProcessPredictor, Predictor, open_predictor
-from chipscale.types import ModelInfo
+from chipscale.models import demo_model
+from chipscale.models.predictors import InProcessPredictor, Predictor, open_predictor
+from chipscale.values import ModelInfo
 from model_server import chipscale_runtime as rt
 
 SIZE = 16
@@ -277,7 +277,7 @@ def test_open_predictor_specs(files: dict[str, Path]) -> None:
 def test_open_predictor_none_builds_the_demo_model(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from chipscale import predictors
+    from chipscale.models import predictors
 
     target = tmp_path / "examples" / "demo-model.pt"
     monkeypatch.setattr(predictors, "DEMO_MODEL_PATH", target)
@@ -294,7 +294,7 @@ def test_open_predictor_none_builds_the_demo_model(
 def test_open_predictor_none_falls_back_to_the_user_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from chipscale import predictors
+    from chipscale.models import predictors
 
     readonly = tmp_path / "readonly"
     readonly.mkdir()

@@ -18,7 +18,7 @@ What moto lacks, and how it is covered:
 * moto publishes no AWS/SQS or AWS/Lambda metrics of its own: the tests put them, as AWS
   would have.
 
-Every threshold of chipscale.diagnosis is flipped by data just below and just at it, on
+Every threshold of chipscale.ops.diagnosis is flipped by data just below and just at it, on
 snapshots built by hand; one flip also runs end to end through moto.
 """
 
@@ -42,10 +42,11 @@ from click.testing import CliRunner
 from conftest import ROOT
 from test_stack_outputs import chipscale_template, clean_env, deploy_stack
 
-from chipscale import diagnosis, names
+from chipscale import names
 from chipscale.cli import cli
-from chipscale.diagnosis import Regime, diagnose
-from chipscale.monitor import (
+from chipscale.ops import diagnosis
+from chipscale.ops.diagnosis import Regime, diagnose
+from chipscale.ops.monitor import (
     Clients,
     Fleet,
     Gpu,
@@ -60,7 +61,7 @@ from chipscale.monitor import (
     plot_period,
     with_torchserve,
 )
-from chipscale.prometheus import (
+from chipscale.ops.prometheus import (
     PrometheusError,
     parse,
     scrape,
@@ -68,7 +69,7 @@ from chipscale.prometheus import (
     scrape_via_lambda,
     summarize,
 )
-from chipscale.stack import StackOutputs, resolve_stack
+from chipscale.ops.stack_outputs import StackOutputs, resolve_stack
 
 #: Minutes of data put before now: inside the 15-minute window even when the command starts
 #: in the minute after the data was put.
@@ -545,7 +546,7 @@ def test_missing_credentials_is_one_clear_line(moto_server: str) -> None:
 def test_job_remaining_tiles_give_the_eta(aws: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """--job asks the operations Lambda for the job's remaining tiles (moto cannot run a
     Lambda without Docker: its status answer is given here, as the handler returns it)."""
-    from chipscale import operations
+    from chipscale.ops import operations
 
     deployed = deploy()
     put_load(deployed, Load(gpu_util=70.0))
@@ -848,7 +849,7 @@ def test_edges(kwargs: dict[str, Any], regime: Regime) -> None:
 def test_an_unreadable_fleet_is_not_a_fleet_without_gpus() -> None:
     """A failed read of the group (a missing permission) must not pass for "no GPU in
     service", nor let tune compute a MaximumConcurrency for zero GPUs."""
-    from chipscale.tune import TuneError, target_for
+    from chipscale.ops.tune import TuneError, target_for
 
     unread = replace(
         snap(util=None),
@@ -872,7 +873,7 @@ def test_render_shows_every_part() -> None:
     from rich.console import Console
 
     from chipscale.cli import render_monitor
-    from chipscale.prometheus import TorchServeMetrics
+    from chipscale.ops.prometheus import TorchServeMetrics
 
     snapshot = replace(
         snap(util=97, errors=50),

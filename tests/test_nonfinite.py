@@ -28,10 +28,10 @@ from mercantile import Tile
 from test_torchserve_client import ScriptedServer, scores_of, tiles
 
 from chipscale.cli import cli
-from chipscale.cover import cover
 from chipscale.errors import PartialPrediction
-from chipscale.tiles import read_tile
-from chipscale.torchserve_client import TorchServePredictor
+from chipscale.grid.cover import cover
+from chipscale.models.torchserve_client import TorchServePredictor
+from chipscale.sources.cog import read_tile
 
 NAN_COLUMNS = 300  # of 512: all of the first z16 tile column, 44 px of the second
 
@@ -179,7 +179,7 @@ def test_nan_scores_in_process_are_error_rows_and_a_resume_redoes_them(
 def test_nan_scores_through_torchserve_are_error_rows(
     aerial: Path, models: tuple[Path, Path], split: tuple[float, set[Tile]], tmp_path: Path
 ) -> None:
-    from chipscale.serving import ServingConfig, package_model
+    from chipscale.models.serving import ServingConfig, package_model
 
     mar = package_model(models[0], tmp_path / "mar", config=ServingConfig(max_batch_delay_ms=5))
     server = start_torchserve(mar, tmp_path / "ts")

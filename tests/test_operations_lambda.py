@@ -10,8 +10,8 @@ import pytest
 from conftest import LambdaContext
 
 from chipscale import names
-from chipscale.db_credentials import DatabaseSecretError, url_from_secret
-from chipscale.verify import CHECK_ENDPOINT, CHECK_SCHEMA
+from chipscale.cloud.db_credentials import DatabaseSecretError, url_from_secret
+from chipscale.ops.verify import CHECK_ENDPOINT, CHECK_SCHEMA
 
 CONTEXT = LambdaContext("chipscale-operations")
 
@@ -71,8 +71,8 @@ def test_db_setup_is_idempotent_through_the_lambda(operations: Any, results_db: 
 def test_status_export_and_resume_through_the_lambda(operations: Any, results_db: str) -> None:
     from mercantile import Tile
 
-    from chipscale.stores import open_store
-    from chipscale.types import JobInfo, TileResult
+    from chipscale.results import open_store
+    from chipscale.values import JobInfo, TileResult
 
     job = "roofs/2024 'north'; DROP TABLE results"  # stored and keyed verbatim
     with open_store(results_db) as store:  # the worker's model fields survive a re-push

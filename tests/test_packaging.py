@@ -30,7 +30,8 @@ def test_the_lambda_bundle_carries_no_torch_and_no_cdk() -> None:
 
 def test_worker_imports_without_torch_or_matplotlib() -> None:
     code = (
-        "import sys, chipscale.worker, chipscale.messages, chipscale.cli, chipscale.runner; "
+        "import sys, chipscale.pipeline.process, chipscale.pipeline.messages, chipscale.cli, "
+        "chipscale.pipeline.runner; "
         "bad = {'torch', 'matplotlib'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mercantile import Tile
 
-from chipscale.cover import cover_bbox
-from chipscale.packs import pack_key, pack_levels, pack_tiles
+from chipscale.grid.cover import cover_bbox
+from chipscale.grid.packs import pack_key, pack_levels, pack_tiles
 
 
 @pytest.mark.parametrize(

@@ -29,10 +29,10 @@ from test_sqs_worker import (  # noqa: F401 (fixtures)
     send_packs,
 )
 
-from chipscale.cover import cover
 from chipscale.errors import InvalidMessageError
-from chipscale.messages import parse_message
-from chipscale.stores import open_store
+from chipscale.grid.cover import cover
+from chipscale.pipeline.messages import parse_message
+from chipscale.results import open_store
 
 #: The longest reason a reject may carry: a reason quotes what was wrong, not the body.
 MAX_REASON = 400

@@ -25,10 +25,9 @@ import pytest
 from conftest import free_port
 from mercantile import Tile
 
-from chipscale import verify
 from chipscale.errors import StoreError, StoreUnavailable
-from chipscale.export import export_results
-from chipscale.stores import (
+from chipscale.ops import verify
+from chipscale.results import (
     PostgresStore,
     ResultStore,
     SQLiteStore,
@@ -36,9 +35,10 @@ from chipscale.stores import (
     setup_database,
     setup_store,
 )
-from chipscale.stores import postgres as pg
-from chipscale.stores.base import results_filter
-from chipscale.types import MAX_REJECTED_BODY, JobInfo, Rejection, ResultRow, TileResult
+from chipscale.results import postgres as pg
+from chipscale.results.base import results_filter
+from chipscale.results.export import export_results
+from chipscale.values import MAX_REJECTED_BODY, JobInfo, Rejection, ResultRow, TileResult
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 SECRET = "s3cret-Pw"

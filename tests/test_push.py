@@ -31,12 +31,9 @@ from mercantile import Tile
 from shapely.geometry import box, mapping
 from test_stack_outputs import chipscale_template, deploy_stack
 
-from chipscale import push as push_lib
 from chipscale.cli import cli
-from chipscale.cover import cover, source_footprint
-from chipscale.messages import parse_message
-from chipscale.packs import pack_key, pack_levels
-from chipscale.push import (
+from chipscale.cloud import push as push_lib
+from chipscale.cloud.push import (
     BatchSender,
     Entry,
     PushError,
@@ -49,9 +46,12 @@ from chipscale.push import (
     region_from_queue_url,
     validate_source,
 )
-from chipscale.stores import open_store
-from chipscale.tilelist import TileFormat, write_tile_list
-from chipscale.types import JobInfo, TileResult
+from chipscale.grid.cover import cover, source_footprint
+from chipscale.grid.packs import pack_key, pack_levels
+from chipscale.grid.tilelist import TileFormat, write_tile_list
+from chipscale.pipeline.messages import parse_message
+from chipscale.results import open_store
+from chipscale.values import JobInfo, TileResult
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "s3://imagery/scene.tif"
@@ -300,7 +300,7 @@ def test_push_never_imports_torch(tmp_path: Path) -> None:
     imported = {
         line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line
     }
-    assert "chipscale.push" in imported
+    assert "chipscale.cloud.push" in imported
     assert not {name for name in imported if name.split(".")[0] in ("torch", "matplotlib")}
 
 

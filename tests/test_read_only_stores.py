@@ -15,8 +15,8 @@ from click.testing import CliRunner, Result
 from mercantile import Tile
 
 from chipscale.cli import cli
-from chipscale.stores import open_store
-from chipscale.types import JobInfo, TileResult
+from chipscale.results import open_store
+from chipscale.values import JobInfo, TileResult
 
 
 def run(*args: str) -> Result:

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from chipscale.cli import cli
-from chipscale.cover import cover
+from chipscale.grid.cover import cover
 from chipscale.redaction import redact, secrets_of
 
 #: Nothing listens on port 1: every connection is refused at once.

@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 from test_stack_outputs import chipscale_template, clean_env, deploy_stack
 
 from chipscale.cli import cli
-from chipscale.redrive import (
+from chipscale.ops.redrive import (
     MoveTaskUnavailable,
     QueueDepth,
     QueuePair,
@@ -37,7 +37,7 @@ from chipscale.redrive import (
     peek,
     redrive,
 )
-from chipscale.stack import resolve_stack
+from chipscale.ops.stack_outputs import resolve_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 250

@@ -19,10 +19,10 @@ from test_stack_outputs import chipscale_template, clean_env, deploy_stack
 
 from chipscale import names
 from chipscale.cli import cli
-from chipscale.push import push_record, record_job
-from chipscale.stack import resolve_stack
-from chipscale.stores import open_store
-from chipscale.types import JobInfo, TileResult
+from chipscale.cloud.push import push_record, record_job
+from chipscale.ops.stack_outputs import resolve_stack
+from chipscale.results import open_store
+from chipscale.values import JobInfo, TileResult
 
 JOB = "fields 'north'; --"
 

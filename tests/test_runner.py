@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from chipscale.cover import cover
 from chipscale.errors import JobConflict
-from chipscale.predictors import open_predictor
-from chipscale.runner import run_local
-from chipscale.stores import SQLiteStore, open_store
+from chipscale.grid.cover import cover
+from chipscale.models.predictors import open_predictor
+from chipscale.pipeline.runner import run_local
+from chipscale.results import SQLiteStore, open_store
 
 
 @pytest.fixture(scope="module")

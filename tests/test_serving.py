@@ -25,12 +25,12 @@ from click.testing import CliRunner
 from conftest import free_port, start_torchserve
 
 from chipscale.cli import cli
-from chipscale.cover import cover
 from chipscale.errors import ModelFormatError
-from chipscale.predictors import open_predictor
-from chipscale.runner import run_local
-from chipscale.serving import CONFIG_PROPERTIES, ServingConfig, ServingError, package_model
-from chipscale.stores import open_store
+from chipscale.grid.cover import cover
+from chipscale.models.predictors import open_predictor
+from chipscale.models.serving import CONFIG_PROPERTIES, ServingConfig, ServingError, package_model
+from chipscale.pipeline.runner import run_local
+from chipscale.results import open_store
 from model_server.chipscale_runtime import ModelMetadata, Scaling, save_torchscript
 
 POISON = 1.0e6  # a pixel value that makes the poison model raise
@@ -302,7 +302,7 @@ def test_tiles_that_always_break_the_model_become_errors_not_endless_retries(
     """Through the client: the request holding a poison tile is retried, then only its tiles
     are refused with the model's message; the other requests of the pack are scored."""
     from chipscale.errors import PartialPrediction
-    from chipscale.torchserve_client import TorchServePredictor
+    from chipscale.models.torchserve_client import TorchServePredictor
 
     batch = np.full((4, 3, 256, 256), 128.0, np.float32)
     batch[2, 0, 0, 0] = POISON

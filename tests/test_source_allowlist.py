@@ -33,10 +33,10 @@ from test_sqs_worker import (  # noqa: F401 (fixtures)
 )
 
 from chipscale import names
-from chipscale.cover import cover
-from chipscale.messages import PackMessage
-from chipscale.queue_worker import WorkerConfigError, WorkerSettings, source_refusal
-from chipscale.stores import open_store
+from chipscale.cloud.queue_worker import WorkerConfigError, WorkerSettings, source_refusal
+from chipscale.grid.cover import cover
+from chipscale.pipeline.messages import PackMessage
+from chipscale.results import open_store
 
 # ----------------------------------------------------------------------------- the rule
 

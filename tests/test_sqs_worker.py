@@ -20,11 +20,7 @@ from mercantile import Tile
 from sqs_events import lambda_event
 
 from chipscale import names
-from chipscale.cover import cover
-from chipscale.errors import StoreError
-from chipscale.messages import PackMessage
-from chipscale.packs import pack_tiles
-from chipscale.queue_worker import (
+from chipscale.cloud.queue_worker import (
     DEADLINE_MARGIN_S,
     OutOfTime,
     QueueWorker,
@@ -32,7 +28,11 @@ from chipscale.queue_worker import (
     WorkerSettings,
     source_refusal,
 )
-from chipscale.stores import open_store
+from chipscale.errors import StoreError
+from chipscale.grid.cover import cover
+from chipscale.grid.packs import pack_tiles
+from chipscale.pipeline.messages import PackMessage
+from chipscale.results import open_store
 
 ZOOM = 19
 
@@ -290,7 +290,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Every PostgresStore.write call, as the jobs of its rows; a write with a row of job
     ``refused`` fails as a permanent store error would (bad data in one pack), the others go
     through to PostgreSQL."""
-    from chipscale.stores.postgres import PostgresStore
+    from chipscale.results.postgres import PostgresStore
 
     calls: list[list[str]] = []
     write = PostgresStore.write
@@ -450,7 +450,7 @@ def test_a_database_restart_mid_run_loses_and_duplicates_nothing(
     """The database goes away between two batches (a failover, a restart): the batch that
     meets it reports every message as failed, SQS keeps them, and once the server is back
     the same container stores each tile once."""
-    from chipscale.stores import setup_store
+    from chipscale.results import setup_store
 
     setup_store(throwaway_pg.url)
     secret = boto3.client("secretsmanager").create_secret(

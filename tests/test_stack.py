@@ -117,7 +117,7 @@ def test_target_group_output_is_the_model_target_group(raw: dict[str, Any]) -> N
 
 
 def test_operations_output_names_every_action_the_function_runs(raw: dict[str, Any]) -> None:
-    from chipscale.operations import ACTIONS
+    from chipscale.ops.operations import ACTIONS
 
     description = raw["Outputs"][names.OUTPUT_OPERATIONS_FUNCTION]["Description"]
     assert all(action in description for action in ACTIONS), description
@@ -658,7 +658,7 @@ def test_operations_function_has_only_what_its_actions_need(raw: dict[str, Any])
     """The secret, the proxy and the load balancer (verify, db-setup, status), and writes
     under two prefixes of the results bucket (export, done-tiles): no read of any bucket, no
     SQS."""
-    from chipscale.operations import ACTIONS
+    from chipscale.ops.operations import ACTIONS
 
     fn = _function(raw, "operations.handler")
     assert fn["VpcConfig"]["SubnetIds"]

@@ -23,7 +23,7 @@ import boto3
 import pytest
 
 from chipscale import names
-from chipscale.stack import (
+from chipscale.ops.stack_outputs import (
     NoCredentials,
     NoRegion,
     StackNotFound,
@@ -312,7 +312,7 @@ def test_cli_missing_stack_is_one_clear_line(moto_server: str) -> None:
 
 
 def test_failed_deployment_is_named_by_its_status() -> None:
-    from chipscale.stack import StackError, outputs_from_stack
+    from chipscale.ops.stack_outputs import StackError, outputs_from_stack
 
     stack = {"StackName": "chipscale", "StackStatus": "ROLLBACK_COMPLETE", "Outputs": []}
     with pytest.raises(StackError, match="'chipscale' in us-east-1 is ROLLBACK_COMPLETE"):

@@ -14,7 +14,7 @@ import pytest
 from mercantile import Tile
 
 from chipscale.errors import StoreError, StoreUnavailable
-from chipscale.stores import (
+from chipscale.results import (
     SCHEMA_VERSION,
     ResultStore,
     SQLiteStore,
@@ -22,8 +22,8 @@ from chipscale.stores import (
     setup_store,
     sqlite_path,
 )
-from chipscale.stores.sqlite import MIGRATIONS
-from chipscale.types import MAX_REJECTED_BODY, JobInfo, Rejection, TileResult
+from chipscale.results.sqlite import MIGRATIONS
+from chipscale.values import MAX_REJECTED_BODY, JobInfo, Rejection, TileResult
 
 
 def ok(job: str, x: int, y: int, z: int = 18, score: float = 0.5) -> TileResult:
@@ -212,8 +212,8 @@ def test_closed_store(tmp_path: Path) -> None:
 KILLED_WRITER = """
 import sys
 from mercantile import Tile
-from chipscale.stores import open_store
-from chipscale.types import TileResult
+from chipscale.results import open_store
+from chipscale.values import TileResult
 store = open_store(sys.argv[1])
 n = 0
 while True:
@@ -312,7 +312,7 @@ def _schema(path: Path) -> list[tuple[str, str]]:
 def test_dump_json_round_trips(value: object, expected: object) -> None:
     import json
 
-    from chipscale.stores.base import dump_json, load_json
+    from chipscale.results.base import dump_json, load_json
 
     text = dump_json(value)
     assert isinstance(text, str)
@@ -323,7 +323,7 @@ def test_dump_json_round_trips(value: object, expected: object) -> None:
 def test_dump_json_numpy_and_refusal() -> None:
     import numpy as np
 
-    from chipscale.stores.base import dump_json, load_json
+    from chipscale.results.base import dump_json, load_json
 
     text = dump_json({"scores": np.array([0.25, 0.75], dtype=np.float32), "k": np.int64(3)})
     assert load_json(text) == {"scores": [0.25, 0.75], "k": 3}

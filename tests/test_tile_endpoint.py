@@ -22,15 +22,15 @@ import pytest
 from mercantile import Tile
 from rasterio.io import MemoryFile
 
-from chipscale.cover import cover
 from chipscale.errors import SourceError, SourceUnavailable
-from chipscale.messages import PackMessage
-from chipscale.predictors import open_predictor
-from chipscale.stores import open_store
-from chipscale.tile_endpoint import TileEndpointReader, is_tile_endpoint, redact, tile_url
-from chipscale.tiles import cached_reader, clear_reader_cache, read_tile, read_tiles
-from chipscale.types import ImageData
-from chipscale.worker import process_pack
+from chipscale.grid.cover import cover
+from chipscale.models.predictors import open_predictor
+from chipscale.pipeline.messages import PackMessage
+from chipscale.pipeline.process import process_pack
+from chipscale.results import open_store
+from chipscale.sources.cog import cached_reader, clear_reader_cache, read_tile, read_tiles
+from chipscale.sources.xyz import TileEndpointReader, is_tile_endpoint, redact, tile_url
+from chipscale.values import ImageData
 
 FAR_AWAY = Tile(0, 0, 19)  # a valid tile that misses the image: the server answers 404
 

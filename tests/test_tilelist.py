@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from mercantile import Tile
 
 from chipscale.errors import InvalidTileError, TileListError
-from chipscale.tilelist import (
+from chipscale.grid.tilelist import (
     format_tile,
     iter_tile_lines,
     make_tile,

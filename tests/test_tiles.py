@@ -28,8 +28,7 @@ from mercantile import Tile
 from rio_tiler.io import Reader
 
 from chipscale.errors import InvalidTileError, SourceError, SourceUnavailable
-from chipscale.gdal_env import gdal_options, s3_endpoint_options
-from chipscale.tiles import (
+from chipscale.sources.cog import (
     READER_CACHE_SIZE,
     SlowSourceWarning,
     TileReader,
@@ -41,6 +40,7 @@ from chipscale.tiles import (
     source_footprint_lonlat,
     source_info,
 )
+from chipscale.sources.gdal_env import gdal_options, s3_endpoint_options
 
 # The first z16 tile of every raster placed at PLACES["EPSG:3857"] (on-grid, z16 pixels).
 ONGRID = Tile(34952, 23450, 16)

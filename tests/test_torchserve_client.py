@@ -30,14 +30,14 @@ from conftest import free_port
 from mercantile import Tile
 
 from chipscale.cli import cli
-from chipscale.cover import cover
 from chipscale.errors import ChipscaleError, PartialPrediction, PredictorUnavailable
-from chipscale.messages import PackMessage
-from chipscale.predictors import InProcessPredictor, open_predictor
-from chipscale.stores import open_store
-from chipscale.tiles import read_tiles
-from chipscale.torchserve_client import ModelChanged, TorchServePredictor
-from chipscale.worker import process_pack
+from chipscale.grid.cover import cover
+from chipscale.models.predictors import InProcessPredictor, open_predictor
+from chipscale.models.torchserve_client import ModelChanged, TorchServePredictor
+from chipscale.pipeline.messages import PackMessage
+from chipscale.pipeline.process import process_pack
+from chipscale.results import open_store
+from chipscale.sources.cog import read_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -572,8 +572,8 @@ def test_five_band_tiles_are_refused_alone(torchserve, in_process, aerial) -> No
 def test_opening_an_endpoint_imports_no_torch(torchserve) -> None:
     """The Lambda bundle has no torch: the client path must not need it."""
     code = (
-        "import sys, chipscale.torchserve_client\n"
-        "from chipscale.predictors import open_predictor\n"
+        "import sys, chipscale.models.torchserve_client\n"
+        "from chipscale.models.predictors import open_predictor\n"
         f"p = open_predictor({torchserve.predictions_url!r}, threads=3, device='cuda')\n"
         "p.predict(__import__('numpy').zeros((1, 3, 256, 256), 'uint8')); p.close()\n"
         "bad = {'torch', 'model_server'} & {m.split('.')[0] for m in sys.modules}\n"

@@ -21,10 +21,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_monitor import Deployed, Load, aws, chipscale, deploy, monitor_json, put_load, snap
 
-from chipscale import diagnosis, tune
-from chipscale.fleet import MAX_MAXIMUM_CONCURRENCY, MIN_MAXIMUM_CONCURRENCY
-from chipscale.monitor import Clients, Minute, Queue, Snapshot
-from chipscale.tune import NotEnoughData, apply, recommend, target_for
+from chipscale.ops import diagnosis, tune
+from chipscale.ops.fleet import MAX_MAXIMUM_CONCURRENCY, MIN_MAXIMUM_CONCURRENCY
+from chipscale.ops.monitor import Clients, Minute, Queue, Snapshot
+from chipscale.ops.tune import NotEnoughData, apply, recommend, target_for
 
 __all__ = ["aws"]  # the fixture, shared with test_monitor
 

@@ -5,7 +5,7 @@ from a launch template, SSM parameter, Lambda functions, SQS event source mappin
 model endpoint (the session's TorchServe serving the demo model), the results database (a
 PostgreSQL database each test creates and drops), and the operations Lambda's invoke (a
 moto server of its own whose Lambda runs without Docker and answers what the test queues,
-computed by the very function the Lambda calls, :func:`chipscale.verify.verify_action`).
+computed by the very function the Lambda calls, :func:`chipscale.ops.verify.verify_action`).
 
 What is recorded: Service Quotas. moto implements it for the ``vpc`` service only:
 GetServiceQuota answers NoSuchResourceException for ec2 and lambda, and
@@ -29,10 +29,10 @@ from conftest import RESULTS_DDL, free_port, running_moto
 from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale import names
-from chipscale import verify as verify_module
 from chipscale.cli import cli
-from chipscale.stack import resolve_stack
-from chipscale.verify import (
+from chipscale.ops import verify as verify_module
+from chipscale.ops.stack_outputs import resolve_stack
+from chipscale.ops.verify import (
     CHECK_DLQ,
     CHECK_ENDPOINT,
     CHECK_EVENT_SOURCE,

@@ -1,7 +1,7 @@
 """COG reads from S3 through GDAL's ``/vsis3/``, as the worker Lambda does them.
 
 moto stands in for S3, behind a small counting forwarder: GDAL talks to the forwarder
-(``AWS_ENDPOINT_URL`` points at it, and :mod:`chipscale.gdal_env` derives GDAL's S3 settings
+(``AWS_ENDPOINT_URL`` points at it, and :mod:`chipscale.sources.gdal_env` derives GDAL's S3 settings
 from that variable, as in the Lambda), which passes each request on to moto and records its
 ``Range`` header and the bytes of the answer. That proves the reader fetches byte ranges of
 the COG (header, then the blocks a tile needs), not the whole object.
@@ -22,9 +22,15 @@ import pytest
 from cogs import make_mosaic_cog
 from mercantile import Tile
 
-from chipscale.cover import cover
 from chipscale.errors import SourceError, SourceUnavailable
-from chipscale.tiles import TileReader, cached_reader, clear_reader_cache, read_tile, read_tiles
+from chipscale.grid.cover import cover
+from chipscale.sources.cog import (
+    TileReader,
+    cached_reader,
+    clear_reader_cache,
+    read_tile,
+    read_tiles,
+)
 
 #: Headers that belong to one connection, not to the request: never forwarded.
 HOP_BY_HOP = {

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from mercantile import Tile
 
-from chipscale.cover import cover
 from chipscale.errors import ModelFormatError, PredictorUnavailable, SourceUnavailable
-from chipscale.messages import PackMessage
-from chipscale.predictors import open_predictor
-from chipscale.stores import open_store
-from chipscale.worker import process_pack
+from chipscale.grid.cover import cover
+from chipscale.models.predictors import open_predictor
+from chipscale.pipeline.messages import PackMessage
+from chipscale.pipeline.process import process_pack
+from chipscale.results import open_store
 
 FAR_AWAY = Tile(0, 0, 19)  # a valid tile that misses the image: empty, not an error
 

@@ -1,7 +1,7 @@
 """Bad input through the whole path: each bad message is dealt with on its first delivery,
 its reason recorded, and never retried; the good messages of the same batches are done.
 
-What the worker does with each kind (chipscale/queue_worker.py):
+What the worker does with each kind (chipscale/cloud/queue_worker.py):
 
 =============================  ===============================================================
 message                        outcome
@@ -49,7 +49,7 @@ from harness import (
     worker_environment,
 )
 
-from chipscale.messages import PackMessage
+from chipscale.pipeline.messages import PackMessage
 
 __all__ = ["aws", "imagery", "no_leaked_processes"]  # fixtures used by name
 

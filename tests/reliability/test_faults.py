@@ -49,7 +49,7 @@ from harness import (
 )
 from poller import HOLD_ENV
 
-from chipscale.stores import setup_store
+from chipscale.results import setup_store
 
 __all__ = ["aws", "imagery", "no_leaked_processes"]  # fixtures used by name
 

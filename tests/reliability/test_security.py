@@ -48,8 +48,8 @@ from mercantile import Tile
 
 from chipscale import names
 from chipscale.errors import StoreError, StoreUnavailable
-from chipscale.stores import open_store
-from chipscale.types import JobInfo, Rejection, TileResult
+from chipscale.results import open_store
+from chipscale.values import JobInfo, Rejection, TileResult
 
 __all__ = ["aws", "imagery", "no_leaked_processes"]  # fixtures used by name
 

@@ -31,7 +31,7 @@ from harness import (
     worker_environment,
 )
 
-from chipscale.torchserve_client import DEFAULT_TILES_PER_REQUEST
+from chipscale.models.torchserve_client import DEFAULT_TILES_PER_REQUEST
 
 __all__ = ["aws", "imagery", "no_leaked_processes"]  # fixtures used by name
 

@@ -1,0 +1,5 @@
+"""``python -m chipscale.cli``."""
+
+from chipscale.cli import main
+
+main()

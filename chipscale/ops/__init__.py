@@ -1,0 +1,1 @@
+"""Operating a deployed stack: outputs, verify, monitor, diagnosis, tune, fleet, redrive."""

@@ -1,0 +1,323 @@
+"""``chipscale tune``: the per-GPU Lambda concurrency that keeps the GPUs fed, not flooded.
+
+The fleet controller sets the worker's ``MaximumConcurrency`` to *per-GPU concurrency x GPUs
+in service* (:mod:`chipscale.ops.fleet`), reading the per-GPU value from an SSM parameter. This
+module computes that value from what the run measured, by Little's law: the Lambdas a GPU
+needs = the tiles/s one GPU does when saturated x the seconds a Lambda spends per tile, plus
+headroom.
+
+* **X**, tiles/s per saturated GPU: for each minute of the window whose mean GPU
+  utilisation is at least :data:`chipscale.ops.diagnosis.SATURATED_GPU_UTIL`, the worker's tiles
+  of that minute / 60 / GPUs reporting; the median of those minutes. A GPU that is not
+  saturated says nothing about what it *could* do, so without :data:`MIN_SATURATED_MINUTES`
+  such minutes ``tune`` refuses.
+* **W**, seconds a Lambda spends per tile: the Lambda duration (p50, else the mean) / the
+  tiles of an invocation (tiles / invocations over the window). When the GPUs are
+  saturated, part of that is waiting in TorchServe's queue, which more Lambdas would only
+  lengthen, so the wait is taken out: the worker's PredictSeconds per tile minus the GPU's own
+  time per tile (1/X). W never drops below 1/X.
+* Lambdas per GPU = X x W x (1 + :data:`HEADROOM`), rounded up; at least 1.
+
+``MaximumConcurrency`` then follows the fleet controller's rule (:func:`chipscale.ops.fleet.
+desired_mapping`): x GPUs in service, capped by the worker's reserved concurrency and kept
+in AWS's 2..1000. ``--apply`` writes the SSM parameter (the controller's source of truth,
+so the next scale-out keeps the value) *and* the mapping's MaximumConcurrency now, instead
+of a minute later.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from chipscale.errors import ChipscaleError
+from chipscale.ops import diagnosis
+from chipscale.ops.fleet import (
+    MAX_MAXIMUM_CONCURRENCY,
+    MIN_MAXIMUM_CONCURRENCY,
+    FleetConfigError,
+    desired_mapping,
+)
+from chipscale.ops.monitor import Clients, Snapshot, aws_reason
+
+if TYPE_CHECKING:
+    from chipscale.ops.stack_outputs import StackOutputs
+
+#: Extra Lambdas over the computed need: durations vary from pack to pack, and a GPU left
+#: without a waiting request for a moment is throughput lost for good; 20 % more Lambdas
+#: cost little next to a GPU.
+HEADROOM = 0.20
+#: Saturated minutes ``tune`` needs before it trusts the throughput of a GPU.
+MIN_SATURATED_MINUTES = 3
+
+
+class NotEnoughData(ChipscaleError):
+    """The window holds too little of what ``tune`` measures (saturated GPUs, invocations)."""
+
+
+class TuneError(ChipscaleError):
+    """The new concurrency could not be written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a per-GPU value means for the mapping now."""
+
+    per_gpu: int
+    gpus_in_service: int
+    #: None when no GPU is in service (the controller keeps the mapping disabled).
+    maximum_concurrency: int | None
+    reserved_concurrency: int | None
+    #: What held MaximumConcurrency below per-GPU x GPUs, or raised it (None: nothing).
+    limited_by: str | None
+    current_per_gpu: int | None
+    current_maximum_concurrency: int | None
+
+
+def target_for(per_gpu: int, snapshot: Snapshot) -> Target:
+    """MaximumConcurrency for ``per_gpu`` with the snapshot's GPUs and reserved concurrency,
+    by the fleet controller's own rule."""
+    if per_gpu < 1:
+        raise FleetConfigError(f"per-GPU concurrency must be 1 or more, got {per_gpu}")
+    if not snapshot.fleet.known:
+        reasons = "; ".join(w for w in snapshot.warnings if "GPU fleet" in w)
+        raise TuneError(
+            f"the GPUs in service of {snapshot.stack} are unknown, so MaximumConcurrency "
+            f"cannot be computed: {reasons or 'the fleet could not be read'}"
+        )
+    gpus = snapshot.fleet.gpus_in_service
+    reserved = snapshot.worker.reserved_concurrency
+    reserved = reserved if reserved and reserved >= MIN_MAXIMUM_CONCURRENCY else None
+    desired = desired_mapping(gpus, per_gpu, reserved)
+    wanted = per_gpu * gpus
+    limited_by = None
+    if desired.maximum_concurrency is not None and desired.maximum_concurrency != wanted:
+        if reserved is not None and desired.maximum_concurrency == reserved < wanted:
+            limited_by = f"the worker's reserved concurrency {reserved}"
+        elif wanted > MAX_MAXIMUM_CONCURRENCY:
+            limited_by = f"the SQS event source's maximum {MAX_MAXIMUM_CONCURRENCY}"
+        else:
+            limited_by = f"the SQS event source's minimum {MIN_MAXIMUM_CONCURRENCY}"
+    return Target(
+        per_gpu=per_gpu,
+        gpus_in_service=gpus,
+        maximum_concurrency=desired.maximum_concurrency,
+        reserved_concurrency=reserved,
+        limited_by=limited_by,
+        current_per_gpu=snapshot.worker.per_gpu_concurrency,
+        current_maximum_concurrency=snapshot.worker.maximum_concurrency,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    """The computed per-GPU concurrency and every number that went into it."""
+
+    target: Target
+    minutes: int
+    saturated_minutes: int
+    tiles_per_s_per_gpu: float
+    tiles_per_invocation: float
+    duration_s: float
+    duration_stat: str
+    #: TorchServe queue wait taken out, per tile (None: no PredictSeconds to measure it).
+    queue_wait_s_per_tile: float | None
+    seconds_per_tile: float
+    lambdas_per_gpu: float
+    headroom: float
+    notes: tuple[str, ...] = field(default=())
+
+    def lines(self) -> list[str]:
+        """The computation, one step a line, for the terminal."""
+        x, w = self.tiles_per_s_per_gpu, self.seconds_per_tile
+        t = self.target
+        raw = self.duration_s / self.tiles_per_invocation
+        out = [
+            f"saturated minutes      {self.saturated_minutes} of {self.minutes} "
+            f"(mean GPU utilisation >= {diagnosis.SATURATED_GPU_UTIL:g}%)",
+            f"X  tiles/s per GPU     {x:,.1f}  (median of the saturated minutes)",
+            f"tiles per invocation   {self.tiles_per_invocation:,.1f}",
+            f"Lambda duration        {self.duration_s:,.2f} s ({self.duration_stat}) "
+            f"= {raw:.4f} s per tile",
+        ]
+        if self.queue_wait_s_per_tile is not None:
+            out.append(
+                f"queue wait taken out   {self.queue_wait_s_per_tile:.4f} s per tile "
+                f"(PredictSeconds per tile - GPU time 1/X {1 / x:.4f} s)"
+            )
+        out += [
+            f"W  seconds per tile    {w:.4f}",
+            f"Lambdas per GPU        X x W x (1 + {self.headroom:.0%}) = {x:,.1f} x {w:.4f} x "
+            f"{1 + self.headroom:g} = {self.lambdas_per_gpu:.2f} -> {t.per_gpu}",
+            *target_lines(t),
+            *self.notes,
+        ]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def target_lines(t: Target) -> list[str]:
+    """The per-GPU value, then and now, and the MaximumConcurrency it gives."""
+    now = f"now {t.current_per_gpu}" if t.current_per_gpu is not None else "now unknown"
+    lines = [f"per-GPU concurrency    {t.per_gpu} ({now})"]
+    if t.maximum_concurrency is None:
+        lines.append(
+            "MaximumConcurrency     - (no GPU in service: the mapping stays disabled until "
+            "one is, then the controller sets it from the parameter)"
+        )
+    else:
+        limit = f", held by {t.limited_by}" if t.limited_by else ""
+        lines.append(
+            f"MaximumConcurrency     {t.maximum_concurrency} = {t.per_gpu} x "
+            f"{t.gpus_in_service} GPUs{limit} (now {t.current_maximum_concurrency})"
+        )
+    return lines
+
+
+def recommend(snapshot: Snapshot, *, headroom: float = HEADROOM) -> Recommendation:
+    """The per-GPU concurrency for the run in ``snapshot`` (see the module's docstring).
+
+    Raises :class:`NotEnoughData` naming what is missing: too few saturated minutes, no
+    invocations, no tiles, no duration.
+    """
+    minutes = snapshot.minutes
+    saturated = [
+        m
+        for m in minutes
+        if m.gpus_reporting
+        and m.tiles > 0
+        and (m.mean_gpu_utilization or 0.0) >= diagnosis.SATURATED_GPU_UTIL
+    ]
+    span = f"{snapshot.window.seconds / 60:.0f} minutes of {snapshot.stack}"
+    if len(saturated) < MIN_SATURATED_MINUTES:
+        raise NotEnoughData(
+            f"only {len(saturated)} of the last {span} had the GPUs saturated (mean "
+            f"utilisation >= {diagnosis.SATURATED_GPU_UTIL:g}% with tiles done); tune needs "
+            f"{MIN_SATURATED_MINUTES} to measure what a GPU can do: raise the per-GPU "
+            "concurrency by hand (--per-gpu N --apply) until they are, or widen --since"
+        )
+    worker, queue = snapshot.worker, snapshot.queue
+    if worker.invocations <= 0:
+        raise NotEnoughData(f"no worker invocations in the last {span}: nothing to measure")
+    if queue.tiles <= 0:
+        raise NotEnoughData(f"no tiles done in the last {span}: nothing to measure")
+    if worker.duration_p50_ms is not None:
+        duration_s, stat = worker.duration_p50_ms / 1000, "p50"
+    elif worker.duration_mean_ms is not None:
+        duration_s, stat = worker.duration_mean_ms / 1000, "mean"
+    else:
+        raise NotEnoughData(f"no Lambda duration in the last {span}: nothing to measure")
+    period = snapshot.window.period_s
+    x = statistics.median(m.tiles / period / m.gpus_reporting for m in saturated)
+    tiles_per_invocation = queue.tiles / worker.invocations
+    gpu_time = 1.0 / x
+    per_tile = duration_s / tiles_per_invocation
+    wait = None
+    predict = sum(m.predict_s for m in saturated)
+    saturated_tiles = sum(m.tiles for m in saturated)
+    notes: list[str] = []
+    if predict > 0:
+        wait = max(0.0, predict / saturated_tiles - gpu_time)
+    else:
+        notes.append("no PredictSeconds from the worker: TorchServe's queue wait not taken out")
+    seconds_per_tile = max(per_tile - (wait or 0.0), gpu_time)
+    lambdas = x * seconds_per_tile * (1 + headroom)
+    per_gpu = max(1, math.ceil(lambdas - 1e-9))
+    return Recommendation(
+        target=target_for(per_gpu, snapshot),
+        minutes=snapshot.window.periods,
+        saturated_minutes=len(saturated),
+        tiles_per_s_per_gpu=x,
+        tiles_per_invocation=tiles_per_invocation,
+        duration_s=duration_s,
+        duration_stat=stat,
+        queue_wait_s_per_tile=wait,
+        seconds_per_tile=seconds_per_tile,
+        lambdas_per_gpu=lambdas,
+        headroom=headroom,
+        notes=tuple(notes),
+    )
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What ``--apply`` wrote."""
+
+    parameter: str
+    per_gpu_before: int | None
+    per_gpu: int
+    mapping_uuid: str | None
+    maximum_concurrency_before: int | None
+    #: None when the mapping was left alone (no GPU in service, or already right).
+    maximum_concurrency: int | None
+    note: str | None = None
+
+    def lines(self) -> list[str]:
+        out = [f"wrote {self.parameter} = {self.per_gpu} (was {self.per_gpu_before})"]
+        if self.maximum_concurrency is not None:
+            out.append(
+                f"set MaximumConcurrency of mapping {self.mapping_uuid} to "
+                f"{self.maximum_concurrency} (was {self.maximum_concurrency_before})"
+            )
+        if self.note:
+            out.append(self.note)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def apply(target: Target, outputs: StackOutputs, clients: Clients) -> Applied:
+    """Write ``target``: the per-GPU SSM parameter first (so the fleet controller, which
+    overwrites any direct edit of the mapping, keeps the value), then the mapping's
+    MaximumConcurrency, so it takes effect now rather than at the controller's next run."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    parameter = outputs.require("per_gpu_parameter")
+    try:
+        clients.ssm.put_parameter(
+            Name=parameter, Value=str(target.per_gpu), Type="String", Overwrite=True
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise TuneError(f"cannot write SSM parameter {parameter}: {aws_reason(exc)}") from exc
+    uuid = outputs.event_source_mapping_id
+    after, note = None, None
+    if target.maximum_concurrency is None:
+        note = "no GPU in service: the fleet controller sets the mapping when one is"
+    elif uuid is None:
+        note = "the stack names no event source mapping: the fleet controller applies it"
+    elif target.maximum_concurrency == target.current_maximum_concurrency:
+        note = "MaximumConcurrency already right"
+    else:
+        lam = clients.lambda_client
+        try:
+            lam.update_event_source_mapping(
+                UUID=uuid, ScalingConfig={"MaximumConcurrency": target.maximum_concurrency}
+            )
+            after = target.maximum_concurrency
+        except lam.exceptions.ResourceInUseException:
+            note = (
+                f"mapping {uuid} is changing state: the fleet controller applies the new "
+                "value on its next run (within a minute)"
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise TuneError(
+                f"wrote {parameter} = {target.per_gpu}, but cannot update mapping {uuid}: "
+                f"{aws_reason(exc)} (the fleet controller applies it on its next run)"
+            ) from exc
+    return Applied(
+        parameter=parameter,
+        per_gpu_before=target.current_per_gpu,
+        per_gpu=target.per_gpu,
+        mapping_uuid=uuid,
+        maximum_concurrency_before=target.current_maximum_concurrency,
+        maximum_concurrency=after,
+        note=note,
+    )

@@ -1,0 +1,235 @@
+"""``process_pack()``: read a pack's tiles, predict, store. The local runner calls it per
+pack; the Lambda calls its first half, :func:`predict_pack`, for each message of a batch and
+stores the batch's rows in one write. The adapters around them are all that differs.
+
+Failure policy (see :mod:`chipscale.errors`): a permanent failure (the source cannot be
+opened or is not a raster, the model refuses the input) becomes ``error`` rows carrying the
+reason, so the message is done; a transient failure (model server, database, a remote
+source timing out or answering 5xx) raises, so the queue delivers the message again. Tiles
+without a valid pixel are ``empty`` and never reach the model; a tile the model answers NaN
+or inf for is an ``error`` row, never ``ok``. Writes are upserts keyed on
+(job, z, x, y): a repeat is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from mercantile import Tile
+
+from chipscale.errors import ChipscaleError, PartialPrediction, SourceError, storable_text
+from chipscale.models.predictors import Predictor
+from chipscale.models.scores import non_finite_rows
+from chipscale.pipeline.messages import PackMessage
+from chipscale.results import ResultStore
+from chipscale.sources.cog import TileReader, cached_reader
+from chipscale.sources.xyz import TileEndpointReader
+from chipscale.values import ImageData, ModelInfo, TileResult
+
+log = logging.getLogger(__name__)
+
+#: Scores are stored rounded: six decimals are far below any model's meaningful precision.
+SCORE_DECIMALS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class PackResults:
+    """A pack's rows, read and predicted but not yet stored, with the time each stage took.
+
+    The cloud worker holds these until every message of its Lambda batch has run, then
+    stores the batch's rows in one write (:mod:`chipscale.cloud.sqs_batch`).
+    """
+
+    results: list[TileResult]
+    read_seconds: float
+    predict_seconds: float
+
+    def outcome(self, write_seconds: float) -> PackOutcome:
+        """What the pack produced once its rows are stored, ``write_seconds`` later."""
+        counts = Counter(result.status for result in self.results)
+        return PackOutcome(
+            counts["ok"],
+            counts["empty"],
+            counts["error"],
+            self.read_seconds,
+            self.predict_seconds,
+            write_seconds,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PackOutcome:
+    """What one pack produced, with the time spent in each stage (for metrics)."""
+
+    ok: int
+    empty: int
+    error: int
+    read_seconds: float
+    predict_seconds: float
+    write_seconds: float
+
+    @property
+    def tiles(self) -> int:
+        return self.ok + self.empty + self.error
+
+
+def process_pack(
+    message: PackMessage,
+    *,
+    predictor: Predictor,
+    store: ResultStore,
+    bands: Sequence[int] | None = None,
+    deadline: float | None = None,
+) -> PackOutcome:
+    """Run one pack through read, predict and write; see the module docstring for failures.
+
+    ``deadline`` (a :func:`time.monotonic` instant) bounds the prediction: the Lambda passes
+    its remaining time so a slow model server fails this pack alone, not the invocation.
+    """
+    pack = predict_pack(message, predictor=predictor, bands=bands, deadline=deadline)
+    start = time.perf_counter()
+    store.write(pack.results)
+    return pack.outcome(time.perf_counter() - start)
+
+
+def predict_pack(
+    message: PackMessage,
+    *,
+    predictor: Predictor,
+    bands: Sequence[int] | None = None,
+    deadline: float | None = None,
+) -> PackResults:
+    """Read and predict one pack: one row per tile of the message, in its order, to store.
+
+    A permanent failure becomes ``error`` rows; a transient one raises (module docstring).
+    """
+    info = predictor.info
+    seconds: dict[str, float] = {}
+    outputs: dict[Tile, dict[str, float]] = {}
+    errors: dict[Tile, str] = {}
+    at_stake: Sequence[Tile] = message.tiles  # the tiles a permanent failure marks as errors
+    try:
+        with _timed(seconds, "read"):
+            reader = cached_reader(message.source, size=info.tile_size, bands=bands)
+            images, errors = _read_images(reader, message.tiles)
+            at_stake = [t for t in message.tiles if t in images and not images[t].is_empty]
+            batch = _stack(info, [images[t] for t in at_stake]) if at_stake else None
+        with _timed(seconds, "predict"):
+            if batch is not None:
+                try:
+                    scores, refused = predictor.predict(batch, deadline=deadline), {}
+                except PartialPrediction as exc:  # only some tiles refused: keep the rest
+                    scores, refused = exc.scores, exc.failed
+                    log.warning("job %s: %s", message.job, exc)
+                # Whatever the predictor, a NaN score is no score (a refused row's is NaN).
+                unscored = {i: r for i, r in non_finite_rows(scores).items() if i not in refused}
+                if unscored:
+                    log.warning(
+                        "job %s: %d tiles got non-finite scores", message.job, len(unscored)
+                    )
+                    refused = {**refused, **unscored}
+                for i, (tile, row) in enumerate(zip(at_stake, scores, strict=True)):
+                    if i in refused:
+                        errors[tile] = refused[i]
+                        continue
+                    outputs[tile] = {
+                        name: round(float(v), SCORE_DECIMALS)
+                        for name, v in zip(info.classes, row, strict=True)
+                    }
+    except ChipscaleError as exc:
+        if not exc.permanent:
+            raise
+        log.warning("%d tiles of job %s failed: %s", len(at_stake), message.job, exc)
+        errors.update(dict.fromkeys(at_stake, str(exc)))
+
+    results = [
+        _result(message.job, t, info, output=outputs.get(t), error=errors.get(t))
+        for t in message.tiles
+    ]
+    return PackResults(results, seconds.get("read", 0.0), seconds.get("predict", 0.0))
+
+
+def _read_images(
+    reader: TileReader | TileEndpointReader, tiles: Sequence[Tile]
+) -> tuple[dict[Tile, ImageData], dict[Tile, str]]:
+    """Each tile's pixels, or why they cannot be read (tile -> reason).
+
+    Adjacent tiles are read with one warp of their common window. When such a shared read
+    fails for good (a damaged or truncated file), the tiles not yet read are read one at a
+    time, so only the tiles whose own pixels are unreadable become ``error`` rows, as
+    ``chipscale tile`` would find them. A transient failure raises (the message is retried).
+    """
+    images: dict[Tile, ImageData] = {}
+    try:
+        for tile, image in reader.read(tiles):  # kept as they come: packs read before a failure
+            images[tile] = image
+        return images, {}
+    except SourceError as exc:
+        if not exc.permanent:
+            raise
+        log.info("a shared read failed, reading the other tiles alone: %s", exc)
+    errors: dict[Tile, str] = {}
+    for tile in dict.fromkeys(tiles):
+        if tile in images:
+            continue
+        try:
+            images[tile] = reader.tile(tile)
+        except SourceError as exc:
+            if not exc.permanent:
+                raise
+            errors[tile] = str(exc)
+    return images, errors
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = time.perf_counter() - start
+
+
+def _stack(info: ModelInfo, images: list[ImageData]) -> np.ndarray:
+    """Stack tiles into the model's batch, keeping as many bands as the model takes.
+
+    A source with more bands than the model accepts (e.g. RGBN into an RGB model) gives the
+    model its first bands; fewer bands than it needs is a permanent error of the source.
+    """
+    batch = np.stack([image.data for image in images])
+    accepted = info.band_counts or (info.bands,)
+    channels = batch.shape[1]
+    if channels in accepted:
+        return batch
+    usable = [n for n in accepted if n <= channels]
+    if not usable:
+        raise SourceError(
+            f"model {info.name} needs {info.bands} bands; the source gives {channels}"
+        )
+    return batch[:, : max(usable)]
+
+
+def _result(
+    job: str,
+    tile: Tile,
+    info: ModelInfo,
+    *,
+    output: dict[str, float] | None = None,
+    error: str | None = None,
+) -> TileResult:
+    status = "error" if error is not None else "ok" if output is not None else "empty"
+    return TileResult(
+        job=job,
+        tile=tile,
+        status=status,
+        output=output,
+        error=None if error is None else storable_text(error),
+        model_name=info.name,
+        model_version=info.version,
+    )

@@ -1,0 +1,777 @@
+"""The PostgreSQL adapter of the ResultStore port: the cloud's results database (RDS
+PostgreSQL behind RDS Proxy), and any ``postgresql://`` URL locally.
+
+Behind RDS Proxy. The proxy multiplexes client connections over a few database connections
+between transactions, unless a session changes state the next transaction could depend on;
+then it *pins* the client to one database connection for good, and a burst of Lambdas
+exhausts the database again. So this adapter keeps no session state: no ``SET``, no
+temporary tables, no session advisory locks, no named prepared statements
+(``prepare_threshold=None``: every statement is parsed unnamed, in the same round trip as
+its parameters). The one exception is :meth:`PostgresStore.iter_results`, whose server-side
+cursor holds a connection of its own for as long as the export streams.
+
+One round trip per write (two when it meets stored tiles, below). :meth:`PostgresStore.write`
+sends the whole pack as one ``INSERT ... SELECT FROM unnest(<one array per column>)``
+statement in autocommit mode, so the statement is its own transaction: no BEGIN, no COMMIT
+round trips. Arrays go in binary, and a column with one value on every row (the job, the
+model, the zoom) goes once, as a scalar (see :func:`_write_parameters`). Tiles repeated
+within one call are merged first (one row per key, the last result wins, ``attempts``
+counting each), since one statement cannot write a row twice, and rows are sent in key
+order so concurrent writers lock rows in the same order. The worker Lambda writes the rows
+of its whole batch of messages in one call.
+
+Insert first, upsert when needed. Nearly every write is of tiles not stored yet; a
+redelivery or a rerun is the exception. ``ON CONFLICT DO UPDATE`` makes every row a
+speculative insertion (probe the key, insert, confirm), which was 40 % of the server's time
+per row: ``EXPLAIN ANALYZE`` of 1,000-row packs into an emptied table, medians of 3 rounds,
+11.9 ms with it, 7.0 ms as a plain INSERT (``ON CONFLICT DO NOTHING`` costs the same 12.0).
+So the plain INSERT goes first. When it meets a stored tile it fails whole (one statement,
+one transaction: nothing of it is kept) with a unique violation, and the same parameters
+go again with ``ON CONFLICT DO UPDATE``: one more round trip for a redelivered pack, and an
+ERROR line about the duplicate key in the server's log. Two writers of the same new tiles
+at once: the second INSERT waits for the first to commit, fails, and upserts.
+
+COPY was measured and left out. COPY cannot upsert, so it needs a staging temporary table
+(session state: a direct connection only) and three round trips (COPY, INSERT ... SELECT,
+COMMIT). bench/store.py runs it beside unnest on the same rows (2 shared cores, PostgreSQL 15,
+medians of 5 rounds, bench/results/store.json): over loopback unnest wrote 34,100 rows/s at
+100 tiles a pack and 78,400 at 1,000, COPY 24,600 and 48,300 (0.72x, 0.62x); with a 1.85 ms
+round trip, as to RDS Proxy, unnest 28,900 and 76,700, COPY 8,600 and 43,100 (0.30x, 0.56x).
+A second write path, slower and wrong behind the proxy, is not worth having. (One row per
+statement, chip-n-scale's way, wrote 1,700 and 2,000 rows/s over loopback, 500 and 590 with
+the round trip: unnest is 20x and 39x faster here, 58x and 131x where the workers run. As
+the worker writes, 4 messages of 100 tiles a write: 74,700 rows/s, 36x; 56,000 and 104x with
+the round trip.)
+
+Outages. A failure to connect, a dropped connection, a server shutting down or restarting, a
+deadlock or serialization failure, too many connections: :class:`StoreUnavailable`, so the
+queue delivers the message again. The message is one line and never holds the password. The
+store reconnects by itself on the next call, so a restarted server is usable again without a
+new store. A call that finds its idle connection dead (RDS Proxy and NAT gateways close idle
+connections; a failover kills them) is retried once on a fresh connection before it fails:
+a write whose connection died after the server committed is then applied twice, which only
+adds one to ``attempts``. Bad data and a missing schema are permanent: :class:`StoreError`.
+
+Threads. The local runner writes from several threads: one connection, guarded by a lock,
+serves them in turn (each write is a single round trip, and psycopg_pool is not a
+dependency). Schema: see :data:`MIGRATIONS` and :func:`setup_database`.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, NamedTuple, Self, TypeVar
+
+import psycopg
+from mercantile import Tile
+from psycopg import errors as pg_errors
+
+from chipscale.errors import StoreError, StoreUnavailable, one_line, storable_text
+from chipscale.redaction import redact, scrub, secrets_of
+from chipscale.results.base import (
+    DONE_STATUSES,
+    STATUSES,
+    check_status,
+    dump_json,
+    job_conflict,
+    results_filter,
+    validate_results,
+)
+from chipscale.values import MAX_REJECTED_BODY, JobInfo, Rejection, ResultRow, TileResult
+
+T = TypeVar("T")
+
+#: Bump with a migration in :data:`MIGRATIONS` when the schema changes. The numbering is
+#: the SQLite adapter's: a version means the same tables in both stores.
+SCHEMA_VERSION: Final = 3
+
+#: Seconds to wait for a connection before StoreUnavailable (libpq's ``connect_timeout``).
+CONNECT_TIMEOUT: Final = 10
+
+#: Rows fetched per round trip while streaming results: big enough that round trips do not
+#: dominate, small enough that memory stays flat (about 1 MB of rows).
+ITERSIZE: Final = 2000
+
+# Key columns use the "C" collation: the byte order of UTF-8, as SQLite compares text, so
+# both stores list jobs and results in the same order (and memcmp keeps inserts cheap).
+_CREATE_V1 = """
+CREATE TABLE schema_version (
+    version       integer PRIMARY KEY,
+    applied_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE jobs (
+    job           text COLLATE "C" PRIMARY KEY,
+    source        text NOT NULL,
+    zoom          integer,
+    model_name    text,
+    model_version text,
+    classes       jsonb NOT NULL DEFAULT '[]',
+    tiles_total   bigint,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    extra         jsonb NOT NULL DEFAULT '{}'
+);
+-- No foreign key to jobs: a worker may write results of a job it never registered.
+-- output is json, not jsonb: json keeps the model's text as written, so the class order
+-- that exports show when a job records no classes is the model's, as with SQLite (jsonb
+-- reorders keys by length), and json skips the conversion on the write path.
+CREATE TABLE results (
+    job           text COLLATE "C" NOT NULL,
+    z             integer NOT NULL,
+    x             bigint NOT NULL,
+    y             bigint NOT NULL,
+    status        text NOT NULL CHECK (status IN ('ok', 'empty', 'error')),
+    output        json,
+    model_name    text,
+    model_version text,
+    error         text,
+    attempts      integer NOT NULL DEFAULT 1,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, z, x, y)
+);
+-- Download by job and status (and resume: the done tiles of a job), already in tile order.
+CREATE INDEX results_job_status ON results (job, status, z, x, y);
+"""
+
+_ADD_REJECTS = """
+CREATE TABLE rejects (
+    message_id    text COLLATE "C" PRIMARY KEY,
+    job           text COLLATE "C",
+    reason        text NOT NULL,
+    body          text NOT NULL,
+    attempts      integer NOT NULL DEFAULT 1,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+# Only the rows a download by status needs an index for: ``empty`` and ``error``. The
+# primary key already lists a job's tiles in order, and ``ok`` rows are the bulk of a job,
+# so a download of them reads the job's rows anyway; indexing them too cost a third of a
+# write's time (bench/store.py, v2's index against this one, same rows: 23,700 against
+# 36,400 rows/s at 100 tiles a pack). ``status = 'error'`` implies the predicate, so the
+# planner uses the index for it.
+_INDEX_NOT_OK = """
+DROP INDEX IF EXISTS results_job_status;
+CREATE INDEX results_not_ok ON results (job, status, z, x, y) WHERE status <> 'ok';
+"""
+
+#: ``{from_version: sql}``: applied in order, from 0 (an empty schema), to bring a database
+#: up to SCHEMA_VERSION. A new database replays them all, so a migrated database and a new
+#: one cannot drift apart.
+MIGRATIONS: Final[dict[int, str]] = {0: _CREATE_V1, 1: _ADD_REJECTS, 2: _INDEX_NOT_OK}
+
+#: Every table the schema holds, with its primary key: what ``chipscale verify`` checks.
+TABLES: Final[dict[str, tuple[str, ...]]] = {
+    "jobs": ("job",),
+    "results": ("job", "z", "x", "y"),
+    "rejects": ("message_id",),
+    "schema_version": ("version",),
+}
+
+#: The whole schema as one script (tests; reading): every migration, then the version.
+SCHEMA: Final = (
+    "".join(MIGRATIONS[v] for v in range(SCHEMA_VERSION))
+    + f"INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION});\n"
+)
+
+# Any constant will do; setup_database's transactions in one database queue on it.
+_SETUP_LOCK: Final = int.from_bytes(b"chipscal", "big")
+
+
+class _Field(NamedTuple):
+    name: str
+    kind: str  # its PostgreSQL type as sent
+    may_be_scalar: bool  # sent once when every row of the pack has the same value
+    select: str = "{}"  # the expression that stores it
+
+
+#: The columns a write sends, in order (see :func:`_write_parameters`).
+_RESULT_FIELDS: Final = (
+    _Field("job", "text", True),
+    _Field("z", "int", True),
+    _Field("x", "bigint", False),
+    _Field("y", "bigint", False),
+    _Field("status", "text", True),
+    _Field("output", "text", False, "{}::json"),
+    _Field("model_name", "text", True),
+    _Field("model_version", "text", True),
+    _Field("error", "text", True),
+    _Field("n", "int", True),
+)
+
+_INSERT = """
+INSERT INTO results AS r (job, z, x, y, status, output, model_name, model_version, error,
+                          attempts, created_at, updated_at)
+SELECT {select}, now(), now()
+FROM unnest({arrays}) AS t({names})
+"""
+
+_ON_CONFLICT = """ON CONFLICT (job, z, x, y) DO UPDATE SET
+    status = excluded.status,
+    output = excluded.output,
+    model_name = excluded.model_name,
+    model_version = excluded.model_version,
+    error = excluded.error,
+    attempts = r.attempts + excluded.attempts,
+    updated_at = excluded.updated_at
+"""
+
+
+@functools.cache
+def _write_sql(uniform: tuple[bool, ...], *, upsert: bool) -> str:
+    """:data:`_INSERT`, with :data:`_ON_CONFLICT` when ``upsert``, taking the columns flagged
+    in ``uniform`` as scalar parameters and the others as arrays to unnest; its parameters
+    are the scalars, then the arrays (:func:`_write_parameters`)."""
+    select, arrays, names = [], [], []
+    for field, once in zip(_RESULT_FIELDS, uniform, strict=True):
+        if once:
+            select.append(field.select.format(f"%b::{field.kind}"))
+        else:
+            select.append(field.select.format(field.name))
+            arrays.append(f"%b::{field.kind}[]")
+            names.append(field.name)
+    sql = _INSERT.format(select=", ".join(select), arrays=", ".join(arrays), names=", ".join(names))
+    return sql + _ON_CONFLICT if upsert else sql
+
+
+def _write_parameters(columns: list[list[Any]]) -> tuple[tuple[bool, ...], list[Any]]:
+    """Which columns go once (the ``uniform`` of :func:`_write_sql`) and the parameters
+    writing ``columns`` (see :func:`_result_columns`).
+
+    A pack is one job's adjacent tiles at one zoom from one model, nearly all with the same
+    status, no error and a first attempt: those columns go once, as scalars, instead of as
+    arrays of one repeated value. That is a quarter less work per write, client and server
+    (bench/store.py's rows, medians of 14 rounds side by side: 47,500 against 36,300 and
+    48,400 against 39,900 rows/s at 100 tiles a pack). The keys and outputs stay arrays:
+    the row count comes from them.
+    """
+    uniform = tuple(
+        field.may_be_scalar and all(value == column[0] for value in column)
+        for field, column in zip(_RESULT_FIELDS, columns, strict=True)
+    )
+    scalars = [column[0] for column, once in zip(columns, uniform, strict=True) if once]
+    arrays = [column for column, once in zip(columns, uniform, strict=True) if not once]
+    return uniform, [*scalars, *arrays]
+
+
+_REJECT = """
+INSERT INTO rejects AS r (message_id, job, reason, body, attempts, created_at, updated_at)
+SELECT message_id, job, reason, body, n, now(), now()
+FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::int[])
+    AS t(message_id, job, reason, body, n)
+ON CONFLICT (message_id) DO UPDATE SET
+    job = coalesce(excluded.job, r.job),
+    reason = excluded.reason,
+    body = excluded.body,
+    attempts = r.attempts + excluded.attempts,
+    updated_at = excluded.updated_at
+"""
+
+# Insert, or compare and update, in one statement: the WHERE refuses a recorded job of
+# another source or model (no row returned; see ResultStore.start_job), and a concurrent
+# insert of the same job waits for the first to commit, then is compared with it.
+_UPSERT_JOB = """
+INSERT INTO jobs AS j (job, source, zoom, model_name, model_version, classes, tiles_total,
+                       created_at, updated_at, extra)
+VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, now(), now(), %s::jsonb)
+ON CONFLICT (job) DO UPDATE SET
+    zoom = excluded.zoom,
+    model_name = coalesce(excluded.model_name, j.model_name),
+    model_version = CASE WHEN excluded.model_name IS NULL THEN j.model_version
+                         ELSE excluded.model_version END,
+    classes = CASE WHEN excluded.model_name IS NULL THEN j.classes ELSE excluded.classes END,
+    tiles_total = excluded.tiles_total,
+    updated_at = excluded.updated_at,
+    extra = excluded.extra
+WHERE j.source = excluded.source
+    AND (j.model_name IS NULL OR excluded.model_name IS NULL
+         OR (j.model_name, j.model_version)
+            IS NOT DISTINCT FROM (excluded.model_name, excluded.model_version))
+RETURNING true
+"""
+
+
+def _iso(column: str) -> str:
+    """SQL for a timestamptz as utc_now() writes it (``2025-01-31T12:00:00.000Z``), whatever
+    the session's TimeZone, so exports read the same from either store."""
+    return f"""to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
+
+
+_JOB_COLUMNS = "job, source, zoom, model_name, model_version, classes, tiles_total, extra"
+_RESULT_COLUMNS = (
+    "job, z, x, y, status, output, error, model_name, model_version, attempts, "
+    f"{_iso('created_at')}, {_iso('updated_at')}"
+)
+
+# SQLSTATE classes a retry may fix: connection exception, transaction rollback (deadlock,
+# serialization failure), insufficient resources (too many connections), operator
+# intervention (shutdown, cancel, statement timeout), system error.
+_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+_TRANSIENT_STATES = frozenset({"55P03"})  # lock_not_available
+
+
+# ----------------------------------------------------------------------------- URLs
+
+
+def libpq_url(url: str) -> str:
+    """The URL libpq reads: SQLAlchemy's ``postgresql+driver://`` (``postgres+driver://``)
+    spelled ``postgresql://``; a libpq keyword string as it is.
+
+    A password holding an unencoded ``@`` or ``/`` is refused (libpq would read part of it
+    as the host or the database, and print it): percent-encode it.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    head = rest.split("?", 1)[0]
+    at = head.rfind("@")
+    if head.count("@") > 1 or "/" in head[: max(at, 0)]:
+        raise StoreError(
+            f"the database URL {redact_url(url)} holds an unencoded '@' or '/' before its "
+            "host: percent-encode them in the user name and password (@ as %40, / as %2F)"
+        )
+    if scheme.lower().startswith(("postgresql+", "postgres+")):
+        return f"postgresql://{rest}"
+    return url
+
+
+#: What messages, logs and ``store.url`` show of a URL: see :mod:`chipscale.redaction`.
+redact_url = redact
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _is_transient(exc: psycopg.Error) -> bool:
+    state = exc.sqlstate
+    if state is None:  # raised by libpq itself: the connection failed or was lost
+        return isinstance(exc, psycopg.OperationalError)
+    return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+
+
+class _Describer:
+    """Turns psycopg errors into chipscale's, in one line, with the password scrubbed."""
+
+    def __init__(self, url: str) -> None:
+        self.where = redact_url(url)
+        self._secrets = secrets_of(url)
+
+    def scrub(self, text: str) -> str:
+        return scrub(text, self._secrets)
+
+    def error(self, exc: psycopg.Error, doing: str) -> StoreError | StoreUnavailable:
+        reason = self.scrub(one_line(exc))
+        if _is_transient(exc):
+            return StoreUnavailable(
+                f"PostgreSQL store {self.where} unavailable while {doing}: {reason}"
+            )
+        if isinstance(exc, pg_errors.UndefinedTable):
+            return StoreError(
+                f"PostgreSQL store {self.where} lacks the results schema while {doing} "
+                f"({reason}): run `chipscale db-setup`"
+            )
+        return StoreError(f"PostgreSQL store {self.where} failed while {doing}: {reason}")
+
+
+def _connect(url: str, *, autocommit: bool, connect_timeout: float) -> psycopg.Connection:
+    return psycopg.connect(
+        libpq_url(url),
+        autocommit=autocommit,
+        prepare_threshold=None,  # no named prepared statements: they pin RDS Proxy
+        connect_timeout=max(1, round(connect_timeout)),
+    )
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def _schema_state(conn: psycopg.Connection) -> tuple[str | None, int, list[str]]:
+    """The current schema, its chipscale schema version (0: none) and which of our tables
+    it holds."""
+    schema, found = conn.execute(
+        "SELECT current_schema(), ARRAY(SELECT relname::text FROM pg_class "
+        "WHERE relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) "
+        "AND relkind IN ('r', 'p') "
+        "AND relname = ANY(%s) ORDER BY relname)",
+        (list(TABLES),),
+    ).fetchone() or (None, [])
+    version = 0
+    if "schema_version" in found:
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        version = int(row[0] or 0) if row else 0
+    return schema, version, list(found)
+
+
+def _migrate(conn: psycopg.Connection, where: str) -> tuple[str | None, int]:
+    """Create or migrate the schema in one transaction; returns (schema, version before).
+
+    The transaction-level advisory lock makes a concurrent set-up wait, then find the work
+    done (each statement of READ COMMITTED sees what committed before it); it is released
+    with the transaction, so it pins nothing.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK,))
+        schema, version, found = _schema_state(conn)
+        if version > SCHEMA_VERSION:
+            raise _newer(where, version)
+        if version == 0 and found:
+            raise StoreError(
+                f"PostgreSQL store {where} schema {schema} already holds tables "
+                f"{', '.join(found)} but no schema_version: not created by chipscale; use "
+                "another database or schema (a search_path in the URL)"
+            )
+        for step in range(version, SCHEMA_VERSION):
+            conn.execute(MIGRATIONS[step])
+        if version < SCHEMA_VERSION:
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+    return schema, version
+
+
+def _newer(where: str, version: int) -> StoreError:
+    return StoreError(
+        f"PostgreSQL store {where} has schema version {version}, newer than this chipscale's "
+        f"{SCHEMA_VERSION}: upgrade chipscale"
+    )
+
+
+def setup_database(url: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> str:
+    """Create the results schema, or migrate it to :data:`SCHEMA_VERSION`, in the URL's
+    current schema (the first of its ``search_path``); returns a one-line summary.
+
+    Idempotent, and safe when several processes run it at once (they queue on an advisory
+    lock inside the transaction). Raises StoreUnavailable when the database cannot be
+    reached, StoreError for a newer schema or foreign tables in the way.
+    """
+    describe = _Describer(url)
+    try:
+        with _connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
+            schema, before = _migrate(conn, describe.where)
+    except psycopg.Error as exc:
+        raise describe.error(exc, "setting up the schema") from None
+    where = f"{describe.where} schema {schema}"
+    if before == SCHEMA_VERSION:
+        return f"results schema of {where} is up to date (version {SCHEMA_VERSION})"
+    if before == 0:
+        return f"created the results schema in {where} (version {SCHEMA_VERSION})"
+    return f"migrated the results schema of {where} from version {before} to {SCHEMA_VERSION}"
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class PostgresStore:
+    """Results in a PostgreSQL database. Thread-safe; use as a context manager or close().
+
+    Parameters
+    ----------
+    url
+        ``postgresql://user:password@host:5432/dbname`` (``postgres://`` too; libpq's
+        parameters such as ``sslmode`` in the query). ``store.url`` shows it without the
+        password.
+    create
+        Create or migrate the schema when it is missing or older (as :func:`setup_database`,
+        under the same lock): the convenience of local runs. Workers in the cloud pass False,
+        so a thousand cold starts never race to run DDL with the worker's grants, and a
+        missing schema is a clear StoreError naming ``chipscale db-setup``.
+    connect_timeout
+        Seconds to wait for each connection before StoreUnavailable.
+
+    Raises StoreUnavailable when the database cannot be reached now, StoreError when its
+    schema is missing (``create=False``), older (``create=False``) or newer than this code.
+    """
+
+    def __init__(
+        self, url: str, *, create: bool = True, connect_timeout: float = CONNECT_TIMEOUT
+    ) -> None:
+        self._dsn = url
+        self._describe = _Describer(url)
+        self.url = self._describe.where
+        self._timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection | None = None
+        self._closed = False
+        try:
+            self._call("opening", lambda conn: self._check_schema(conn, create))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connections and schema -------------------------------------------------------------
+
+    def _check_schema(self, conn: psycopg.Connection, create: bool) -> None:
+        try:
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = int(row[0] or 0) if row else 0
+        except pg_errors.UndefinedTable:
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise _newer(self.url, version)
+        if version == SCHEMA_VERSION:
+            return
+        if not create:
+            found = f"schema version {version}" if version else "no results schema"
+            raise StoreError(
+                f"PostgreSQL store {self.url} has {found}, this chipscale needs version "
+                f"{SCHEMA_VERSION}: run `chipscale db-setup`"
+            )
+        _migrate(conn, self.url)
+
+    def _call(self, doing: str, operation: Callable[[psycopg.Connection], T]) -> T:
+        """Run ``operation`` on the shared connection, under the lock.
+
+        A connection that broke while idle is replaced and the operation tried once more; any
+        other failure is translated, and a broken connection dropped so that the next call
+        connects afresh.
+        """
+        with self._lock:
+            self._check_open()
+            for attempt in (1, 2):
+                reused = self._conn is not None
+                try:
+                    if self._conn is None:
+                        self._conn = _connect(
+                            self._dsn, autocommit=True, connect_timeout=self._timeout
+                        )
+                    return operation(self._conn)
+                except psycopg.Error as exc:
+                    broken = self._drop_if_broken()
+                    if not (broken and reused and attempt == 1):
+                        raise self._describe.error(exc, doing) from None
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    def _drop_if_broken(self) -> bool:
+        conn = self._conn
+        if conn is None:
+            return True  # connecting failed
+        if not (conn.broken or conn.closed):
+            return False
+        self._conn = None
+        conn.close()
+        return True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"PostgreSQL store {self.url} is closed")
+
+    def _read(self, doing: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A small query on the shared connection (results that are small by nature)."""
+        return self._call(doing, lambda conn: conn.execute(query, params).fetchall())
+
+    # -- the port -------------------------------------------------------------------------
+
+    def start_job(self, job: JobInfo) -> None:
+        """Record a new job, or update a recorded one of the same source and model; see
+        :meth:`ResultStore.start_job`. One statement compares and writes (:data:`_UPSERT_JOB`)."""
+        params = (
+            job.job,
+            job.source,
+            job.zoom,
+            job.model_name,
+            job.model_version,
+            dump_json(list(job.classes)),
+            job.tiles_total,
+            dump_json(dict(job.extra)),
+        )
+
+        def upsert(conn: psycopg.Connection) -> tuple[Any, ...] | None:
+            if conn.execute(_UPSERT_JOB, params).fetchone():
+                return None
+            return conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job = %s", (job.job,)
+            ).fetchone()
+
+        recorded = self._call(f"recording job {job.job!r}", upsert)
+        if recorded is not None:
+            conflict = job_conflict(_job_info(recorded), job)
+            raise conflict or StoreError(f"job {job.job!r} changed while it was recorded")
+
+    def write(self, results: Sequence[TileResult]) -> None:
+        """Upsert results in one statement (one transaction, one round trip); a re-written
+        tile gets ``attempts + 1``. A plain INSERT first, the upsert only when it meets a
+        stored tile (see the module docstring)."""
+        if not results:
+            return
+        validate_results(results)
+        uniform, params = _write_parameters(_result_columns(results))
+
+        def insert_else_upsert(conn: psycopg.Connection) -> None:
+            try:
+                conn.execute(_write_sql(uniform, upsert=False), params)
+            except pg_errors.UniqueViolation:
+                # A tile of the pack is stored already (a redelivery, a rerun): nothing of
+                # the failed statement was kept, so the same rows go again as an upsert.
+                conn.execute(_write_sql(uniform, upsert=True), params)
+
+        self._call(f"writing {len(results)} results", insert_else_upsert)
+
+    def reject(self, rejections: Sequence[Rejection]) -> None:
+        """Record messages that can never succeed, keyed by message id: a repeat delivery
+        is one row, its ``attempts`` counting deliveries and its reason the latest."""
+        if not rejections:
+            return
+        columns = _reject_columns(rejections)
+        self._call(
+            f"recording {len(rejections)} rejected messages",
+            lambda conn: conn.execute(_REJECT, columns),
+        )
+
+    def rejects(self, job: str | None = None) -> list[Rejection]:
+        """The rejected messages (of one job), oldest first: for status and tests."""
+        where, params = results_filter(job, None, "%s")
+        rows = self._read(
+            "reading rejected messages",
+            f"SELECT message_id, reason, body, job FROM rejects {where} "
+            "ORDER BY date_trunc('milliseconds', created_at), message_id",
+            params,
+        )
+        return [Rejection(*row) for row in rows]
+
+    def done_tiles(self, job: str) -> set[Tile]:
+        """The tiles of a job with status ``ok`` or ``empty``: what a resume skips."""
+        rows = self._read(
+            f"reading the done tiles of job {job!r}",
+            "SELECT x, y, z FROM results WHERE job = %s AND status = ANY(%s)",
+            (job, list(DONE_STATUSES)),
+        )
+        return {Tile(x, y, z) for x, y, z in rows}
+
+    def counts(self, job: str | None = None) -> dict[str, int]:
+        """Rows per status, keys ``ok``, ``empty``, ``error`` and ``total`` always present."""
+        where, params = results_filter(job, None, "%s")
+        rows = self._read(
+            "counting results",
+            f"SELECT status, count(*) FROM results {where} GROUP BY status",
+            params,
+        )
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({status: int(n) for status, n in rows})
+        counts["total"] = sum(counts[s] for s in STATUSES)
+        return counts
+
+    def get_job(self, job: str) -> JobInfo | None:
+        """The recorded job, or None."""
+        rows = self._read(
+            f"reading job {job!r}", f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job = %s", (job,)
+        )
+        return _job_info(rows[0]) if rows else None
+
+    def jobs(self) -> list[JobInfo]:
+        """Every recorded job, oldest first (at the millisecond SQLite keeps, then by id)."""
+        rows = self._read(
+            "listing jobs",
+            f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY date_trunc('milliseconds', created_at), job",
+        )
+        return [_job_info(row) for row in rows]
+
+    def iter_results(
+        self, job: str | None = None, *, status: str | None = None
+    ) -> Iterator[ResultRow]:
+        """Stream result rows ordered by ``(job, z, x, y)``, optionally of one status.
+
+        A server-side cursor on a connection of its own, in one transaction (a consistent
+        snapshot; writers are not blocked), fetches :data:`ITERSIZE` rows per round trip, so
+        memory stays flat for any number of rows. Errors are raised when iteration starts,
+        not when this is called; an outage mid-stream raises StoreUnavailable (an export is
+        started again, not resumed).
+        """
+        check_status(status)
+        self._check_open()
+        where, params = results_filter(job, status, "%s")
+        query = f"SELECT {_RESULT_COLUMNS} FROM results {where} ORDER BY job, z, x, y"
+        return self._stream(query, params)
+
+    def _stream(self, query: str, params: Sequence[Any]) -> Iterator[ResultRow]:
+        try:
+            with (
+                _connect(self._dsn, autocommit=False, connect_timeout=self._timeout) as conn,
+                conn.cursor(name="chipscale_results") as cursor,
+            ):
+                cursor.itersize = ITERSIZE
+                cursor.execute(query, params)
+                for row in cursor:
+                    yield ResultRow(*row)
+        except psycopg.Error as exc:
+            raise self._describe.error(exc, "streaming results") from None
+
+    def close(self) -> None:
+        """Release the connection; later calls raise StoreError. Safe to call twice."""
+        with self._lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.url!r})"
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _result_columns(results: Sequence[TileResult]) -> list[list[Any]]:
+    """The pack as one list per column of ``_INSERT``: repeated tiles merged (the last
+    result wins; the count goes to ``attempts``) and rows in key order."""
+    merged: dict[tuple[str, int, int, int], tuple[TileResult, int]] = {}
+    for result in results:
+        tile = result.tile
+        key = (result.job, tile.z, tile.x, tile.y)
+        seen = merged.get(key)
+        merged[key] = (result, seen[1] + 1 if seen else 1)
+    columns: list[list[Any]] = [[] for _ in range(10)]
+    (jobs, zs, xs, ys, statuses, outputs, names, versions, errors, counts) = columns
+    for (job, z, x, y), (result, count) in sorted(merged.items()):
+        jobs.append(job)
+        zs.append(z)
+        xs.append(x)
+        ys.append(y)
+        statuses.append(result.status)
+        outputs.append(dump_json(result.output))
+        names.append(result.model_name)
+        versions.append(result.model_version)
+        errors.append(result.error)
+        counts.append(count)
+    return columns
+
+
+def _reject_columns(rejections: Sequence[Rejection]) -> list[list[Any]]:
+    """Rejections as one list per column of ``_REJECT``, merged by message id like
+    :func:`_result_columns`. Text loses what PostgreSQL cannot store (NUL, lone
+    surrogates): a rejected body is whatever arrived."""
+    merged: dict[str, tuple[Rejection, int]] = {}
+    for rejection in rejections:
+        if not isinstance(rejection.message_id, str) or not rejection.message_id:
+            raise StoreError(f"Rejected message has no message id: {rejection.reason!r}")
+        seen = merged.get(rejection.message_id)
+        merged[rejection.message_id] = (rejection, seen[1] + 1 if seen else 1)
+    columns: list[list[Any]] = [[] for _ in range(5)]
+    for message_id, (rejection, count) in sorted(merged.items()):
+        columns[0].append(message_id)
+        columns[1].append(rejection.job)
+        columns[2].append(storable_text(rejection.reason))
+        columns[3].append(storable_text(rejection.body[:MAX_REJECTED_BODY]))
+        columns[4].append(count)
+    return columns
+
+
+def _job_info(row: tuple[Any, ...]) -> JobInfo:
+    job, source, zoom, model_name, model_version, classes, tiles_total, extra = row
+    return JobInfo(
+        job=job,
+        source=source,
+        zoom=zoom,
+        model_name=model_name,
+        model_version=model_version,
+        tiles_total=tiles_total,
+        classes=tuple(classes or ()),
+        extra=extra or {},
+    )

@@ -1,0 +1,1 @@
+"""Where tile pixels come from: COGs and rasters through GDAL, XYZ tile endpoints."""

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ZOOM ?= 19
 
-.PHONY: demo test lint format bench clean synth soak
+.PHONY: demo test lint typecheck format bench clean synth soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,18 +43,35 @@ SOAK_TILES ?= 100000
 soak: $(VENV)/.installed-dev
 	CHIPSCALE_SOAK_TILES=$(SOAK_TILES) $(BIN)/python -m pytest tests/reliability -m soak --timeout=3600
 
-lint: $(VENV)/.installed-dev
+# ruff, then mypy over chipscale/, model_server/, lambdas/ and stacks/ ([tool.mypy] in
+# pyproject.toml, strict).
+lint: $(VENV)/.installed-dev typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every benchmark that can run on this machine (each prints its JSON; all but tile_read also
+# write bench/results/). bench/resnet_model.py is serving's model, not a benchmark.
+# bench/gpu_serving.py needs a CUDA GPU: it runs only where nvidia-smi lists one.
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/tile_read.py
-	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/pipeline.py -o bench/results/pipeline.json
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/push.py
+	$(BIN)/python bench/store.py
+	$(BIN)/python bench/store_versions.py
+	$(BIN)/python bench/reliability.py
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		$(BIN)/python bench/gpu_serving.py; \
+	else \
+		echo "bench: skipped bench/gpu_serving.py: it needs a CUDA GPU and nvidia-smi lists none here"; \
+	fi
 
 clean:
 	rm -rf $(VENV) demo-out chipscale-out .pytest_cache examples/demo-model.pt cdk.out

@@ -27,7 +27,8 @@ What runs:
 
 Usage: ``python bench/push.py [--push-tiles 100000] [--tiles 1000000] [--rows 1000000]
 [--db URL] [--quick] [--parts requests,memory,download]``; with ``--parts`` the other parts
-of the results file are kept as they were.
+of the results file are kept as they were. Each part carries the ``conditions`` of its own
+run (date, load, versions), so a file merged from several runs says which is which.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -390,6 +392,23 @@ def versions() -> dict[str, str]:
     }
 
 
+def conditions(started: datetime, load_before: tuple[float, ...], quick: bool) -> dict[str, Any]:
+    """The conditions of one part's run, kept in that part."""
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "quick": quick,
+        "cpus": os.cpu_count(),
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "zoom": ZOOM,
+        "max_tiles_per_message": push_lib.DEFAULT_MAX_TILES,
+        "concurrency": push_lib.DEFAULT_CONCURRENCY,
+        **versions(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--push-tiles", type=int, default=100_000)
@@ -416,25 +435,15 @@ def main() -> None:
         "memory": lambda work: bench_push_memory(args.tiles, work),
         "download": lambda work: bench_download(args.rows, args.db, work),
     }
-    load_before = os.getloadavg()
     result: dict[str, Any] = {"benchmark": "push"}
     if set(parts) != set(PARTS) and RESULTS.exists():
-        result.update(json.loads(RESULTS.read_text()))
+        kept = json.loads(RESULTS.read_text())
+        result.update({part: kept[part] for part in PARTS if part in kept})
     with tempfile.TemporaryDirectory(prefix="bench-push-") as tmp:
         for part in parts:
+            started, load_before = datetime.now(UTC), os.getloadavg()
             result[part] = runs[part](Path(tmp))
-    result["conditions"] = {
-        "parts_run": parts,
-        "cpus": os.cpu_count(),
-        "load_average_before": [round(v, 2) for v in load_before],
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "zoom": ZOOM,
-        "max_tiles_per_message": push_lib.DEFAULT_MAX_TILES,
-        "concurrency": push_lib.DEFAULT_CONCURRENCY,
-        **versions(),
-    }
+            result[part]["conditions"] = conditions(started, load_before, args.quick)
     text = json.dumps(result, indent=2)
     print(text)
     if not args.no_write:

@@ -28,7 +28,9 @@ import rasterio
 import rio_tiler
 from rio_tiler.io import Reader
 
-from chipscale.sources.cog import TileReader, read_tile, read_tiles, source_footprint_lonlat
+from chipscale.sources import read_tile, read_tiles
+from chipscale.sources.cog import TileReader
+from chipscale.sources.footprint import source_footprint_lonlat
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT = SHARED / "rasterio_cogeo.tif"

@@ -2,7 +2,7 @@
 
 The results database and the model endpoint are private; ``chipscale verify | db-setup |
 status | download --stack NAME`` and ``push --stack`` invoke this function instead of reaching
-into the VPC. Thin on purpose: the actions live in :mod:`chipscale.ops.operations`.
+into the VPC. Thin on purpose: the actions live in :mod:`chipscale.ops.operations_actions`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from aws_lambda_powertools import Logger
 
 from chipscale import names
 from chipscale.cloud.db_credentials import url_from_environment
-from chipscale.ops.operations import OperationsEnvironment, run_action
+from chipscale.ops.operations_actions import OperationsEnvironment, run_action
 
 logger = Logger(service="chipscale-operations")
 

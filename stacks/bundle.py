@@ -1,12 +1,9 @@
 """The Lambda bundle: the chipscale distribution with its ``worker`` extra, plus ``lambdas/``.
 
-One zip serves the three functions (worker, operations, fleet controller): they share the
-``chipscale`` package, and one asset is uploaded once. It is built with the local ``pip``,
-asking for manylinux wheels of the Lambda's interpreter and CPU, so a user needs no Docker;
-Docker bundling (the Lambda build image) is only the fallback when no local pip can run.
-
-``build_bundle`` is the one place the command lives: the CDK asset calls it through
-``LocalPipBundling`` and a test calls it to check the bundle's size and contents.
+One zip serves the three functions. ``build_bundle`` builds it with the local ``pip``
+(manylinux wheels for the Lambda's interpreter; Docker only as a fallback): the CDK asset
+calls it through ``LocalPipBundling`` and a test calls it to check size and contents. Why:
+docs/design.md, "The cloud".
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
-"""Fleet controller: the worker's Lambda concurrency follows the GPUs in service.
+"""Fleet controller: the Lambda that keeps the worker's concurrency on the GPUs in service.
 
-``fleet_controller.handler`` (logic in ``chipscale.ops.fleet``) sets the worker's event source
-mapping to MaximumConcurrency = per-GPU concurrency x GPUs in service, capped at the worker's
-reserved concurrency when it has one (``reservedConcurrency``, passed as
-``names.ENV_RESERVED_CONCURRENCY``), and disables it while no GPU is in service, so
-scale-from-zero never burns messages into the dead-letter queue and new GPUs never sit idle.
-
-A GPU is in service when its instance is ``InService`` and ``Healthy`` in the Auto Scaling
-group **and** a ``healthy`` target of the model's target group (``DescribeTargetHealth`` on
-``names.ENV_TARGET_GROUP_ARN``): for 30-40 s after the lifecycle hook lets an instance in, the
-target is still ``initial`` and the load balancer answers 503, which would cost the first
-batches a receive. It runs on this group's instance launch/terminate events and every minute,
-so the mapping is enabled on the first tick after the target turns healthy (a missed event is
-repaired within a minute too).
-
-It is not in the VPC: it calls only AWS APIs (Auto Scaling, Elastic Load Balancing, Lambda,
-SSM) over their public endpoints, which needs neither a NAT gateway nor more interface
-endpoints. Its IAM is scoped to this mapping and this parameter; DescribeAutoScalingGroups and
-DescribeTargetHealth support no resource-level permissions, so those two (read-only) are on
-``*``.
+``fleet_controller.handler`` (logic in :mod:`chipscale.ops.fleet`) runs on this group's
+instance launch/terminate events and every minute. It is outside the VPC (AWS APIs only);
+its IAM is scoped to the mapping and the parameter, with the two Describe calls that allow no
+resource-level permission on ``*``. Why: docs/design.md, "The cloud".
 """
 
 from __future__ import annotations

@@ -1,35 +1,9 @@
 """GPU fleet: TorchServe on GPU instances in an Auto Scaling group, behind an internal ALB.
 
-Instances come from a launch template: the Deep Learning Base AMI named by a public SSM
-parameter (resolved by CloudFormation at deploy, no lookup at synth), IMDSv2 only, an
-encrypted gp3 root volume, no key pair (Session Manager is the way in), private subnets. User
-data downloads ``model_server/`` (an S3 asset) and runs ``gpu_host_boot.sh`` with the
-``CHIPSCALE_*`` variables it documents; the script installs the configured torch, TorchServe
-and Java, starts TorchServe as a systemd unit with the model archive from the model bucket
-and the repository's ``config.properties``. The CloudWatch agent starts first, so that a boot
-that fails is still on record: it ships ``/var/log/cloud-init-output.log`` (the boot's own
-output) and TorchServe's logs to the ``HostLogs`` group, one stream per instance, before an
-abandoned instance is terminated; it also publishes the nvidia metrics per GPU.
-
-Rollout: the model archive's key is part of the user data. With ``modelArchive`` the archive
-is uploaded under a content-addressed key (``models/<modelName>-<sha256[:12]>.mar``), so a new
-archive is a new launch template version and the group's rolling update replaces the hosts;
-an archive uploaded by hand over the same key needs an instance refresh (docs/deploy.md).
-
-Readiness: the load balancer's health check reads only a status code, and TorchServe's
-``/ping`` answers healthy before its workers have loaded the model. So a launch lifecycle hook
-(``names.LIFECYCLE_HOOK_LAUNCH``, default result ABANDON) holds every new instance in
-Pending:Wait, out of the target group, until the boot script has seen every worker READY and
-calls ``complete-lifecycle-action CONTINUE``; a boot that fails or times out is abandoned
-and replaced. The hook is part of the group itself (not a separate resource), so even the
-instances of the group's first launch wait for it. The user data gives the script an absolute
-deadline (``CHIPSCALE_BOOT_DEADLINE``: the instance's boot time plus the hook's timeout, less
-a margin), so a slow boot abandons with its reason instead of waiting out the hook while the
-GPU bills.
-
-Scaling: target tracking on backlog per instance, (visible + in-flight messages) / instances
-in service, and a step policy that takes the group from 0 to 1 instance as soon as messages
-wait (target tracking multiplies the current capacity, so it cannot leave zero).
+A launch template (Deep Learning Base AMI from a public SSM parameter, IMDSv2, encrypted gp3,
+no key pair) whose user data runs ``model_server/gpu_host_boot.sh``; a launch lifecycle hook
+holding each instance until its TorchServe workers are READY, with a boot deadline; host logs;
+content-addressed model rollout; backlog scaling from zero. Why: docs/design.md, "The cloud".
 """
 
 from __future__ import annotations

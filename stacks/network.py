@@ -1,16 +1,9 @@
 """Network: a VPC over ``maxAzs`` zones with three subnet tiers and private AWS endpoints.
 
-- ``public``: only the NAT gateway(s) live here (absent when ``natGateways`` is 0).
-- ``compute``: the worker and operations Lambdas, the GPU hosts and the internal load
-  balancer. With a NAT gateway it has egress: the GPU hosts install TorchServe, Java and the
-  configured torch from PyPI / the distribution's repositories at boot, and the worker reaches
-  http(s) COGs anywhere. Without one it is isolated: the hosts install from the wheelhouse in
-  the model bucket and the worker reads s3:// COGs only.
-- ``data``: isolated; the database and its proxy.
-
-S3 is a gateway endpoint (free; s3:// COGs and the model bucket never cross the NAT). The
-interface endpoints carry what the Lambdas and the hosts call: SQS, Secrets Manager, SSM and
-Session Manager, CloudWatch metrics and logs, Auto Scaling (``complete-lifecycle-action``).
+``public`` holds only the NAT gateway(s); ``compute`` the Lambdas, GPU hosts and internal
+load balancer (egress through the NAT when there is one); ``data``, isolated, the database and
+its proxy. S3 is a gateway endpoint; interface endpoints carry the AWS APIs the Lambdas and
+hosts call. Why: docs/design.md, "Where each real component stands".
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """Results DB: RDS for PostgreSQL behind RDS Proxy, in the isolated ``data`` subnets.
 
-Why RDS PostgreSQL and not Aurora Serverless v2: the load is one writer doing COPY + upsert
-in bursts while a job runs, which a single small instance absorbs (the proxy, not the
-instance, takes the Lambda connection storms); an instance class is a fixed, predictable
-cost, and RDS Proxy bills a provisioned instance by its vCPUs (2 for a t4g.medium) while on
-Aurora Serverless v2 it bills at least 8 ACUs, which costs more than the database itself at
-this size. Storage autoscaling covers growth; ``dbMultiAz`` adds a standby.
-
-Credentials are generated into Secrets Manager; the Lambdas get the secret's ARN, never its
-value, and authenticate to the proxy with it. The proxy requires TLS; the instance forces SSL
-too. Only the proxy's security group reaches the instance, and only the Lambdas' groups reach
-the proxy. The operations Lambda reaches the proxy for ``chipscale db-setup --stack NAME``
-(which creates or migrates the schema after a deploy), ``status``, ``download`` and
-``verify``'s schema check.
+Credentials are generated into Secrets Manager (the Lambdas get the ARN, never the value);
+the proxy requires TLS and the instance forces SSL; only the proxy reaches the instance and
+only the Lambdas reach the proxy. Why RDS and not Aurora Serverless v2: docs/design.md, "The
+results store".
 """
 
 from __future__ import annotations

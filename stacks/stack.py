@@ -28,8 +28,8 @@ from stacks.fleet_controller import FleetController
 from stacks.gpu_fleet import GpuFleet
 from stacks.monitoring import Monitoring
 from stacks.network import Network
-from stacks.operations import PURPOSE as OPERATIONS_PURPOSE
-from stacks.operations import Operations
+from stacks.operations_function import PURPOSE as OPERATIONS_PURPOSE
+from stacks.operations_function import Operations
 from stacks.queue import TileQueue
 from stacks.results_db import DATABASE_NAME, ResultsDatabase
 from stacks.storage import MODEL_PREFIX, Storage

@@ -1,14 +1,9 @@
 """Worker: the SQS-triggered Lambda that reads tiles, asks TorchServe, writes results.
 
-It runs ``sqs_worker.handler`` from the shared bundle (``stacks.bundle``) in the ``compute``
-subnets: the S3 gateway endpoint serves s3:// COGs, the NAT gateway (when configured) http(s)
-ones, and its security group lets it out only to HTTPS/HTTP (COG sources and AWS endpoints),
-the model load balancer and the database proxy. Its environment carries names and addresses,
-never a secret: the handler reads the DB password from the secret ARN at cold start.
-
-The SQS event source reports partial batch failures, so one bad pack never retries its batch
-mates. Its MaximumConcurrency is only the initial value: the fleet controller keeps it at
-(per-GPU concurrency x GPUs in service) and disables the mapping while no GPU is in service.
+``sqs_worker.handler`` from the shared bundle, in the ``compute`` subnets, let out only to
+HTTP(S), the model load balancer and the database proxy; no secret in its environment. The
+event source reports partial batch failures; its MaximumConcurrency is only the initial value,
+which the fleet controller then keeps. Why: docs/design.md, "The cloud".
 """
 
 from __future__ import annotations

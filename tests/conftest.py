@@ -187,7 +187,7 @@ def torchserve(demo_mar: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 try:  # the real schema, as `chipscale db-setup` creates it (tests that build it by hand)
-    from chipscale.results.postgres import SCHEMA as RESULTS_DDL
+    from chipscale.results.postgres_schema import SCHEMA as RESULTS_DDL
 except ImportError:  # no psycopg: every PostgreSQL fixture skips anyway
     RESULTS_DDL = ""
 

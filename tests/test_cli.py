@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from chipscale.cli import cli
-from chipscale.grid.cover import cover
+from chipscale.sources.footprint import cover
 
 EXE = [sys.executable, "-m", "chipscale.cli"]
 

@@ -16,7 +16,8 @@ from rasterio.warp import transform_bounds
 from shapely.geometry import box
 
 from chipscale.errors import AOIError, SourceError
-from chipscale.grid.cover import cover, cover_bbox, cover_geometry, parse_bbox, read_aoi
+from chipscale.grid.cover import cover_bbox, cover_geometry, parse_bbox, read_aoi
+from chipscale.sources.footprint import cover
 
 
 def test_bbox_cover_matches_mercantile_inside() -> None:

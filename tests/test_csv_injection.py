@@ -16,8 +16,8 @@ from mercantile import Tile
 from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale.cli import cli
-from chipscale.grid.cover import cover
 from chipscale.results import open_store
+from chipscale.sources.footprint import cover
 from chipscale.values import JobInfo, TileResult
 
 JOB = '=HYPERLINK("http://evil.example","x")'

@@ -15,14 +15,10 @@ from mercantile import Tile
 from rasterio.warp import transform_bounds
 
 from chipscale.results import open_store
-from chipscale.results.export import (
-    ExportError,
-    csv_to_geojson,
-    export_results,
-    filter_rows,
-    write_csv,
-    write_geojson,
-)
+from chipscale.results.export import csv_to_geojson, export_results
+from chipscale.results.export_csv import write_csv
+from chipscale.results.export_geojson import write_geojson
+from chipscale.results.export_rows import ExportError, filter_rows
 from chipscale.values import JobInfo, ResultRow, TileResult
 
 CLASSES = ("road", "field")

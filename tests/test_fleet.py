@@ -32,7 +32,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from chipscale import names
-from chipscale.ops import verify as verify_module
+from chipscale.ops import aws_checks
+from chipscale.ops import checks as verify_module
 from chipscale.ops.fleet import (
     MAX_MAXIMUM_CONCURRENCY,
     MIN_MAXIMUM_CONCURRENCY,
@@ -441,20 +442,20 @@ def test_verify_counts_in_service_as_the_controller_does(fleet: Fleet) -> None:
     fleet.sync()  # the controller: no GPU in service, mapping disabled
     assert fleet.mapping()[0] == "Disabled"
     ec2 = boto3.client("ec2")
-    seen = verify_module.read_fleet(
+    seen = aws_checks.read_deployed_fleet(
         fleet.autoscaling,
         ec2,
         fleet.asg_name,
         elbv2=fleet.elbv2,
         target_group_arn=fleet.target_group_arn,
     )
-    assert seen.in_service == 0
+    assert seen.instances_in_service == 0
     queue_url = _mapping_queue_url(fleet)
     (result,) = verify_module.run_checks(
         [
             verify_module.Check(
                 verify_module.CHECK_EVENT_SOURCE,
-                lambda: verify_module.check_event_source(
+                lambda: aws_checks.check_event_source(
                     fleet.lambda_client, fleet.mapping_uuid, queue_url, seen
                 ),
             )
@@ -462,7 +463,8 @@ def test_verify_counts_in_service_as_the_controller_does(fleet: Fleet) -> None:
     )
     assert result.ok, result.detail
     # Without the target group (an older stack), Auto Scaling's state alone counts it.
-    assert verify_module.read_fleet(fleet.autoscaling, ec2, fleet.asg_name).in_service == 1
+    seen = aws_checks.read_deployed_fleet(fleet.autoscaling, ec2, fleet.asg_name)
+    assert seen.instances_in_service == 1
 
 
 def _mapping_queue_url(fleet: Fleet) -> str:

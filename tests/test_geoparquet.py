@@ -22,14 +22,12 @@ from mercantile import Tile
 from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale.cli import cli
-from chipscale.ops.operations import OperationsEnvironment, StackOperations, run_action
+from chipscale.ops.operations_actions import OperationsEnvironment, run_action
+from chipscale.ops.operations_client import StackOperations
 from chipscale.results import open_store
-from chipscale.results.export import (
-    ExportError,
-    export_results,
-    format_for,
-    write_geoparquet,
-)
+from chipscale.results.export import export_results, format_for
+from chipscale.results.export_geoparquet import write_geoparquet
+from chipscale.results.export_rows import ExportError
 from chipscale.values import JobInfo, ResultRow, TileResult
 
 CLASSES = ("road", "field")
@@ -245,7 +243,8 @@ def test_without_pyarrow_the_error_says_how_to_install_it(
 
 def test_csv_and_geojson_exports_never_import_pyarrow() -> None:
     probe = (
-        "import sys, chipscale.results.export, chipscale.ops.operations\n"
+        "import sys, chipscale.results.export, chipscale.ops.operations_actions\n"
+        "import chipscale.ops.operations_client\n"
         "assert 'pyarrow' not in sys.modules, 'pyarrow imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

@@ -35,10 +35,10 @@ from test_sqs_worker import (  # noqa: F401 (fixtures)
 )
 
 from chipscale.cli import cli
-from chipscale.cloud.push import WORKER_DEFAULT_SOURCE
+from chipscale.cloud.job_record import WORKER_DEFAULT_SOURCE
 from chipscale.errors import ChipscaleError
-from chipscale.grid.cover import cover
 from chipscale.results import open_store
+from chipscale.sources.footprint import cover
 from chipscale.values import JobInfo, TileResult
 
 EXE = [sys.executable, "-m", "chipscale.cli"]

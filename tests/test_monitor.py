@@ -45,22 +45,11 @@ from test_stack_outputs import chipscale_template, clean_env, deploy_stack
 from chipscale import names
 from chipscale.cli import cli
 from chipscale.ops import diagnosis
+from chipscale.ops.aws import Fleet, Instance
+from chipscale.ops.cloudwatch import percentile_queries
 from chipscale.ops.diagnosis import Regime, diagnose
-from chipscale.ops.monitor import (
-    Clients,
-    Fleet,
-    Gpu,
-    Instance,
-    Minute,
-    Queue,
-    Snapshot,
-    Window,
-    Worker,
-    collect,
-    percentile_queries,
-    plot_period,
-    with_torchserve,
-)
+from chipscale.ops.monitor import Clients, collect, with_torchserve
+from chipscale.ops.monitor_plot import plot_period
 from chipscale.ops.prometheus import (
     PrometheusError,
     parse,
@@ -69,6 +58,7 @@ from chipscale.ops.prometheus import (
     scrape_via_lambda,
     summarize,
 )
+from chipscale.ops.snapshot import Gpu, Minute, Queue, Snapshot, Window, WorkerStatus
 from chipscale.ops.stack_outputs import StackOutputs, resolve_stack
 
 #: Minutes of data put before now: inside the 15-minute window even when the command starts
@@ -546,7 +536,7 @@ def test_missing_credentials_is_one_clear_line(moto_server: str) -> None:
 def test_job_remaining_tiles_give_the_eta(aws: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """--job asks the operations Lambda for the job's remaining tiles (moto cannot run a
     Lambda without Docker: its status answer is given here, as the handler returns it)."""
-    from chipscale.ops import operations
+    from chipscale.ops import operations_client as operations
 
     deployed = deploy()
     put_load(deployed, Load(gpu_util=70.0))
@@ -703,7 +693,7 @@ def snap(
             received=received,
             deleted=deleted,
         ),
-        worker=Worker(
+        worker=WorkerStatus(
             function_name="worker",
             timeout_s=timeout_s,
             reserved_concurrency=reserved,
@@ -872,7 +862,7 @@ def test_reserved_concurrency_holding_the_cap_is_named() -> None:
 def test_render_shows_every_part() -> None:
     from rich.console import Console
 
-    from chipscale.cli import render_monitor
+    from chipscale.cli.monitor_view import render_monitor
     from chipscale.ops.prometheus import TorchServeMetrics
 
     snapshot = replace(

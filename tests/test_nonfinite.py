@@ -29,9 +29,9 @@ from test_torchserve_client import ScriptedServer, scores_of, tiles
 
 from chipscale.cli import cli
 from chipscale.errors import PartialPrediction
-from chipscale.grid.cover import cover
 from chipscale.models.torchserve_client import TorchServePredictor
-from chipscale.sources.cog import read_tile
+from chipscale.sources import read_tile
+from chipscale.sources.footprint import cover
 
 NAN_COLUMNS = 300  # of 512: all of the first z16 tile column, 44 px of the second
 

@@ -11,7 +11,7 @@ from conftest import LambdaContext
 
 from chipscale import names
 from chipscale.cloud.db_credentials import DatabaseSecretError, url_from_secret
-from chipscale.ops.verify import CHECK_ENDPOINT, CHECK_SCHEMA
+from chipscale.ops.checks import CHECK_ENDPOINT, CHECK_SCHEMA
 
 CONTEXT = LambdaContext("chipscale-operations")
 

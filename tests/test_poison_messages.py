@@ -30,9 +30,9 @@ from test_sqs_worker import (  # noqa: F401 (fixtures)
 )
 
 from chipscale.errors import InvalidMessageError
-from chipscale.grid.cover import cover
 from chipscale.pipeline.messages import parse_message
 from chipscale.results import open_store
+from chipscale.sources.footprint import cover
 
 #: The longest reason a reject may carry: a reason quotes what was wrong, not the body.
 MAX_REASON = 400

@@ -26,7 +26,7 @@ from conftest import free_port
 from mercantile import Tile
 
 from chipscale.errors import StoreError, StoreUnavailable
-from chipscale.ops import verify
+from chipscale.ops import private_checks as verify
 from chipscale.results import (
     PostgresStore,
     ResultStore,
@@ -36,6 +36,7 @@ from chipscale.results import (
     setup_store,
 )
 from chipscale.results import postgres as pg
+from chipscale.results import postgres_schema as pg_schema
 from chipscale.results.base import results_filter
 from chipscale.results.export import export_results
 from chipscale.values import MAX_REJECTED_BODY, JobInfo, Rejection, ResultRow, TileResult
@@ -98,17 +99,17 @@ def test_url_redaction() -> None:
 def test_setup_database_is_idempotent_and_matches_verify(empty_db: str) -> None:
     first = setup_database(empty_db)
     assert first.startswith("created the results schema in")
-    assert first.endswith(f"schema public (version {pg.SCHEMA_VERSION})")
+    assert first.endswith(f"schema public (version {pg_schema.SCHEMA_VERSION})")
     assert "up to date" in setup_database(empty_db)
     assert "up to date" in setup_store(empty_db)
-    assert sql(empty_db, "SELECT version FROM schema_version") == [(pg.SCHEMA_VERSION,)]
+    assert sql(empty_db, "SELECT version FROM schema_version") == [(pg_schema.SCHEMA_VERSION,)]
     assert verify.check_schema(empty_db).ok
-    assert dict(verify.RESULTS_SCHEMA) == pg.TABLES  # verify's copy is the real schema
+    assert dict(verify.RESULTS_SCHEMA) == pg_schema.TABLES  # verify's copy is the real schema
     tables = sql(
         empty_db,
         "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename",
     )
-    assert sorted(pg.TABLES) == [t for (t,) in tables]
+    assert sorted(pg_schema.TABLES) == [t for (t,) in tables]
 
 
 def test_concurrent_setups_create_the_schema_once(empty_db: str) -> None:
@@ -157,7 +158,7 @@ def test_version_1_database_migrates(empty_db: str) -> None:
     """A database set up by version 1 (no rejects table) keeps its rows and ends up with the
     schema a new database gets (built beside it, in a schema named by the URL's search_path)."""
     with psycopg.connect(empty_db, autocommit=True) as conn:
-        conn.execute(pg.MIGRATIONS[0])
+        conn.execute(pg_schema.MIGRATIONS[0])
         conn.execute("INSERT INTO schema_version (version) VALUES (1)")
         conn.execute(
             "INSERT INTO results (job, z, x, y, status, output) "
@@ -167,7 +168,7 @@ def test_version_1_database_migrates(empty_db: str) -> None:
     with pytest.raises(StoreError, match=r"has schema version 1, .* run `chipscale db-setup`"):
         PostgresStore(empty_db, create=False)
     summary = setup_database(empty_db)
-    assert summary.endswith(f"schema public from version 1 to {pg.SCHEMA_VERSION}")
+    assert summary.endswith(f"schema public from version 1 to {pg_schema.SCHEMA_VERSION}")
     with PostgresStore(empty_db, create=False) as s:
         assert [(r.job, r.x, r.y, r.output) for r in s.iter_results()] == [("j", 1, 2, {"a": 1})]
         s.reject([Rejection("m", "bad", "body")])
@@ -674,12 +675,12 @@ def test_downloads_by_status_use_the_indexes(store: PostgresStore, results_db: s
 def test_version_2_database_migrates(empty_db: str) -> None:
     """v2 indexed every row by status; v3 indexes only the rows that are not ok."""
     with psycopg.connect(empty_db, autocommit=True) as conn:
-        conn.execute(pg.MIGRATIONS[0] + pg.MIGRATIONS[1])
+        conn.execute(pg_schema.MIGRATIONS[0] + pg_schema.MIGRATIONS[1])
         conn.execute("INSERT INTO schema_version (version) VALUES (2)")
         conn.execute(
             "INSERT INTO results (job, z, x, y, status, error) VALUES ('j', 18, 1, 2, 'error', 'e')"
         )
-    assert setup_database(empty_db).endswith(f"from version 2 to {pg.SCHEMA_VERSION}")
+    assert setup_database(empty_db).endswith(f"from version 2 to {pg_schema.SCHEMA_VERSION}")
     indexes = sql(empty_db, "SELECT indexname FROM pg_indexes WHERE tablename = 'results'")
     assert sorted(i for (i,) in indexes) == ["results_not_ok", "results_pkey"]
     with PostgresStore(empty_db, create=False) as s:

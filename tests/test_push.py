@@ -33,24 +33,16 @@ from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale.cli import cli
 from chipscale.cloud import push as push_lib
-from chipscale.cloud.push import (
-    BatchSender,
-    Entry,
-    PushError,
-    RetryPolicy,
-    batch_entries,
-    decode_keys,
-    encode_tiles,
-    plan_push,
-    push,
-    region_from_queue_url,
-    validate_source,
-)
-from chipscale.grid.cover import cover, source_footprint
+from chipscale.cloud import push_send
+from chipscale.cloud.push import push, region_from_queue_url, validate_source
+from chipscale.cloud.push_plan import decode_keys, encode_tiles, plan_push
+from chipscale.cloud.push_send import BatchSender, Entry, PushError, batch_entries
 from chipscale.grid.packs import pack_key, pack_levels
 from chipscale.grid.tilelist import TileFormat, write_tile_list
 from chipscale.pipeline.messages import parse_message
 from chipscale.results import open_store
+from chipscale.retry import RetryPolicy
+from chipscale.sources.footprint import cover, source_footprint
 from chipscale.values import JobInfo, TileResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +70,7 @@ def requests_made(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """SendMessageBatch HTTP requests the CLI's client sends, counted by a botocore event hook
     (retries botocore might make included), independently of the push's own count."""
     counts: Counter[str] = Counter()
-    original = push_lib.sqs_client
+    original = push_send.sqs_client
 
     def counting_client(**kwargs: Any) -> Any:
         client = original(**kwargs)
@@ -87,7 +79,7 @@ def requests_made(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
         )
         return client
 
-    monkeypatch.setattr(push_lib, "sqs_client", counting_client)
+    monkeypatch.setattr(push_send, "sqs_client", counting_client)  # where the CLI finds it
     return counts
 
 
@@ -476,7 +468,7 @@ def test_sender_fault_is_not_retried_and_exits_1(
         fakes.append(FlakyClient(sqs, lambda call, entries: {"0": True} if call == 1 else {}))
         return fakes[-1]
 
-    monkeypatch.setattr(push_lib, "sqs_client", fake_client)
+    monkeypatch.setattr(push_send, "sqs_client", fake_client)
     tiles = block(3000, 3000, 13, 40, 40)
     path = write_list(tmp_path / "tiles.txt", tiles)
     result = run_cli(str(path), queue, "--source", SOURCE, "--concurrency", "1")

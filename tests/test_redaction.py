@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from chipscale.cli import cli
-from chipscale.grid.cover import cover
 from chipscale.redaction import redact, secrets_of
+from chipscale.sources.footprint import cover
 
 #: Nothing listens on port 1: every connection is refused at once.
 DEAD = "127.0.0.1:1"

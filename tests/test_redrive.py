@@ -26,17 +26,17 @@ from click.testing import CliRunner, Result
 from test_stack_outputs import chipscale_template, clean_env, deploy_stack
 
 from chipscale.cli import cli
+from chipscale.ops.dlq_peek import peek
 from chipscale.ops.redrive import (
     MoveTaskUnavailable,
-    QueueDepth,
     QueuePair,
     RedriveError,
     inspect_pair,
     move_by_receive,
     move_with_task,
-    peek,
     redrive,
 )
+from chipscale.ops.sqs_queues import QueueDepth
 from chipscale.ops.stack_outputs import resolve_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def test_confirmation_declined_moves_nothing(
 ) -> None:
     dlq, queue = queues
     fill(sqs, dlq, bodies(12))
-    monkeypatch.setattr("chipscale.cli._can_prompt", lambda: True)
+    monkeypatch.setattr("chipscale.cli.dead_letters._can_prompt", lambda: True)
 
     declined = run("redrive", "--dlq", dlq, "--queue", queue, input="n\n")
 

@@ -19,7 +19,7 @@ from test_stack_outputs import chipscale_template, clean_env, deploy_stack
 
 from chipscale import names
 from chipscale.cli import cli
-from chipscale.cloud.push import push_record, record_job
+from chipscale.cloud.job_record import push_record, record_job
 from chipscale.ops.stack_outputs import resolve_stack
 from chipscale.results import open_store
 from chipscale.values import JobInfo, TileResult

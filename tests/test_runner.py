@@ -13,10 +13,10 @@ import time
 import pytest
 
 from chipscale.errors import JobConflict
-from chipscale.grid.cover import cover
 from chipscale.models.predictors import open_predictor
 from chipscale.pipeline.runner import run_local
 from chipscale.results import SQLiteStore, open_store
+from chipscale.sources.footprint import cover
 
 
 @pytest.fixture(scope="module")

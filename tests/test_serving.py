@@ -26,11 +26,11 @@ from conftest import free_port, start_torchserve
 
 from chipscale.cli import cli
 from chipscale.errors import ModelFormatError
-from chipscale.grid.cover import cover
 from chipscale.models.predictors import open_predictor
 from chipscale.models.serving import CONFIG_PROPERTIES, ServingConfig, ServingError, package_model
 from chipscale.pipeline.runner import run_local
 from chipscale.results import open_store
+from chipscale.sources.footprint import cover
 from model_server.chipscale_runtime import ModelMetadata, Scaling, save_torchscript
 
 POISON = 1.0e6  # a pixel value that makes the poison model raise
@@ -259,20 +259,36 @@ def test_a_batch_where_every_request_is_bad_still_answers_each(slow_batcher) -> 
 def test_torchserve_restarted_in_mid_run_loses_and_duplicates_nothing(
     aerial, demo_mar, tmp_path
 ) -> None:
-    """Stop TorchServe while a run is under way, start it again on the same ports: the run
-    finishes with every tile ok (the client and the runner retry), each stored once."""
+    """Stop TorchServe while a run is under way, start it again on the same ports: requests
+    meet the outage and are retried, and the run finishes with every tile ok, each stored
+    once."""
     server = start_torchserve(demo_mar, tmp_path / "ts")
     tiles = list(cover(20, source=str(aerial)))
     restarted = threading.Event()
     progress = {"done": 0}
+    outage: dict[str, float] = {}
+    retried: list[float] = []  # when the client waited to retry a failed request
+    bouncer: list[threading.Thread] = []
 
     def bounce(n: int) -> None:
         progress["done"] += n
         if progress["done"] >= 50 and not restarted.is_set():
             restarted.set()
-            threading.Thread(target=lambda: (server.stop(), server.start())).start()
 
-    predictor = open_predictor(server.predictions_url)
+            def stop_then_start() -> None:
+                outage["start"] = time.monotonic()
+                server.stop()
+                server.start()
+                outage["end"] = time.monotonic()
+
+            bouncer.append(threading.Thread(target=stop_then_start))
+            bouncer[0].start()
+
+    def sleep(seconds: float) -> None:
+        retried.append(time.monotonic())
+        time.sleep(seconds)
+
+    predictor = open_predictor(server.predictions_url, sleep=sleep)
     try:
         with open_store(f"sqlite:///{tmp_path}/r.db") as store:
             summary = run_local(
@@ -288,8 +304,14 @@ def test_torchserve_restarted_in_mid_run_loses_and_duplicates_nothing(
             rows = list(store.iter_results("bounce"))
     finally:
         predictor.close()
+        for thread in bouncer:
+            thread.join(timeout=120)
         server.stop()
     assert restarted.is_set()
+    # Requests met the outage: every retry came after it began, and some during it.
+    assert retried, "no request met the outage"
+    assert min(retried) >= outage["start"]
+    assert any(t <= outage["end"] for t in retried), (outage, retried)
     assert summary.error == 0
     assert len(rows) == len(tiles) == len({(r.x, r.y) for r in rows})
     assert {r.status for r in rows} <= {"ok", "empty"}

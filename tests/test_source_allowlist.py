@@ -34,9 +34,9 @@ from test_sqs_worker import (  # noqa: F401 (fixtures)
 
 from chipscale import names
 from chipscale.cloud.queue_worker import WorkerConfigError, WorkerSettings, source_refusal
-from chipscale.grid.cover import cover
 from chipscale.pipeline.messages import PackMessage
 from chipscale.results import open_store
+from chipscale.sources.footprint import cover
 
 # ----------------------------------------------------------------------------- the rule
 

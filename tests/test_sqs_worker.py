@@ -29,10 +29,10 @@ from chipscale.cloud.queue_worker import (
     source_refusal,
 )
 from chipscale.errors import StoreError
-from chipscale.grid.cover import cover
 from chipscale.grid.packs import pack_tiles
 from chipscale.pipeline.messages import PackMessage
 from chipscale.results import open_store
+from chipscale.sources.footprint import cover
 
 ZOOM = 19
 

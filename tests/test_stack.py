@@ -117,7 +117,7 @@ def test_target_group_output_is_the_model_target_group(raw: dict[str, Any]) -> N
 
 
 def test_operations_output_names_every_action_the_function_runs(raw: dict[str, Any]) -> None:
-    from chipscale.ops.operations import ACTIONS
+    from chipscale.ops.operations_actions import ACTIONS
 
     description = raw["Outputs"][names.OUTPUT_OPERATIONS_FUNCTION]["Description"]
     assert all(action in description for action in ACTIONS), description
@@ -271,14 +271,28 @@ def test_no_wildcard_action_on_wildcard_resource(raw: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- network
 
 
-def test_no_security_group_is_open_to_the_internet(raw: dict[str, Any]) -> None:
+def ingress_rules(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every ingress rule of a template: inline in its security group or a resource of its own."""
     rules: list[dict[str, Any]] = []
     for group in of_type(raw, "AWS::EC2::SecurityGroup").values():
         rules.extend(group["Properties"].get("SecurityGroupIngress", []))
     rules.extend(r["Properties"] for r in of_type(raw, "AWS::EC2::SecurityGroupIngress").values())
+    return rules
+
+
+def open_to_the_internet(rule: dict[str, Any]) -> bool:
+    return rule.get("CidrIp") == "0.0.0.0/0" or rule.get("CidrIpv6") == "::/0"
+
+
+# Every template this file synthesizes (the default and the variant), not the default alone.
+@pytest.mark.parametrize("synthesis", ["synthesized", "variant"])
+def test_no_security_group_is_open_to_the_internet(
+    synthesis: str, request: pytest.FixtureRequest
+) -> None:
+    raw: dict[str, Any] = request.getfixturevalue(synthesis)[0]
+    rules = ingress_rules(raw)
     assert rules
-    for rule in rules:
-        assert rule.get("CidrIp") not in {"0.0.0.0/0"} and rule.get("CidrIpv6") != "::/0", rule
+    assert [rule for rule in rules if open_to_the_internet(rule)] == []
 
 
 def test_metrics_port_is_admitted_from_the_operations_lambda_only(raw: dict[str, Any]) -> None:
@@ -658,7 +672,7 @@ def test_operations_function_has_only_what_its_actions_need(raw: dict[str, Any])
     """The secret, the proxy and the load balancer (verify, db-setup, status), and writes
     under two prefixes of the results bucket (export, done-tiles): no read of any bucket, no
     SQS."""
-    from chipscale.ops.operations import ACTIONS
+    from chipscale.ops.operations_actions import ACTIONS
 
     fn = _function(raw, "operations.handler")
     assert fn["VpcConfig"]["SubnetIds"]
@@ -695,7 +709,7 @@ def test_every_function_is_built_by_the_one_helper(raw: dict[str, Any]) -> None:
         assert fn["Architectures"] == ["x86_64"]
         assert fn["LoggingConfig"]["LogGroup"]["Ref"] in groups
     assert RUNTIME_PIN_REASON.startswith(f"{LAMBDA_RUNTIME.name} is pinned on purpose")
-    for module in ("worker.py", "operations.py", "fleet_controller.py", "common.py"):
+    for module in ("worker.py", "operations_function.py", "fleet_controller.py", "common.py"):
         source = (REPO_ROOT / "stacks" / module).read_text()
         assert "Python 3.12" not in source and "cp312" not in source, module
         if module != "common.py":

@@ -22,6 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import unavailable
+from test_stack import ingress_rules, open_to_the_internet
 
 from stacks.bundle import HEADROOM_BYTES, bundle_size
 from stacks.config import REPO_ROOT
@@ -92,6 +93,9 @@ def test_cdk_synth_from_the_checkout(cli_synth: Path) -> None:
     assert "chipscale" in manifest["artifacts"]
     template = json.loads((cli_synth / "chipscale.template.json").read_text())
     assert "QueueUrl" in template["Outputs"]
+    # The template users deploy is held to tests/test_stack.py's network rule too.
+    rules = ingress_rules(template)
+    assert rules and [r for r in rules if open_to_the_internet(r)] == []
 
 
 def test_the_cli_is_the_pinned_major_version() -> None:

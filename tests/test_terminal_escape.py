@@ -11,8 +11,8 @@ from click.testing import CliRunner, Result
 from mercantile import Tile
 
 from chipscale.cli import cli
-from chipscale.grid.cover import cover
 from chipscale.results import open_store
+from chipscale.sources.footprint import cover
 from chipscale.values import JobInfo, TileResult
 
 #: Clears the screen, rings the bell, returns the cursor, sets the window title; and markup
@@ -111,7 +111,7 @@ def test_download_into_a_file_as_folder_is_one_clear_line(tmp_path: Path) -> Non
 
 
 def test_counts_of_one_are_singular(tmp_path: Path) -> None:
-    from chipscale.ops.redrive import describe_queue_view
+    from chipscale.ops.sqs_queues import describe_queue_view
 
     tiles = tmp_path / "tiles.txt"
     tiles.write_text("3/0/1\n")

@@ -23,12 +23,12 @@ from mercantile import Tile
 from rasterio.io import MemoryFile
 
 from chipscale.errors import SourceError, SourceUnavailable
-from chipscale.grid.cover import cover
 from chipscale.models.predictors import open_predictor
 from chipscale.pipeline.messages import PackMessage
 from chipscale.pipeline.process import process_pack
 from chipscale.results import open_store
-from chipscale.sources.cog import cached_reader, clear_reader_cache, read_tile, read_tiles
+from chipscale.sources import cached_reader, clear_reader_cache, read_tile, read_tiles
+from chipscale.sources.footprint import cover
 from chipscale.sources.xyz import TileEndpointReader, is_tile_endpoint, redact, tile_url
 from chipscale.values import ImageData
 
@@ -542,4 +542,6 @@ def test_process_pack_endpoint_failures(tile_server: TileServer, predictor, stor
     outcome = process_pack(html, predictor=predictor, store=store)
     clear_reader_cache()
     assert outcome.error == 2  # an error page never reaches the model
-    assert all("not an image" in r.error for r in store.iter_results("html"))
+    rows = list(store.iter_results("html"))
+    assert {(r.x, r.y, r.z) for r in rows} == {(t.x, t.y, t.z) for t in tiles}  # one row each
+    assert all(r.status == "error" and "not an image" in r.error for r in rows)

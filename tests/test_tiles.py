@@ -28,18 +28,16 @@ from mercantile import Tile
 from rio_tiler.io import Reader
 
 from chipscale.errors import InvalidTileError, SourceError, SourceUnavailable
-from chipscale.sources.cog import (
+from chipscale.sources import (
     READER_CACHE_SIZE,
-    SlowSourceWarning,
-    TileReader,
     cached_reader,
     clear_reader_cache,
-    gdal_path,
     read_tile,
     read_tiles,
-    source_footprint_lonlat,
-    source_info,
 )
+from chipscale.sources.cog import SlowSourceWarning, TileReader, source_info
+from chipscale.sources.datasets import gdal_path
+from chipscale.sources.footprint import source_footprint_lonlat
 from chipscale.sources.gdal_env import gdal_options, s3_endpoint_options
 
 # The first z16 tile of every raster placed at PLACES["EPSG:3857"] (on-grid, z16 pixels).

@@ -31,13 +31,13 @@ from mercantile import Tile
 
 from chipscale.cli import cli
 from chipscale.errors import ChipscaleError, PartialPrediction, PredictorUnavailable
-from chipscale.grid.cover import cover
 from chipscale.models.predictors import InProcessPredictor, open_predictor
 from chipscale.models.torchserve_client import ModelChanged, TorchServePredictor
 from chipscale.pipeline.messages import PackMessage
 from chipscale.pipeline.process import process_pack
 from chipscale.results import open_store
-from chipscale.sources.cog import read_tiles
+from chipscale.sources import read_tiles
+from chipscale.sources.footprint import cover
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from rasterio.shutil import copy as rio_copy
 
 from chipscale.cli import cli
-from chipscale.grid.cover import cover
+from chipscale.sources.footprint import cover
 
 EXE = [sys.executable, "-m", "chipscale.cli"]
 

@@ -23,7 +23,8 @@ from test_monitor import Deployed, Load, aws, chipscale, deploy, monitor_json, p
 
 from chipscale.ops import diagnosis, tune
 from chipscale.ops.fleet import MAX_MAXIMUM_CONCURRENCY, MIN_MAXIMUM_CONCURRENCY
-from chipscale.ops.monitor import Clients, Minute, Queue, Snapshot
+from chipscale.ops.monitor import Clients
+from chipscale.ops.snapshot import Minute, Queue, Snapshot
 from chipscale.ops.tune import NotEnoughData, apply, recommend, target_for
 
 __all__ = ["aws"]  # the fixture, shared with test_monitor

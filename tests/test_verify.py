@@ -5,7 +5,7 @@ from a launch template, SSM parameter, Lambda functions, SQS event source mappin
 model endpoint (the session's TorchServe serving the demo model), the results database (a
 PostgreSQL database each test creates and drops), and the operations Lambda's invoke (a
 moto server of its own whose Lambda runs without Docker and answers what the test queues,
-computed by the very function the Lambda calls, :func:`chipscale.ops.verify.verify_action`).
+computed by the very function the Lambda calls, :func:`chipscale.ops.private_checks.verify_action`).
 
 What is recorded: Service Quotas. moto implements it for the ``vpc`` service only:
 GetServiceQuota answers NoSuchResourceException for ec2 and lambda, and
@@ -30,9 +30,17 @@ from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale import names
 from chipscale.cli import cli
+from chipscale.ops import aws_checks
 from chipscale.ops import verify as verify_module
-from chipscale.ops.stack_outputs import resolve_stack
-from chipscale.ops.verify import (
+from chipscale.ops.aws import Fleet
+from chipscale.ops.aws_checks import (
+    Capacity,
+    check_dead_letter_queue,
+    check_gpu_quota,
+    check_lambda_quota,
+    read_quota,
+)
+from chipscale.ops.checks import (
     CHECK_DLQ,
     CHECK_ENDPOINT,
     CHECK_EVENT_SOURCE,
@@ -42,19 +50,13 @@ from chipscale.ops.verify import (
     CHECK_QUEUE,
     CHECK_SCHEMA,
     CHECK_WORKER,
-    Capacity,
     Check,
     CheckResult,
-    Fleet,
-    check_dead_letter_queue,
-    check_gpu_quota,
-    check_lambda_quota,
-    check_schema,
-    read_quota,
     run_checks,
-    stack_checks,
-    verify_action,
 )
+from chipscale.ops.private_checks import check_schema, verify_action
+from chipscale.ops.stack_outputs import resolve_stack
+from chipscale.ops.verify import stack_checks
 
 ALL_CHECKS = [
     CHECK_QUEUE,
@@ -121,19 +123,19 @@ def quotas(monkeypatch: pytest.MonkeyPatch) -> Iterator[Quotas]:
     """Every Service Quotas client verify makes plays the recorded answers of ``Quotas``."""
     plan = Quotas()
     stubbers: list[Stubber] = []
-    real = verify_module.make_client
+    real = verify_module.quick_client
 
     def make_client(session: Any, service: str, **kwargs: Any) -> Any:
         client = real(session, service, **kwargs)
         if service == "service-quotas":
             stubber = Stubber(client)
-            stub_quota(stubber, verify_module.GPU_QUOTA, plan.gpu, plan.gpu_default)
-            stub_quota(stubber, verify_module.LAMBDA_QUOTA, plan.lambda_, plan.lambda_default)
+            stub_quota(stubber, aws_checks.GPU_QUOTA, plan.gpu, plan.gpu_default)
+            stub_quota(stubber, aws_checks.LAMBDA_QUOTA, plan.lambda_, plan.lambda_default)
             stubber.activate()
             stubbers.append(stubber)
         return client
 
-    monkeypatch.setattr(verify_module, "make_client", make_client)
+    monkeypatch.setattr(verify_module, "quick_client", make_client)
     yield plan
     for stubber in stubbers:
         stubber.deactivate()
@@ -286,7 +288,7 @@ def test_queue_without_redrive_policy_fails(aws: str) -> None:
     sqs = boto3.client("sqs")
     queue = sqs.create_queue(QueueName=f"plain-{uuid.uuid4().hex[:8]}")["QueueUrl"]
     dlq = sqs.create_queue(QueueName=f"dlq-{uuid.uuid4().hex[:8]}")["QueueUrl"]
-    (result,) = run_checks([Check(CHECK_QUEUE, lambda: verify_module.check_queue(sqs, queue, dlq))])
+    (result,) = run_checks([Check(CHECK_QUEUE, lambda: aws_checks.check_queue(sqs, queue, dlq))])
     assert not result.ok and "no redrive policy" in result.detail
 
 
@@ -302,21 +304,23 @@ def test_mapping_enabled_without_gpus_fails(aws: str, quotas: Quotas) -> None:
 def test_capacity_is_read_from_the_deployed_stack(aws: str) -> None:
     stack = deploy_stack(chipscale_template(max_instances=3, instance_type="g5.12xlarge"))
     outputs = resolve_stack(stack)
-    fleet = verify_module.read_fleet(
+    fleet = aws_checks.read_deployed_fleet(
         boto3.client("autoscaling"), boto3.client("ec2"), outputs.asg_name or ""
     )
     assert (fleet.instance_type, fleet.max_size) == ("g5.12xlarge", 3)
     assert (fleet.vcpus_per_instance, fleet.gpus_per_instance) == (48, 4)
-    capacity = verify_module.read_capacity(
+    capacity = aws_checks.read_capacity(
         fleet, lambda_client=boto3.client("lambda"), ssm=boto3.client("ssm"), outputs=outputs
     )
     assert capacity.gpu_vcpus == 144
     assert capacity.worker_concurrency == 4 * 4 * 3  # per GPU x GPUs x instances
-    assert capacity.lambda_executions == 48 + verify_module.LAMBDA_HEADROOM
+    assert capacity.lambda_executions == 48 + aws_checks.LAMBDA_HEADROOM
 
 
 def _capacity(max_size: int = 2, reserved: int | None = None) -> Capacity:
-    fleet = Fleet("asg", "g5.xlarge", 0, max_size, 0, 0, vcpus_per_instance=4, gpus_per_instance=1)
+    fleet = Fleet(
+        "asg", 0, max_size, 0, instance_type="g5.xlarge", vcpus_per_instance=4, gpus_per_instance=1
+    )
     return Capacity(fleet, per_gpu_concurrency=4, max_concurrency=2, reserved_concurrency=reserved)
 
 
@@ -338,7 +342,7 @@ def _quota_check(check: Callable[[Any, Capacity], CheckResult], client: Any, cap
 
 def test_gpu_quota_too_small_fails_and_says_what_to_request() -> None:
     client, stubber = _stubbed_quotas()
-    stub_quota(stubber, verify_module.GPU_QUOTA, 4, 0)
+    stub_quota(stubber, aws_checks.GPU_QUOTA, 4, 0)
     with stubber:
         result = _quota_check(check_gpu_quota, client, _capacity())
     assert not result.ok
@@ -351,7 +355,7 @@ def test_gpu_quota_too_small_fails_and_says_what_to_request() -> None:
 
 def test_gpu_quota_falls_back_to_the_default_with_a_note() -> None:
     client, stubber = _stubbed_quotas()
-    stub_quota(stubber, verify_module.GPU_QUOTA, None, 0)  # new account: 0 G vCPUs
+    stub_quota(stubber, aws_checks.GPU_QUOTA, None, 0)  # new account: 0 G vCPUs
     with stubber:
         result = _quota_check(check_gpu_quota, client, _capacity())
     assert not result.ok
@@ -361,7 +365,7 @@ def test_gpu_quota_falls_back_to_the_default_with_a_note() -> None:
 
 def test_lambda_quota_of_a_new_account_fails() -> None:
     client, stubber = _stubbed_quotas()
-    stub_quota(stubber, verify_module.LAMBDA_QUOTA, 10, 1000)
+    stub_quota(stubber, aws_checks.LAMBDA_QUOTA, 10, 1000)
     with stubber:
         result = _quota_check(check_lambda_quota, client, _capacity())
     assert not result.ok
@@ -370,7 +374,7 @@ def test_lambda_quota_of_a_new_account_fails() -> None:
 
 def test_reserved_concurrency_needs_100_unreserved_beside_it() -> None:
     client, stubber = _stubbed_quotas()
-    stub_quota(stubber, verify_module.LAMBDA_QUOTA, 1000, 1000)
+    stub_quota(stubber, aws_checks.LAMBDA_QUOTA, 1000, 1000)
     with stubber:
         result = _quota_check(check_lambda_quota, client, _capacity(reserved=20))
     assert result.ok
@@ -379,7 +383,7 @@ def test_reserved_concurrency_needs_100_unreserved_beside_it() -> None:
 
 def test_moto_service_quotas_cannot_answer_for_ec2(aws: str) -> None:
     """Why the quota tests use recorded answers: moto has no ec2 quota and no default."""
-    with pytest.raises(verify_module.CheckFailed, match="none applied and no default"):
+    with pytest.raises(aws_checks.CheckFailed, match="none applied and no default"):
         read_quota(boto3.client("service-quotas"), "ec2", "L-DB2E81BA")
 
 
@@ -407,7 +411,7 @@ def test_schema_in_another_schema_is_found_through_search_path(empty_db: str) ->
         conn.execute("CREATE SCHEMA chipscale")
         conn.execute("SET search_path TO chipscale")
         conn.execute(RESULTS_DDL)
-    with pytest.raises(verify_module.CheckFailed, match="schema public: missing tables"):
+    with pytest.raises(aws_checks.CheckFailed, match="schema public: missing tables"):
         check_schema(empty_db)
     assert check_schema(f"{empty_db}?options=-csearch_path%3Dchipscale").ok
     assert check_schema(empty_db, schema="chipscale").ok
@@ -480,8 +484,11 @@ def test_private_checks_run_through_the_operations_lambda(
 ) -> None:
     # what the Lambda inside the VPC computes: the same checks, run where the services are
     answer = verify_action(torchserve.predictions_url, results_db)
-    assert [a["ok"] for a in answer] == [True, True]
-    queue_lambda_answer(lambda_moto, answer)
+    assert [(a["name"], a["ok"]) for a in answer] == [(CHECK_ENDPOINT, True), (CHECK_SCHEMA, True)]
+    # The Lambda answers in another order, with a failed result the CLI did not ask for: the
+    # CLI keeps the two it asked for, in its own order, and the stray one fails nothing.
+    stray = {"name": "stray", "ok": False, "detail": "not asked for"}
+    queue_lambda_answer(lambda_moto, [answer[1], stray, answer[0]])
     result, results = run_verify("--stack", vpc_stack)
     assert result.exit_code == 0, result.output
     assert [r["name"] for r in results] == ALL_CHECKS
@@ -544,7 +551,7 @@ def test_worker_timeout_too_long_for_the_queue_visibility_fails(aws: str) -> Non
         [
             Check(
                 CHECK_WORKER,
-                lambda: verify_module.check_worker(
+                lambda: aws_checks.check_worker(
                     boto3.client("lambda"), boto3.client("sqs"), worker, outputs.queue_url
                 ),
             )

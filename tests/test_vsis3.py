@@ -23,14 +23,14 @@ from cogs import make_mosaic_cog
 from mercantile import Tile
 
 from chipscale.errors import SourceError, SourceUnavailable
-from chipscale.grid.cover import cover
-from chipscale.sources.cog import (
-    TileReader,
+from chipscale.sources import (
     cached_reader,
     clear_reader_cache,
     read_tile,
     read_tiles,
 )
+from chipscale.sources.cog import TileReader
+from chipscale.sources.footprint import cover
 
 #: Headers that belong to one connection, not to the request: never forwarded.
 HOP_BY_HOP = {

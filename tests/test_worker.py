@@ -10,11 +10,11 @@ import pytest
 from mercantile import Tile
 
 from chipscale.errors import ModelFormatError, PredictorUnavailable, SourceUnavailable
-from chipscale.grid.cover import cover
 from chipscale.models.predictors import open_predictor
 from chipscale.pipeline.messages import PackMessage
 from chipscale.pipeline.process import process_pack
 from chipscale.results import open_store
+from chipscale.sources.footprint import cover
 
 FAR_AWAY = Tile(0, 0, 19)  # a valid tile that misses the image: empty, not an error
 

@@ -12,6 +12,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -33,7 +34,7 @@ class TileProgress:
     def __init__(self, progress: Progress, description: str) -> None:
         self._progress = progress
         self._description = description
-        self._task = None
+        self._task: TaskID | None = None
 
     def start(self, todo: int, skipped: int) -> None:
         if not todo:  # a finished job being resumed: no bar to draw

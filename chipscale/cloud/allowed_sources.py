@@ -1,12 +1,9 @@
 """Which sources the cloud worker may read: its allow-list, compared as GDAL, curl and urllib3
 will resolve a URL, not as text.
 
-GDAL's ``/vsis3/``, curl (``/vsicurl/``) and urllib3 (XYZ tile endpoints) remove dot
-segments, percent-encoded ones included, before they send a request, so
-``s3://allowed/../secret/x.tif`` reads the bucket ``secret``. A source is therefore first
-reduced to a :class:`Location` (scheme, bucket or host and port, path), refusing what has no
-single reading (dot segments, backslashes, user information, a fragment, an encoded ``/``),
-and only then compared with each allowed prefix, path segment by path segment.
+A source becomes a :class:`Location` (scheme, bucket or host and port, path), refusing what
+has no single reading, and is then compared with each allowed prefix segment by segment.
+Why: docs/design.md, "Security".
 """
 
 from __future__ import annotations

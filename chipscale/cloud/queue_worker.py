@@ -1,27 +1,10 @@
 """The cloud worker: SQS messages in, their packs read and predicted, their rows stored once
 per Lambda batch, metrics out.
 
-``lambdas/sqs_worker.py`` wires this to :class:`chipscale.cloud.sqs_batch.PackBatchProcessor`, a
-Powertools BatchProcessor: :meth:`QueueWorker.predict` runs for each message, then
-:meth:`QueueWorker.store_packs` stores the rows of every message that got that far in one
-write. An exception from either becomes a ``batchItemFailures`` entry for that message
-alone, so its neighbours in the batch are deleted and never redone. What an exception
-means follows :mod:`chipscale.errors`:
-
-* a message that can never succeed (not JSON, wrong schema, a tile off the grid, more tiles
-  than ``max_tiles_per_message``, a source outside the allow-list, a job recorded with
-  another source or model: see :meth:`QueueWorker.job_refusal`) is recorded in the store's
-  ``rejects`` table with its reason and *returned from*, so SQS deletes it instead of
-  redelivering it until the dead-letter queue;
-* a source that is not a raster, or tiles the model refuses, become ``error`` rows inside
-  :func:`chipscale.pipeline.process.predict_pack`;
-* everything else (model server, database, S3 throttling, an invocation about to time out,
-  a bug) raises: the message comes back after its visibility timeout and lands in the
-  dead-letter queue after ``maxReceiveCount`` tries. Writes are upserts, so a redelivery
-  never duplicates a tile.
-
-Connections (the model server's keep-alive pool, the database) are opened on first use and
-kept for the life of the container.
+:meth:`QueueWorker.predict` runs for each message (a message that can never succeed goes to
+the ``rejects`` table and returns); :meth:`QueueWorker.store_packs` writes the batch's rows.
+``lambdas/sqs_worker.py`` wires it to :class:`chipscale.cloud.sqs_batch.PackBatchProcessor`.
+Rejects, ``error`` rows, retries and the DLQ: docs/design.md, "The failure model".
 """
 
 from __future__ import annotations
@@ -35,7 +18,7 @@ from typing import Any, Protocol
 
 from chipscale import names
 from chipscale.cloud.allowed_sources import check_prefix, source_refusal
-from chipscale.cloud.push import WORKER_DEFAULT_SOURCE
+from chipscale.cloud.job_record import WORKER_DEFAULT_SOURCE
 from chipscale.errors import ChipscaleError, InvalidMessageError, TransientError
 from chipscale.grid.packs import DEFAULT_MAX_TILES
 from chipscale.models.predictors import Predictor

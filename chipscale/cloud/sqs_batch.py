@@ -1,13 +1,9 @@
 """An SQS batch whose messages' rows are stored together, after every message has run.
 
-Powertools' BatchProcessor settles a record when its handler returns. The worker's handler
-returns rows to store instead (:meth:`chipscale.cloud.queue_worker.QueueWorker.predict`), and
-:class:`PackBatchProcessor` stores the rows of the whole batch in one write once the last
-record has run: one round trip and one commit on the database per invocation, not one per
-message. A record whose rows that write could not store is reported failed then, exactly as
-if its handler had raised, so partial batch failures keep their meaning: one message's
-failure never sends its neighbours back, and a batch where every record failed raises, so
-Lambda returns all of it to the queue.
+:class:`PackBatchProcessor` is Powertools' BatchProcessor with one write per invocation: a
+record whose rows that write could not store is reported failed, exactly as if its handler
+had raised, so one message's failure never sends its neighbours back (docs/design.md,
+"The failure model").
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ class PackBatchProcessor(BatchProcessor):
         self._held: list[tuple[dict[str, Any], Any]] = []
 
     def _prepare(self) -> None:
-        super()._prepare()
+        super()._prepare()  # type: ignore[no-untyped-call]  # Powertools leaves it unannotated
         self._held = []
 
     def success_handler(self, record: dict[str, Any], result: Any) -> Any:
@@ -49,9 +45,11 @@ class PackBatchProcessor(BatchProcessor):
             for (record, _), outcome in zip(held, outcomes, strict=True):
                 if isinstance(outcome, Exception):
                     self._fail_late(record, outcome)
-        super()._clean()
+        super()._clean()  # type: ignore[no-untyped-call]  # Powertools leaves it unannotated
 
     def _fail_late(self, record: dict[str, Any], exc: Exception) -> None:
         """Move a record that had succeeded to the failures."""
-        self.success_messages[:] = [m for m in self.success_messages if m is not record]
+        # Powertools types these as record objects; they are the event's dicts.
+        messages: list[Any] = self.success_messages
+        messages[:] = [m for m in messages if m is not record]
         self.failure_handler(SQSRecord(record), (type(exc), exc, exc.__traceback__))

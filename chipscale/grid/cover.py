@@ -1,13 +1,9 @@
-"""Which tiles an area touches.
+"""Which tiles an area touches: a hierarchical walk of the grid.
 
-The cover walks the grid hierarchically: parent tiles a few zooms up are tested against the
-area first, so a parent wholly inside yields all its children without a test each, and
-the tiles come out in quadkey (Z-curve) order, grouped by ancestor at every level. That
-order is what :mod:`chipscale.grid.packs` needs to stream adjacent tiles into packs without
-holding the whole cover in memory.
-
-Areas are shapely geometries in lon/lat (EPSG:4326). One that crosses the antimeridian is
-cut at +-180 (RFC 7946), so each piece covers its own side of the grid.
+Tiles come out in quadkey (Z-curve) order, grouped by ancestor, which
+:mod:`chipscale.grid.packs` streams into packs. Areas are shapely geometries in lon/lat
+(EPSG:4326); one crossing the antimeridian is cut at +-180 (RFC 7946). Why: docs/design.md,
+"Packs and push".
 """
 
 from __future__ import annotations
@@ -31,10 +27,8 @@ from shapely.geometry import MultiPolygon, Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
-from chipscale.errors import AOIError, SourceError, cut, one_line, quoted
+from chipscale.errors import AOIError, cut, one_line, quoted
 from chipscale.grid.tilelist import MAX_ZOOM
-from chipscale.sources.cog import open_source
-from chipscale.sources.gdal_env import gdal_env
 
 #: Web mercator stops short of the poles.
 MAX_LAT = 85.0511287798066
@@ -111,7 +105,7 @@ def read_aoi(path: str | Path) -> BaseGeometry:
         _check_lonlat(lonlat, name)
         if not lonlat.is_valid:
             repairs.append(shapely.is_valid_reason(lonlat))
-        parts.append(_lonlat_shape(lonlat))
+        parts.append(lonlat_area(lonlat))
     if repairs:
         warnings.warn(
             f"AOI {name} had {len(repairs)} invalid polygon(s) ({repairs[0]}); repaired "
@@ -147,7 +141,7 @@ def _check_lonlat(geom: BaseGeometry, name: str) -> None:
         )
 
 
-def _geometries(doc: dict, name: str) -> Iterator[dict]:
+def _geometries(doc: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
     """The geometries of a GeoJSON object, walked with a stack (no recursion to exhaust)."""
     todo: list[Any] = [doc]
     while todo:
@@ -179,14 +173,14 @@ def _geometries(doc: dict, name: str) -> Iterator[dict]:
             raise AOIError(f"AOI {name}: unknown GeoJSON type {shown}")
 
 
-def _members(item: dict, key: str, name: str) -> list[Any]:
+def _members(item: dict[str, Any], key: str, name: str) -> list[Any]:
     members = item.get(key) or []
     if not isinstance(members, list):
         raise AOIError(f"AOI {name}: {key} is not a list")
     return members
 
 
-def _declared_crs(doc: dict, name: str) -> CRS:
+def _declared_crs(doc: dict[str, Any], name: str) -> CRS:
     crs_member = doc.get("crs")
     if not crs_member:
         return WGS84
@@ -199,7 +193,7 @@ def _declared_crs(doc: dict, name: str) -> CRS:
         ) from None
 
 
-def _lonlat_shape(geom: BaseGeometry) -> BaseGeometry:
+def lonlat_area(geom: BaseGeometry) -> BaseGeometry:
     """A valid lon/lat area, with a ring that wraps past 180 unwrapped.
 
     An invalid polygon is repaired by GEOS's ``make_valid`` (the "structure" method: the
@@ -229,39 +223,6 @@ def _shift(geom: BaseGeometry, dx: float) -> BaseGeometry:
     from shapely.affinity import translate
 
     return translate(geom, xoff=dx)
-
-
-def source_footprint(source: str) -> BaseGeometry:
-    """The lon/lat footprint of a raster: its bounds ring, densified and reprojected.
-
-    Reprojecting the ring (not just the corners) keeps the curved edges of a UTM or polar
-    image, and GDAL cuts it at the antimeridian.
-    """
-    with gdal_env(source), open_source(source) as dataset:
-        if dataset.crs is None:
-            raise SourceError(f"raster {source} has no coordinate reference system")
-        crs, (west, south, east, north) = dataset.crs, dataset.bounds
-    ring = _densified_ring(west, south, east, north, steps=64)
-    geom = {"type": "Polygon", "coordinates": [ring]}
-    if crs != WGS84:
-        geom = transform_geom(crs, WGS84, geom, antimeridian_cutting=True, precision=-1)
-    footprint = _lonlat_shape(shape(geom)).intersection(WORLD)
-    if footprint.is_empty:
-        raise SourceError(f"Source {source!r} lies outside the web-mercator world")
-    return footprint
-
-
-def _densified_ring(west: float, south: float, east: float, north: float, steps: int):
-    def edge(x0: float, y0: float, x1: float, y1: float):
-        return [(x0 + (x1 - x0) * i / steps, y0 + (y1 - y0) * i / steps) for i in range(steps)]
-
-    ring = (
-        edge(west, south, east, south)
-        + edge(east, south, east, north)
-        + edge(east, north, west, north)
-        + edge(west, north, west, south)
-    )
-    return [*ring, ring[0]]
 
 
 def cover_geometry(area: BaseGeometry, zoom: int) -> Iterator[Tile]:
@@ -304,18 +265,20 @@ def cover_bbox(bbox: BBox, zoom: int) -> Iterator[Tile]:
 def cover(
     zoom: int,
     *,
-    source: str | None = None,
+    footprint: tuple[str, BaseGeometry] | None = None,
     aoi: str | Path | BaseGeometry | None = None,
     bbox: BBox | None = None,
 ) -> Iterator[Tile]:
-    """Tiles at ``zoom`` of a source footprint, an AOI, a bbox, or their intersection.
+    """Tiles at ``zoom`` of a footprint, an AOI, a bbox, or their intersection.
 
+    ``footprint``: a named lon/lat area handed in, e.g. a raster's (``("source 'a.tif'",
+    geometry)``, see :func:`chipscale.sources.footprint.cover`).
     Raises :class:`AOIError` when the areas given do not overlap (e.g. an AOI that misses
     the image): an empty job is almost always a mistake worth a clear message.
     """
     areas: list[tuple[str, BaseGeometry]] = []
-    if source is not None:
-        areas.append((f"source {source!r}", source_footprint(source)))
+    if footprint is not None:
+        areas.append(footprint)
     if aoi is not None:
         geom = aoi if isinstance(aoi, BaseGeometry) else read_aoi(aoi)
         areas.append((f"AOI {str(aoi)!r}" if not isinstance(aoi, BaseGeometry) else "AOI", geom))
@@ -337,7 +300,7 @@ def _tile_box(tile: Tile) -> Polygon:
     return box(west, south, east, north)
 
 
-def _overlaps(target: prepared.PreparedGeometry, tile_box: Polygon) -> bool:
+def _overlaps(target: prepared.PreparedGeometry[BaseGeometry], tile_box: Polygon) -> bool:
     return target.intersects(tile_box) and not target.touches(tile_box)
 
 

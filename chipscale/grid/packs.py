@@ -16,6 +16,8 @@ from mercantile import Tile
 
 #: chip-n-scale sent one tile a message; chipscale sends up to this many.
 DEFAULT_MAX_TILES = 100
+#: Largest pack a push accepts: a 32 x 32 tile window is already a heavy read for a worker.
+MAX_TILES_PER_MESSAGE = 1024
 
 
 def pack_levels(max_tiles: int) -> int:

@@ -1,32 +1,9 @@
-"""The demo model: a hand-made land-cover heuristic, so the pipeline runs with no download.
-
-What it is, honestly: a few lines of arithmetic on colour and texture written as a torch
-module, with weights chosen by hand while looking at the demo image
-(``rasterio_cogeo.tif``: 0.6 m winter aerial of Gangwon, Korea: snowy fields, conifer and
-leafless forest, a road, ploughed bare fields). It was not trained and it is not a land-cover
-model you should trust elsewhere; it exists to show tiles going through a real model file with
-real metadata, and to give outputs that make sense on that image.
-
-How it scores a tile ``(N, 3 or 4, 256, 256)`` of reflectance-like values in 0..1 (the runtime
-divides 8-bit pixels by 255 first, as the metadata says):
-
-1. Average 4x4 pixel blocks (2.4 m at z18) and measure texture: the standard deviation of
-   brightness inside each block plus across its 3x3 block neighbourhood.
-2. Per block: brightness ``L``, chroma (max - min of RGB), warmth (red - blue), a vegetation
-   index (NDVI from the 4th, near-infrared band when there is one, else the green-red index
-   GRVI = (g - r) / (g + r), weaker but usable on RGB), texture, and greyness (closeness of
-   brightness to the mid grey of asphalt).
-3. A hand-set linear layer maps those features to one logit per class (``WEIGHTS`` below):
-   ``snow`` bright and smooth, ``forest`` dark or textured and green (the only vegetation
-   class: green fields with NIR also land here), ``bare_ground`` warm (brown soil, dry grass),
-   ``road`` mid grey, cool (the asphalt here is bluish) and smooth.
-4. A softmax with temperature ``TEMPERATURE`` per block, then the mean over blocks: the output
-   is the tile's cover fractions, which sum to 1 (metadata ``output: "scores"``).
-
-Known limits: a road is a thin strip, so its cover fraction stays small (a few percent on
-tiles the road crosses), and leafless forest over snow sometimes votes ``road``. It is
-size-agnostic arithmetic, but the metadata pins 256 px tiles. ``build()`` writes it as
-TorchScript with the metadata inside; the same code gives the same outputs on every build.
+"""The demo model: a hand-made land-cover heuristic written as a torch module, so the
+pipeline runs with no download. Not trained and not to be trusted elsewhere: weights were
+chosen by hand while looking at the demo image (``rasterio_cogeo.tif``: 0.6 m winter aerial
+of Gangwon, Korea: snowy fields, conifer and leafless forest, a road, ploughed bare fields);
+it shows tiles going through a real model file with real metadata, with outputs that make
+sense on that image. :func:`build` writes it as TorchScript with the metadata inside.
 """
 
 from __future__ import annotations
@@ -63,8 +40,30 @@ WEIGHTS = (
 
 
 class DemoLandcover(nn.Module):
-    """Hand-designed cover classifier (see module doc): ``(N, 3|4, H, W)`` in 0..1 ->
-    ``(N, 4)`` cover fractions summing to 1."""
+    """Hand-designed cover classifier: ``(N, 3|4, H, W)`` in 0..1 -> ``(N, 4)`` cover
+    fractions summing to 1.
+
+    How it scores a tile ``(N, 3 or 4, 256, 256)`` of reflectance-like values in 0..1 (the runtime
+    divides 8-bit pixels by 255 first, as the metadata says):
+
+    1. Average 4x4 pixel blocks (2.4 m at z18) and measure texture: the standard deviation of
+       brightness inside each block plus across its 3x3 block neighbourhood.
+    2. Per block: brightness ``L``, chroma (max - min of RGB), warmth (red - blue), a vegetation
+       index (NDVI from the 4th, near-infrared band when there is one, else the green-red index
+       GRVI = (g - r) / (g + r), weaker but usable on RGB), texture, and greyness (closeness of
+       brightness to the mid grey of asphalt).
+    3. A hand-set linear layer maps those features to one logit per class (``WEIGHTS`` below):
+       ``snow`` bright and smooth, ``forest`` dark or textured and green (the only vegetation
+       class: green fields with NIR also land here), ``bare_ground`` warm (brown soil, dry grass),
+       ``road`` mid grey, cool (the asphalt here is bluish) and smooth.
+    4. A softmax with temperature ``TEMPERATURE`` per block, then the mean over blocks: the output
+       is the tile's cover fractions, which sum to 1 (metadata ``output: "scores"``).
+
+    Known limits: a road is a thin strip, so its cover fraction stays small (a few percent on
+    tiles the road crosses), and leafless forest over snow sometimes votes ``road``. It is
+    size-agnostic arithmetic, but the metadata pins 256 px tiles. ``build()`` writes it as
+    TorchScript with the metadata inside; the same code gives the same outputs on every build.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -72,6 +71,9 @@ class DemoLandcover(nn.Module):
         self.register_buffer("weight", weight[:, 1:].contiguous())
         self.register_buffer("bias", weight[:, 0].contiguous())
         self.block: int = BLOCK
+
+    weight: torch.Tensor  # buffers, declared for the type checker (register_buffer above)
+    bias: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_scores(x).mean(dim=[2, 3])

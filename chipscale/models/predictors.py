@@ -1,15 +1,10 @@
 """The Predictor port and its in-process adapter.
 
 A predictor turns a batch of tiles ``(N, bands, size, size)`` into ``(N, classes)`` float32
-scores. The worker only sees this port; :func:`open_predictor` picks the adapter from a spec:
-
-- ``None``: the bundled demo model (``examples/demo-model.pt``, built on first use);
-- a path: :class:`InProcessPredictor` on that TorchScript or ``.pt2`` file;
-- an ``http(s)://`` URL: a TorchServe endpoint
-  (:class:`~chipscale.models.torchserve_client.TorchServePredictor`).
-
-The in-process adapter runs ``model_server.chipscale_runtime``, the same code the TorchServe
-handler runs, so input checks, scaling and sub-batching behave alike in both.
+scores. The worker only sees this port; :func:`open_predictor` picks the adapter from a spec
+(the demo model, a model file, a TorchServe URL). The in-process adapter runs
+``model_server.chipscale_runtime``, the same code the TorchServe handler runs, so input
+checks, scaling and sub-batching behave alike in both.
 """
 
 from __future__ import annotations
@@ -22,10 +17,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from chipscale.errors import ChipscaleError, ModelFormatError, PredictorUnavailable
+from chipscale.models.model_info import model_info
 from chipscale.values import ModelInfo
 
 #: Where the bundled demo model lives in a source checkout.
-DEMO_MODEL_PATH = Path(__file__).resolve().parents[1] / "examples" / "demo-model.pt"
+DEMO_MODEL_PATH = Path(__file__).resolve().parents[2] / "examples" / "demo-model.pt"
 
 _demo_lock = threading.Lock()
 
@@ -87,14 +83,7 @@ class InProcessPredictor:
             raise ChipscaleError(str(exc)) from exc
         meta = self.runtime.metadata
         self.metadata = meta
-        self.info = ModelInfo(
-            name=meta.name,
-            version=meta.version,
-            classes=tuple(meta.classes),
-            bands=meta.bands,
-            tile_size=meta.tile_size,
-            band_counts=tuple(meta.band_counts),
-        )
+        self.info = model_info(meta.to_dict())
 
     def __repr__(self) -> str:
         return f"InProcessPredictor({str(self.path)!r}, {self.runtime!r})"
@@ -187,8 +176,10 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 def open_predictor(spec: str | os.PathLike[str] | None = None, **kwargs: Any) -> Predictor:
     """Open the predictor a spec names; ``kwargs`` go to the adapter (device, sub_batch...).
 
-    ``None`` is the bundled demo model, a path an in-process model file, an ``http(s)://`` URL
-    a TorchServe endpoint.
+    - ``None``: the bundled demo model (``examples/demo-model.pt``, built on first use);
+    - a path: :class:`InProcessPredictor` on that TorchScript or ``.pt2`` file;
+    - an ``http(s)://`` URL: a TorchServe endpoint
+      (:class:`~chipscale.models.torchserve_client.TorchServePredictor`).
     """
     if spec is None:
         return InProcessPredictor(demo_model_path(), **kwargs)

@@ -33,11 +33,14 @@ from chipscale.errors import ChipscaleError, ModelFormatError
 from chipscale.extras import missing_message
 from chipscale.names import INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT
 
-MODEL_SERVER_DIR = Path(__file__).resolve().parents[1] / "model_server"
+MODEL_SERVER_DIR = Path(__file__).resolve().parents[2] / "model_server"
 CONFIG_PROPERTIES = MODEL_SERVER_DIR / "config.properties"
 LOG_CONFIG = MODEL_SERVER_DIR / "log4j2.xml"
 HANDLER_FILE = MODEL_SERVER_DIR / "chipscale_handler.py"
-RUNTIME_FILE = MODEL_SERVER_DIR / "chipscale_runtime.py"
+#: The modules the handler imports, packed beside it (flat: the .mar directory is on sys.path).
+RUNTIME_FILES = tuple(
+    MODEL_SERVER_DIR / name for name in ("chipscale_runtime.py", "chipscale_metadata.py")
+)
 
 #: TorchServe model names: what its management API accepts.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -146,7 +149,7 @@ def package_model(
             "--version", version,
             "--serialized-file", str(serialized),
             "--handler", str(HANDLER_FILE),
-            "--extra-files", str(RUNTIME_FILE),
+            "--extra-files", ",".join(str(f) for f in RUNTIME_FILES),
             "--config-file", str(config_file),
             "--export-path", str(out),
             "--force",

@@ -37,7 +37,6 @@ import logging
 import math
 import random
 import re
-import threading
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -55,7 +54,9 @@ from chipscale.errors import (
     PartialPrediction,
     PredictorUnavailable,
 )
+from chipscale.models.model_info import model_info
 from chipscale.models.scores import non_finite_rows
+from chipscale.retry import RETRY_STATUSES, Backoff, RetryPolicy
 from chipscale.values import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,10 @@ DEFAULT_RETRIES = 4
 DEFAULT_BACKOFF = 0.5
 DEFAULT_BACKOFF_MAX = 10.0
 
-#: Answers worth another try: the request timed out, throttling, and server-side failures
-#: (503 queue full or no worker, 507 out of memory, 502/504 from the load balancer).
-RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
-#: While scoring, 404 is retried too: a host the Auto Scaling group just started answers
-#: "model not found" until its model is registered. At start it is a wrong URL instead.
+#: Answers worth another try are :data:`chipscale.retry.RETRY_STATUSES` (here: 503 queue
+#: full or no worker, 507 out of memory, 502/504 from the load balancer). While scoring, 404
+#: is retried too: a host the Auto Scaling group just started answers "model not found"
+#: until its model is registered. At start it is a wrong URL instead.
 #: 507 (the handler ran out of memory) is not retried as it is: the request is split.
 PREDICT_RETRY_STATUSES = (RETRY_STATUSES - {507}) | {404}
 #: Answers that mean "send fewer tiles at once": too large for the server, out of memory.
@@ -210,21 +210,15 @@ class TorchServePredictor:
         ):
             if value < 1:
                 raise ChipscaleError(f"TorchServePredictor {name} must be >= 1, got {value}")
-        if retries < 0 or backoff < 0 or backoff_max < 0:
-            raise ChipscaleError(
-                f"TorchServePredictor retries, backoff and backoff_max must be >= 0, got "
-                f"{retries}, {backoff}, {backoff_max}"
-            )
+        self.policy = RetryPolicy.of_retries(
+            retries, backoff, backoff_max, owner="TorchServePredictor"
+        )
         self.url = url
         self.tiles_per_request = tiles_per_request
         self.concurrency = concurrency
         self.max_request_bytes = max_request_bytes
-        self.retries = retries
-        self.backoff = backoff
-        self.backoff_max = backoff_max
         self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._rng_lock = threading.Lock()  # random.Random is not documented as thread-safe
+        self._backoff = Backoff(self.policy, rng)
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._timeouts = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self._clock = clock
@@ -400,9 +394,9 @@ class TorchServePredictor:
         """POST ``body``, retrying what a retry may fix (until ``deadline``, if given); the
         final answer otherwise."""
         last, final = "", None
-        for attempt in range(self.retries + 1):
+        for attempt in range(self.policy.max_attempts):
             if attempt:
-                delay = self._delay(attempt - 1)
+                delay = self._backoff.delay(attempt)
                 if deadline is not None and self._clock() + delay >= deadline:
                     break
                 self._sleep(delay)
@@ -433,13 +427,13 @@ class TorchServePredictor:
             # The model itself raised on these tiles every time, on its own (the handler
             # isolates the request that breaks a batch): refuse them, don't retry forever.
             return final
-        if deadline is not None and self._clock() + self.backoff >= deadline:
+        if deadline is not None and self._clock() + self.policy.base_delay >= deadline:
             raise PredictorUnavailable(
                 f"TorchServe at {self.url}: no time left for {what} before the deadline; "
                 f"last: {last or 'no attempt'}"
             )
         raise PredictorUnavailable(
-            f"TorchServe at {self.url} failed on {what} after {self.retries + 1} attempts; "
+            f"TorchServe at {self.url} failed on {what} after {self.policy.max_attempts} attempts; "
             f"last: {last}"
         )
 
@@ -453,12 +447,6 @@ class TorchServePredictor:
         return urllib3.Timeout(
             connect=min(self._connect_timeout, left), read=min(self._read_timeout, left)
         )
-
-    def _delay(self, attempt: int) -> float:
-        """Full jitter: uniform in ``[0, min(backoff_max, backoff * 2**attempt)]``."""
-        cap = min(self.backoff_max, self.backoff * 2.0**attempt)
-        with self._rng_lock:
-            return self._rng.uniform(0.0, cap)
 
     # ------------------------------------------------------------------------- answers
 
@@ -553,16 +541,7 @@ def _open_pool(
 def _model_info(url: str, document: dict[str, Any]) -> ModelInfo:
     meta = document["metadata"]
     try:
-        classes = tuple(str(c) for c in meta["classes"])
-        bands = int(meta["bands"])
-        return ModelInfo(
-            name=str(document.get("model") or meta["name"]),
-            version=str(document.get("version") or meta["version"]),
-            classes=classes,
-            bands=bands,
-            tile_size=int(meta["tile_size"]),
-            band_counts=tuple(int(b) for b in meta.get("band_counts") or (bands,)),
-        )
+        return model_info(meta, name=document.get("model"), version=document.get("version"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ChipscaleError(
             f"{url} is not a chipscale TorchServe endpoint: its model metadata lacks or "

@@ -1,60 +1,10 @@
 """Which regime a run is in, and what to do about it, from a
-:class:`~chipscale.ops.monitor.Snapshot`.
+:class:`~chipscale.ops.snapshot.Snapshot`: idle, no-gpu, far-above, failing, slightly-above,
+below or balanced, with the numbers that decided it.
 
-chip-n-scale's operator read ``nvidia-smi`` on every box and guessed between four situations;
-this module names them from measured figures and says what to change, with the numbers that
-decided it. Pure functions of the snapshot: no AWS call, so every rule is tested on
-hand-made snapshots, just below and just above each threshold.
-
-The worker Lambdas feed the GPUs: ``MaximumConcurrency`` (per-GPU concurrency x GPUs in
-service, set by the fleet controller) decides how many requests wait on each GPU.
-
-==================  =====================================================  ==================
-regime              when (first match wins, top to bottom)                 action
-==================  =====================================================  ==================
-``idle``            no message visible or in flight                        nothing
-``no-gpu``          messages wait and no GPU is in service                 wait for the boot,
-                                                                           or scale the group
-``far-above``       an overload sign: invocation errors >= 2 %, or         lower per-GPU
-                    messages back to the queue >= 10 % of those received,  concurrency, or
-                    or dead letters +1 or more, or p95 duration >= 80 %    add GPUs
-                    of the Lambda timeout; and GPUs saturated (mean
-                    utilisation >= 85 %, or unknown)
-``failing``         an overload sign while the GPUs are *not* saturated    find the cause in
-                    (< 85 %): failures that more or fewer Lambdas will     the logs and a
-                    not cure                                               dead letter
-``slightly-above``  GPUs saturated (>= 85 %) and p95 duration >= 2 x p50:  lower per-GPU
-                    Lambdas queue in TorchServe and are billed for it      concurrency a step
-``below``           GPUs under-used (mean utilisation < 40 %) while at     raise per-GPU
-                    least 1 message waits (visible)                        concurrency (at the
-                                                                           cap) or remove GPUs
-``balanced``        anything else                                          nothing
-==================  =====================================================  ==================
-
-Why these values:
-
-* :data:`SATURATED_GPU_UTIL` 85 %: nvidia-smi's utilisation is the share of time a kernel
-  runs; between batches (pre-processing, copies, the batcher's delay) it dips, so a GPU that
-  is the bottleneck reads 85-100 %, rarely 100.
-* :data:`UNDERUSED_GPU_UTIL` 40 %: below it more than half the GPU time is paid for nothing;
-  between 40 and 85 % the run is left alone (the ``balanced`` band is wide on purpose, so the
-  advice does not flap minute to minute).
-* :data:`FAR_ERROR_RATE` 2 %: the worker returns failed messages as batch item failures, so a
-  Lambda *error* is mostly a timeout or a crash: a few in a hundred is already a pattern.
-* :data:`FAR_RETRY_RATE` 10 %: (received - deleted) / received over the window. Messages still
-  in flight at the window's end count as "back to the queue"; at the start of a run that
-  alone reaches a few percent, hence well above it.
-* :data:`DLQ_GROWTH_MESSAGES` 1: a dead letter is a pack that failed every retry; none is
-  normal.
-* :data:`FAR_TIMEOUT_FRACTION` 80 %: the worker stops starting packs 5 s before its deadline;
-  a p95 that close to the timeout means packs are being cut off.
-* :data:`SLIGHT_P95_P50_RATIO` 2: with GPUs saturated, a tail twice the median is time spent
-  waiting for a GPU worker (TorchServe's queue), not computing.
-* :data:`WAITING_MESSAGES` 1: any visible message is work that nobody is doing.
-* :data:`AT_CAP_FRACTION` 90 %: Lambdas at 90 % of MaximumConcurrency are at the cap (the
-  per-minute maximum of ConcurrentExecutions rarely touches it exactly), so under-used GPUs
-  want more concurrency; below it the event source is not the limit, so there are more GPUs
-  than work.
+Pure functions of the snapshot (no AWS call), so every rule is tested on hand-made snapshots
+just below and just at each threshold. The table of rules and why each threshold has its
+value: docs/design.md (and docs/operations.md for operators).
 """
 
 from __future__ import annotations
@@ -64,7 +14,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-from chipscale.ops.monitor import Snapshot
+from chipscale.ops.snapshot import Snapshot
 
 SATURATED_GPU_UTIL = 85.0
 UNDERUSED_GPU_UTIL = 40.0
@@ -231,7 +181,7 @@ def overload_reasons(s: Signals) -> list[str]:
 
 
 def diagnose(snapshot: Snapshot) -> Diagnosis:
-    """The regime of ``snapshot`` by the rules of the module's table, first match wins."""
+    """The regime of ``snapshot`` by the rules of docs/design.md's table, first match wins."""
     s = signals(snapshot)
     notes = _notes(snapshot, s)
     util = _util(s)

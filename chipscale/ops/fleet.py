@@ -1,35 +1,11 @@
 """The fleet controller: the worker Lambda's concurrency follows the GPUs in service.
 
-The SQS event source mapping decides how many worker Lambdas run at once, and each of them
-holds a TorchServe request open. Two failures follow from a fixed setting:
-
-* With no GPU in service (the fleet scaled to zero, or still booting), every message a Lambda
-  takes fails against the endpoint, comes back, and after ``maxReceiveCount`` receives lands
-  in the dead-letter queue. Scale-from-zero would burn the queue into the DLQ before the first
-  instance is READY. So the mapping is **disabled** while no GPU is in service: messages wait
-  in the queue, whose backlog is what scales the fleet out.
-* With more GPUs than the concurrency feeds, GPUs sit idle; with fewer, requests queue in
-  TorchServe until Lambdas time out. So ``MaximumConcurrency`` is **per-GPU concurrency x GPUs
-  in service**, clamped to the range AWS accepts (2-1000) and, when the worker has reserved
-  concurrency, to that: an SQS event source allowed more concurrency than the function may
-  use gets throttled, and a throttled batch goes back to the queue with its receive count
-  raised (so it creeps towards the dead-letter queue for nothing).
-
-"In service" means what the load balancer routes to: Auto Scaling ``LifecycleState``
-``InService`` (an instance held in ``Pending:Wait`` by the launch lifecycle hook until its
-TorchServe workers are READY is not) and ``HealthStatus`` ``Healthy``, **and**, when the
-model's target group is known, a ``healthy`` target in it (``elbv2:DescribeTargetHealth``).
-An instance that has just left ``Pending:Wait`` is registered as ``initial`` and the load
-balancer answers 503 for it until its health checks pass (healthy threshold x interval, about
-30-40 s); counting it would enable the mapping early and spend a receive of the first batches
-on those 503s. The per-GPU value lives in an SSM parameter so ``chipscale tune --apply`` can
-change it without a deploy.
-
-:func:`desired_mapping` is the pure rule; :func:`sync` reads the AWS services, applies
-the rule and writes the mapping only when something changes. The Lambda in
-``lambdas/fleet_controller.py`` runs :func:`sync` on Auto Scaling events and on a schedule, so
-a missed event is corrected on the next tick. Clients are passed in: nothing here touches AWS
-at import, and the tests hand in clients pointed at moto.
+The event source mapping is disabled while no GPU is in service, else its MaximumConcurrency
+is per-GPU concurrency x GPUs in service, clamped to 2-1000 and to the worker's reserved
+concurrency. :func:`desired_mapping` is the pure rule; :func:`sync` reads AWS (the fleet
+through :func:`chipscale.ops.aws.read_fleet`), applies the rule and writes the mapping only
+when something changes. ``lambdas/fleet_controller.py`` runs it on Auto Scaling events and a
+schedule. Rationale: docs/design.md.
 """
 
 from __future__ import annotations
@@ -39,7 +15,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 from chipscale import names
-from chipscale.errors import ChipscaleError
+from chipscale.ops.aws import (
+    AutoScalingClient,
+    Elbv2Client,
+    FleetConfigError,
+    FleetNotFoundError,
+    read_fleet,
+)
 
 #: AWS's range for an SQS event source mapping's ``ScalingConfig.MaximumConcurrency``.
 MIN_MAXIMUM_CONCURRENCY = 2
@@ -50,18 +32,6 @@ MAX_MAXIMUM_CONCURRENCY = 1000
 # the controller leaves it for the next tick instead of failing.
 _ENABLED_STATES = frozenset({"Enabled", "Enabling"})
 _DISABLED_STATES = frozenset({"Disabled", "Disabling"})
-
-
-class FleetError(ChipscaleError):
-    """The fleet controller cannot do its job: a resource is missing or misconfigured."""
-
-
-class FleetNotFoundError(FleetError, LookupError):
-    """The Auto Scaling group or the event source mapping named does not exist."""
-
-
-class FleetConfigError(FleetError, ValueError):
-    """A setting of the fleet controller (GPUs per instance, per-GPU concurrency) is invalid."""
 
 
 # ------------------------------------------------------------------------------- the rule
@@ -157,12 +127,6 @@ def parse_per_gpu(value: str) -> int:
 # ------------------------------------------------------------------------------- AWS side
 
 
-class AutoScalingClient(Protocol):
-    """The one Auto Scaling call :func:`sync` makes (a boto3 ``autoscaling`` client)."""
-
-    def describe_auto_scaling_groups(self, **kwargs: Any) -> dict[str, Any]: ...
-
-
 class LambdaClient(Protocol):
     """The Lambda calls :func:`sync` makes (a boto3 ``lambda`` client)."""
 
@@ -171,14 +135,6 @@ class LambdaClient(Protocol):
     def get_event_source_mapping(self, **kwargs: Any) -> dict[str, Any]: ...
 
     def update_event_source_mapping(self, **kwargs: Any) -> dict[str, Any]: ...
-
-
-class Elbv2Client(Protocol):
-    """The one Elastic Load Balancing call :func:`sync` makes (a boto3 ``elbv2`` client)."""
-
-    exceptions: Any
-
-    def describe_target_health(self, **kwargs: Any) -> dict[str, Any]: ...
 
 
 class SsmClient(Protocol):
@@ -224,20 +180,6 @@ class SyncResult:
         return asdict(self)
 
 
-def healthy_targets(elbv2: Elbv2Client, target_group_arn: str) -> frozenset[str]:
-    """Ids of the targets of ``target_group_arn`` whose state is ``healthy``: the ones the load
-    balancer routes to (``initial``, ``unhealthy``, ``draining``, ``unused`` ... are not)."""
-    try:
-        answer = elbv2.describe_target_health(TargetGroupArn=target_group_arn)
-    except elbv2.exceptions.TargetGroupNotFoundException:
-        raise FleetNotFoundError(f"target group {target_group_arn!r} not found") from None
-    return frozenset(
-        str(description["Target"]["Id"])
-        for description in answer.get("TargetHealthDescriptions", [])
-        if description.get("TargetHealth", {}).get("State") == "healthy"
-    )
-
-
 def count_in_service(
     autoscaling: AutoScalingClient,
     asg_name: str,
@@ -252,24 +194,8 @@ def count_in_service(
     load balancer really routes to. The one definition the controller and ``chipscale
     verify`` share.
     """
-    if target_group_arn and elbv2 is None:
-        raise FleetConfigError("an elbv2 client is needed to read the target group's health")
-    groups = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[asg_name])[
-        "AutoScalingGroups"
-    ]
-    if not groups:
-        raise FleetNotFoundError(f"Auto Scaling group {asg_name!r} not found")
-    instances = groups[0].get("Instances", [])
-    candidates = [
-        str(instance["InstanceId"])
-        for instance in instances
-        if instance.get("LifecycleState") == "InService"
-        and instance.get("HealthStatus") == "Healthy"
-    ]
-    if candidates and target_group_arn and elbv2 is not None:
-        routed = healthy_targets(elbv2, target_group_arn)
-        candidates = [instance for instance in candidates if instance in routed]
-    return len(instances), len(candidates)
+    fleet = read_fleet(autoscaling, asg_name, elbv2=elbv2, target_group_arn=target_group_arn)
+    return len(fleet.instances), fleet.instances_in_service
 
 
 def read_per_gpu(

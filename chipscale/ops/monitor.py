@@ -1,289 +1,53 @@
-"""What a deployed stack is doing, in one :class:`Snapshot`: GPUs, queue, worker Lambdas.
-
-chip-n-scale's operator SSHed into every GPU box to read ``nvidia-smi`` and guessed which
-situation the run was in. Here every figure the diagnosis (:mod:`chipscale.ops.diagnosis`) and
-the tuning (:mod:`chipscale.ops.tune`) need is read from the AWS APIs, for a window (the last 15
-minutes by default, in 1-minute periods):
-
-=========================  ==================================================================
-figure                     read from
-=========================  ==================================================================
-GPU utilisation, memory    CloudWatch agent on the hosts, namespace ``chipscale/gpu``, one
-                           series per (``InstanceId``, ``index``): several a multi-GPU host;
-                           TorchServe's Prometheus gauges as a fallback (:mod:`.prometheus`)
-instances, types, states   Auto Scaling (lifecycle, health), EC2 (type, state, private IP,
-                           GPUs per type), the target group's health (as the fleet controller)
-queue, dead letters        SQS GetQueueAttributes (now); AWS/SQS in CloudWatch (oldest message
-                           age, received and deleted messages, dead-letter depth over time)
-tiles/s, tiles/message     the worker's EMF metrics (TilesOk + TilesEmpty + TilesError; one
-                           TilesOk sample a pack), stage seconds (read, predict, write)
-Lambda                     AWS/Lambda by FunctionName (concurrency, invocations, errors,
-                           throttles, duration mean, p50, p95); the event source mapping, the
-                           function's timeout and reserved concurrency; the per-GPU parameter
-=========================  ==================================================================
-
-CloudWatch is read with GetMetricData, every series of the window in one call (500 queries a
-call; a fleet of more than about 120 GPUs takes more). The duration percentiles go in a second
-call of their own: a backend that cannot compute percentiles (moto, which the tests run
-against) then loses only those, with a warning, not the whole snapshot.
-
-Nothing in this module's import pulls in boto3: :mod:`chipscale.ops.diagnosis` imports the
-snapshot types and stays a module of pure functions.
+"""What a deployed stack is doing, in one :class:`~chipscale.ops.snapshot.Snapshot`: GPUs,
+queue, worker Lambdas, read from the AWS APIs over a window (15 minutes by default, 1-minute
+periods) by :func:`collect`, with TorchServe's own metrics as a second source of GPU figures.
+A read that AWS refuses costs its figures and a warning, not the snapshot. Rationale and the
+table of sources: docs/design.md.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from chipscale import names
-from chipscale.errors import ChipscaleError, one_line
-from chipscale.extras import missing_message
+from chipscale.errors import ChipscaleError
+from chipscale.ops import aws
+from chipscale.ops.aws import (
+    Fleet,
+    FleetConfigError,
+    FleetError,
+    Instance,
+    aws_reason,
+    quick_client,
+)
+from chipscale.ops.cloudwatch import (
+    Series,
+    build_queries,
+    get_metric_data,
+    minutes_of,
+    read_percentiles,
+    series_total,
+    worker_series,
+)
 from chipscale.ops.prometheus import TorchServeMetrics
+from chipscale.ops.snapshot import (
+    DEFAULT_WINDOW,
+    Gpu,
+    Queue,
+    Snapshot,
+    Window,
+    WorkerStatus,
+)
 
 if TYPE_CHECKING:
     from chipscale.ops.stack_outputs import StackOutputs
 
-#: The window a snapshot covers unless told otherwise, and its period.
-DEFAULT_WINDOW = timedelta(minutes=15)
-PERIOD_S = 60
-#: GetMetricData's limit of queries per call.
-MAX_QUERIES_PER_CALL = 500
-#: Series of a plot: at most this many points each (the period grows with the hours asked).
-MAX_PLOT_POINTS = 1440
-
 
 class MonitorError(ChipscaleError):
     """The stack's state could not be read."""
-
-
-# ----------------------------------------------------------------------------- the snapshot
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """``[start, end)``, whole minutes, read in periods of ``period_s``."""
-
-    start: datetime
-    end: datetime
-    period_s: int = PERIOD_S
-
-    @classmethod
-    def ending(cls, now: datetime, length: timedelta, period_s: int = PERIOD_S) -> Window:
-        """The window of ``length`` ending at the last whole minute before ``now``: the minute
-        in progress has only part of its data yet."""
-        end = now.astimezone(UTC).replace(second=0, microsecond=0)
-        return cls(end - length, end, period_s)
-
-    @property
-    def seconds(self) -> float:
-        return (self.end - self.start).total_seconds()
-
-    @property
-    def periods(self) -> int:
-        return int(self.seconds // self.period_s)
-
-    def period_starts(self) -> list[datetime]:
-        return [self.start + timedelta(seconds=k * self.period_s) for k in range(self.periods)]
-
-
-@dataclass(frozen=True, slots=True)
-class Instance:
-    """One GPU instance of the group (or one that left it within the window)."""
-
-    instance_id: str
-    instance_type: str | None
-    gpus: int
-    #: Auto Scaling's LifecycleState (None: no longer in the group).
-    lifecycle_state: str | None
-    health: str | None
-    #: EC2's state (running, shutting-down, terminated ...), None if EC2 did not say.
-    ec2_state: str | None
-    private_ip: str | None
-    #: Routed to by the load balancer: as :func:`chipscale.ops.fleet.count_in_service` counts.
-    in_service: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Fleet:
-    """The GPU Auto Scaling group."""
-
-    asg_name: str | None
-    min_size: int | None = None
-    max_size: int | None = None
-    desired: int | None = None
-    instances: tuple[Instance, ...] = ()
-    #: False when the group could not be read: no GPU count, rather than zero GPUs.
-    known: bool = True
-
-    @property
-    def instances_in_service(self) -> int:
-        return sum(1 for i in self.instances if i.in_service)
-
-    @property
-    def gpus_in_service(self) -> int:
-        """GPUs of the instances in service: what the fleet controller multiplies by."""
-        return sum(i.gpus for i in self.instances if i.in_service)
-
-    @property
-    def pending(self) -> int:
-        """Instances booting (Pending, or held in Pending:Wait until TorchServe is READY)."""
-        return sum(1 for i in self.instances if (i.lifecycle_state or "").startswith("Pending"))
-
-
-@dataclass(frozen=True, slots=True)
-class Gpu:
-    """One GPU over the window. Utilisation and memory are percentages; ``source`` says where
-    they came from: ``cloudwatch`` (window means), ``torchserve`` (the moment of the scrape),
-    or None (no figure at all)."""
-
-    instance_id: str
-    index: int
-    instance_type: str | None
-    in_service: bool
-    state: str | None
-    utilization: float | None = None
-    utilization_last: float | None = None
-    memory_utilization: float | None = None
-    memory_used_mb: float | None = None
-    memory_total_mb: float | None = None
-    source: str | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.instance_id}/{self.index}"
-
-
-@dataclass(frozen=True, slots=True)
-class Queue:
-    """The queue and its dead-letter queue; tiles from the worker's metrics."""
-
-    visible: int | None = None
-    in_flight: int | None = None
-    oldest_age_s: float | None = None
-    dlq_depth: int | None = None
-    #: Dead letters added over the window (last minus first CloudWatch value; None: no data).
-    dlq_growth: float | None = None
-    received: float | None = None
-    deleted: float | None = None
-    tiles: float = 0.0
-    packs: float = 0.0
-    tiles_per_s: float | None = None
-    tiles_per_message: float | None = None
-    remaining_tiles: float | None = None
-    #: ``job`` (the job's remaining count was given) or ``queue`` (messages x tiles/message).
-    remaining_source: str | None = None
-    eta_s: float | None = None
-
-    @property
-    def backlog(self) -> int | None:
-        """Messages not yet done: visible plus in flight."""
-        if self.visible is None and self.in_flight is None:
-            return None
-        return (self.visible or 0) + (self.in_flight or 0)
-
-
-@dataclass(frozen=True, slots=True)
-class Worker:
-    """The worker Lambda, its event source mapping and its figures over the window."""
-
-    function_name: str | None = None
-    timeout_s: float | None = None
-    reserved_concurrency: int | None = None
-    mapping_state: str | None = None
-    maximum_concurrency: int | None = None
-    batch_size: int | None = None
-    per_gpu_concurrency: int | None = None
-    concurrency_max: float | None = None
-    concurrency_mean: float | None = None
-    invocations: float = 0.0
-    errors: float = 0.0
-    throttles: float = 0.0
-    duration_mean_ms: float | None = None
-    duration_p50_ms: float | None = None
-    duration_p95_ms: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Minute:
-    """One period of the window: what :mod:`chipscale.ops.tune` and the plot work from."""
-
-    start: datetime
-    #: GPU key (``instance/index``) -> utilisation % in this period.
-    gpu_utilization: Mapping[str, float] = field(default_factory=dict)
-    tiles: float = 0.0
-    packs: float = 0.0
-    read_s: float = 0.0
-    predict_s: float = 0.0
-    write_s: float = 0.0
-    invocations: float = 0.0
-
-    @property
-    def gpus_reporting(self) -> int:
-        return len(self.gpu_utilization)
-
-    @property
-    def mean_gpu_utilization(self) -> float | None:
-        values = list(self.gpu_utilization.values())
-        return sum(values) / len(values) if values else None
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Everything the monitor knows about a stack over one window."""
-
-    stack: str
-    region: str
-    window: Window
-    fleet: Fleet
-    gpus: tuple[Gpu, ...]
-    queue: Queue
-    worker: Worker
-    minutes: tuple[Minute, ...] = ()
-    torchserve: tuple[TorchServeMetrics, ...] = ()
-    #: What could not be read, one line each (the rest of the snapshot still holds).
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def gpu_utilization(self) -> float | None:
-        """Mean utilisation of the GPUs in service that reported one (None: none did)."""
-        values = [g.utilization for g in self.gpus if g.in_service and g.utilization is not None]
-        return sum(values) / len(values) if values else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: datetimes in ISO 8601, derived figures included."""
-        data = _jsonable(self)
-        data["gpu_utilization"] = self.gpu_utilization
-        data["fleet"].update(
-            instances_in_service=self.fleet.instances_in_service,
-            gpus_in_service=self.fleet.gpus_in_service,
-            pending=self.fleet.pending,
-        )
-        data["queue"]["backlog"] = self.queue.backlog
-        data["torchserve"] = [m.to_dict() for m in self.torchserve]
-        return data
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, TorchServeMetrics):
-        return value.to_dict()
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-# ----------------------------------------------------------------------------- clients
 
 
 @dataclass(frozen=True)
@@ -302,11 +66,6 @@ class Clients:
     def from_session(cls, session: Any) -> Clients:
         """Clients with few retries and short timeouts: a monitor refreshing every few
         seconds should show a failing call as a warning, not wait out the SDK's backoff."""
-        from botocore.config import Config
-
-        config = Config(
-            connect_timeout=5, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}
-        )
         services = {
             "cloudwatch": "cloudwatch",
             "sqs": "sqs",
@@ -316,14 +75,11 @@ class Clients:
             "ssm": "ssm",
             "elbv2": "elbv2",
         }
-        return cls(**{k: session.client(s, config=config) for k, s in services.items()})
+        return cls(**{k: quick_client(session, s) for k, s in services.items()})
 
 
 #: Reads TorchServe's metrics of the instances in service (see chipscale.cli's --scrape).
 Scraper = Callable[[Sequence[Instance]], Sequence[TorchServeMetrics]]
-
-
-# ----------------------------------------------------------------------------- collect
 
 
 def collect(
@@ -344,7 +100,7 @@ def collect(
     """
     window = Window.ending(now or datetime.now(UTC), since)
     warnings: list[str] = []
-    fleet = _guard(warnings, "the GPU fleet", lambda: read_fleet(clients, outputs), None)
+    fleet = _guard(warnings, "the GPU fleet", lambda: _read_fleet(clients, outputs), None)
     fleet = fleet or Fleet(outputs.asg_name, known=False)
     queue_now = read_queues(clients.sqs, outputs, warnings)
     worker = read_worker(clients, outputs, warnings)
@@ -388,111 +144,23 @@ def _guard(warnings: list[str], what: str, read: Callable[[], Any], default: Any
         return default
 
 
-def aws_reason(exc: BaseException) -> str:
-    """AWS's error code and message, on one line and short."""
-    from botocore.exceptions import ClientError
-
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        message = str(error.get("Message", ""))
-        if "<html" in message.lower():  # a proxy's (or a mock's) error page, not AWS's words
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
-            message = f"HTTP {status} with an HTML page"
-        text = f"{error.get('Code', 'error')}: {message}".rstrip(": ")
-    else:
-        text = one_line(exc)
-    text = " ".join(text.split())
-    return text if len(text) <= 200 else text[:199] + "…"
-
-
-def read_fleet(clients: Clients, outputs: StackOutputs) -> Fleet:
+def _read_fleet(clients: Clients, outputs: StackOutputs) -> Fleet:
     """The group, its instances (and those that left it but EC2 still lists, so the GPU
-    series of the window are all found), their types' GPU counts, and which are in service.
-
-    In service is the fleet controller's definition: InService and Healthy in Auto Scaling
-    and, when the stack exposes the model's target group, a ``healthy`` target in it.
-    """
-    from chipscale.ops.fleet import FleetError, healthy_targets
-
+    series of the window are all found), their GPUs, and which are in service."""
     if not outputs.asg_name:
         raise MonitorError(f"stack has no {names.OUTPUT_ASG_NAME!r} output")
-    groups = clients.autoscaling.describe_auto_scaling_groups(
-        AutoScalingGroupNames=[outputs.asg_name]
-    )["AutoScalingGroups"]
-    if not groups:
-        raise MonitorError(f"Auto Scaling group {outputs.asg_name} does not exist")
-    group = groups[0]
-    members = {str(i["InstanceId"]): i for i in group.get("Instances", [])}
-    described: dict[str, Mapping[str, Any]] = {}
-    paginator = clients.ec2.get_paginator("describe_instances")
-    for page in paginator.paginate(
-        Filters=[{"Name": "tag:aws:autoscaling:groupName", "Values": [outputs.asg_name]}]
-    ):
-        for reservation in page.get("Reservations", []):
-            for instance in reservation.get("Instances", []):
-                described[str(instance["InstanceId"])] = instance
-    types = {
-        str(t)
-        for t in [
-            *(i.get("InstanceType") for i in members.values()),
-            *(i.get("InstanceType") for i in described.values()),
-        ]
-        if t
-    }
-    gpus_of = gpu_counts(clients.ec2, types)
-    routed: frozenset[str] | None = None
     target_group = outputs.raw.get(names.OUTPUT_TARGET_GROUP_ARN)
-    if target_group:
-        try:
-            routed = healthy_targets(clients.elbv2, target_group)
-        except FleetError as exc:
-            raise MonitorError(str(exc)) from exc
-    instances = []
-    for instance_id in sorted(set(members) | set(described)):
-        member = members.get(instance_id, {})
-        ec2 = described.get(instance_id, {})
-        kind = ec2.get("InstanceType") or member.get("InstanceType")
-        in_service = (
-            member.get("LifecycleState") == "InService"
-            and member.get("HealthStatus") == "Healthy"
-            and (routed is None or instance_id in routed)
+    try:
+        return aws.read_fleet(
+            clients.autoscaling,
+            outputs.asg_name,
+            elbv2=clients.elbv2 if target_group else None,
+            target_group_arn=target_group,
+            ec2=clients.ec2,
+            ec2_instances=True,
         )
-        instances.append(
-            Instance(
-                instance_id=instance_id,
-                instance_type=kind,
-                gpus=gpus_of.get(str(kind), 0),
-                lifecycle_state=member.get("LifecycleState"),
-                health=member.get("HealthStatus"),
-                ec2_state=(ec2.get("State") or {}).get("Name"),
-                private_ip=ec2.get("PrivateIpAddress"),
-                in_service=in_service,
-            )
-        )
-    return Fleet(
-        asg_name=outputs.asg_name,
-        min_size=group.get("MinSize"),
-        max_size=group.get("MaxSize"),
-        desired=group.get("DesiredCapacity"),
-        instances=tuple(instances),
-    )
-
-
-def gpu_counts(ec2: Any, instance_types: Iterable[str]) -> dict[str, int]:
-    """GPUs per instance type, as EC2 describes the types (0 for a type without GPUs)."""
-    wanted = sorted(set(instance_types))
-    if not wanted:
-        return {}
-    counts = {}
-    for info in ec2.describe_instance_types(InstanceTypes=wanted)["InstanceTypes"]:
-        gpus = info.get("GpuInfo", {}).get("Gpus", [])
-        counts[str(info["InstanceType"])] = sum(int(g.get("Count", 0)) for g in gpus)
-    return counts
-
-
-def queue_name(url: str) -> str:
-    """The queue's name (CloudWatch's ``QueueName`` dimension) from its URL."""
-    return url.rstrip("/").rsplit("/", 1)[-1]
+    except FleetError as exc:
+        raise MonitorError(str(exc)) from exc
 
 
 def read_queues(sqs: Any, outputs: StackOutputs, warnings: list[str]) -> dict[str, int | None]:
@@ -519,9 +187,9 @@ def read_queues(sqs: Any, outputs: StackOutputs, warnings: list[str]) -> dict[st
     }
 
 
-def read_worker(clients: Clients, outputs: StackOutputs, warnings: list[str]) -> Worker:
+def read_worker(clients: Clients, outputs: StackOutputs, warnings: list[str]) -> WorkerStatus:
     """The worker's configuration: timeout, reserved concurrency, mapping, per-GPU value."""
-    from chipscale.ops.fleet import FleetConfigError, parse_per_gpu
+    from chipscale.ops.fleet import parse_per_gpu
 
     lam = clients.lambda_client
     values: dict[str, Any] = {"function_name": outputs.worker_function}
@@ -569,270 +237,7 @@ def read_worker(clients: Clients, outputs: StackOutputs, warnings: list[str]) ->
                 values["per_gpu_concurrency"] = parse_per_gpu(str(parameter["Value"]))
             except FleetConfigError as exc:
                 warnings.append(f"SSM parameter {name}: {exc}")
-    return Worker(**values)
-
-
-# ----------------------------------------------------------------------------- CloudWatch
-
-
-def metric_query(
-    query_id: str,
-    namespace: str,
-    metric: str,
-    dimensions: Mapping[str, str],
-    stat: str,
-    period_s: int,
-) -> dict[str, Any]:
-    """One GetMetricData ``MetricStat`` query."""
-    return {
-        "Id": query_id,
-        "MetricStat": {
-            "Metric": {
-                "Namespace": namespace,
-                "MetricName": metric,
-                "Dimensions": [{"Name": k, "Value": v} for k, v in dimensions.items()],
-            },
-            "Period": period_s,
-            "Stat": stat,
-        },
-        "ReturnData": True,
-    }
-
-
-#: The worker's EMF metrics a snapshot reads: query key -> (metric, statistic).
-WORKER_METRICS: Mapping[str, tuple[str, str]] = {
-    "ok": (names.METRIC_TILES_OK, "Sum"),
-    "empty": (names.METRIC_TILES_EMPTY, "Sum"),
-    "error": (names.METRIC_TILES_ERROR, "Sum"),
-    # The worker adds one TilesOk value a pack (0 included), so its sample count is packs.
-    "packs": (names.METRIC_TILES_OK, "SampleCount"),
-    "read": (names.METRIC_READ_SECONDS, "Sum"),
-    "predict": (names.METRIC_PREDICT_SECONDS, "Sum"),
-    "write": (names.METRIC_WRITE_SECONDS, "Sum"),
-}
-#: The worker's metrics with the function's dimension (per stack) and without (per account).
-WORKER_SCOPES = ("fn", "svc")
-GPU_METRICS: Mapping[str, str] = {
-    "u": names.GPU_METRIC_UTILIZATION,
-    "m": names.GPU_METRIC_MEMORY_UTILIZATION,
-    "mu": names.GPU_METRIC_MEMORY_USED,
-    "mt": names.GPU_METRIC_MEMORY_TOTAL,
-}
-
-
-def worker_dimensions(scope: str, function: str | None) -> dict[str, str]:
-    dims = {"service": names.WORKER_SERVICE}
-    if scope == "fn":
-        dims[names.WORKER_FUNCTION_DIMENSION] = function or ""
-    return dims
-
-
-def build_queries(
-    outputs: StackOutputs,
-    gpu_slots: Sequence[tuple[Instance, int]],
-    period_s: int,
-    *,
-    gpu_kinds: Iterable[str] = tuple(GPU_METRICS),
-    worker_keys: Iterable[str] = tuple(WORKER_METRICS),
-    aws: bool = True,
-) -> list[dict[str, Any]]:
-    """Every per-period query of a snapshot (or, narrowed, of a plot). Ids encode what they
-    read: ``gpu{n}_{kind}`` (n: position in ``gpu_slots``), ``w_{scope}_{key}``, ``lam_*``,
-    ``q_*``, ``dlq_*``."""
-    queries = []
-    for n, (instance, index) in enumerate(gpu_slots):
-        dims = {
-            names.GPU_DIMENSION_INSTANCE: instance.instance_id,
-            names.GPU_DIMENSION_INDEX: str(index),
-        }
-        for kind in gpu_kinds:
-            stat = "Average" if kind in ("u", "m") else "Maximum"
-            queries.append(
-                metric_query(
-                    f"gpu{n}_{kind}",
-                    names.GPU_METRICS_NAMESPACE,
-                    GPU_METRICS[kind],
-                    dims,
-                    stat,
-                    period_s,
-                )
-            )
-    for scope in WORKER_SCOPES:
-        dims = worker_dimensions(scope, outputs.worker_function)
-        if scope == "fn" and not outputs.worker_function:
-            continue
-        for key in worker_keys:
-            metric, stat = WORKER_METRICS[key]
-            queries.append(
-                metric_query(
-                    f"w_{scope}_{key}", names.METRICS_NAMESPACE, metric, dims, stat, period_s
-                )
-            )
-    if not aws:
-        return queries
-    if outputs.worker_function:
-        dims = {"FunctionName": outputs.worker_function}
-        for query_id, metric, stat in (
-            ("lam_conc", "ConcurrentExecutions", "Maximum"),
-            ("lam_inv", "Invocations", "Sum"),
-            ("lam_err", "Errors", "Sum"),
-            ("lam_thr", "Throttles", "Sum"),
-            ("lam_dur", "Duration", "Average"),
-        ):
-            queries.append(metric_query(query_id, "AWS/Lambda", metric, dims, stat, period_s))
-    queue = {"QueueName": queue_name(outputs.queue_url)}
-    dlq = {"QueueName": queue_name(outputs.dlq_url)}
-    for query_id, metric, dims, stat in (
-        ("q_age", "ApproximateAgeOfOldestMessage", queue, "Maximum"),
-        ("q_rcv", "NumberOfMessagesReceived", queue, "Sum"),
-        ("q_del", "NumberOfMessagesDeleted", queue, "Sum"),
-        ("dlq_vis", "ApproximateNumberOfMessagesVisible", dlq, "Maximum"),
-    ):
-        queries.append(metric_query(query_id, "AWS/SQS", metric, dims, stat, period_s))
-    return queries
-
-
-Series = list[tuple[datetime, float]]
-
-
-def get_metric_data(
-    cloudwatch: Any, queries: Sequence[Mapping[str, Any]], window: Window
-) -> dict[str, Series]:
-    """Query id -> [(period start, value)] ascending, over ``window``: one call per 500
-    queries, following NextToken."""
-    series: dict[str, Series] = {}
-    for first in range(0, len(queries), MAX_QUERIES_PER_CALL):
-        chunk = list(queries[first : first + MAX_QUERIES_PER_CALL])
-        token: str | None = None
-        while True:
-            request: dict[str, Any] = {
-                "MetricDataQueries": chunk,
-                "StartTime": window.start,
-                "EndTime": window.end,
-                "ScanBy": "TimestampAscending",
-            }
-            if token:
-                request["NextToken"] = token
-            answer = cloudwatch.get_metric_data(**request)
-            for result in answer.get("MetricDataResults", []):
-                points = series.setdefault(str(result["Id"]), [])
-                for stamp, value in zip(result["Timestamps"], result["Values"], strict=False):
-                    if value is not None and math.isfinite(value):
-                        points.append((_utc(stamp), float(value)))
-            token = answer.get("NextToken")
-            if not token:
-                break
-    for points in series.values():
-        points.sort(key=lambda p: p[0])
-    return series
-
-
-def _utc(stamp: datetime) -> datetime:
-    return stamp.astimezone(UTC) if stamp.tzinfo else stamp.replace(tzinfo=UTC)
-
-
-#: The duration percentiles asked over the whole window (a percentile of per-minute
-#: percentiles would be no percentile at all).
-PERCENTILES = ("p50", "p95")
-
-
-def percentile_queries(function: str, window: Window) -> list[dict[str, Any]]:
-    """p50 and p95 of the worker's duration over the whole window, one period."""
-    return [
-        metric_query(
-            f"lam_{stat}",
-            "AWS/Lambda",
-            "Duration",
-            {"FunctionName": function},
-            stat,
-            int(window.seconds),
-        )
-        for stat in PERCENTILES
-    ]
-
-
-def read_percentiles(
-    cloudwatch: Any, outputs: StackOutputs, window: Window, warnings: list[str]
-) -> dict[str, float]:
-    """The worker's duration p50 and p95 (ms) over the window, from a call of their own."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    if not outputs.worker_function:
-        return {}
-    try:
-        series = get_metric_data(
-            cloudwatch, percentile_queries(outputs.worker_function, window), window
-        )
-    except (ClientError, BotoCoreError) as exc:
-        warnings.append(f"Lambda duration percentiles unavailable ({aws_reason(exc)})")
-        return {}
-    # One period covers the window; should CloudWatch split it, the first (aligned on the
-    # window's start) is the one asked for.
-    return {stat: points[0][1] for stat in PERCENTILES if (points := series.get(f"lam_{stat}"))}
-
-
-# ----------------------------------------------------------------------------- assemble
-
-
-def _total(points: Series | None) -> float:
-    return sum(v for _, v in points or [])
-
-
-def _by_period(points: Series | None, window: Window) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for stamp, value in points or []:
-        k = int((stamp - window.start).total_seconds() // window.period_s)
-        if 0 <= k < window.periods:
-            out[k] = out.get(k, 0.0) + value
-    return out
-
-
-def worker_series(
-    series: Mapping[str, Series], outputs: StackOutputs, warnings: list[str] | None
-) -> dict[str, Series]:
-    """The worker's metrics of this stack (the function's dimension) when it has any; else
-    the account-wide ones (``service`` alone), with a warning that they may add up stacks."""
-    scoped = {k: series.get(f"w_fn_{k}", []) for k in WORKER_METRICS}
-    if any(scoped.values()):
-        return scoped
-    shared = {k: series.get(f"w_svc_{k}", []) for k in WORKER_METRICS}
-    if any(shared.values()) and warnings is not None:
-        warnings.append(
-            f"the worker's metrics carry no {names.WORKER_FUNCTION_DIMENSION} dimension: "
-            "tiles/s is the account's and region's, every chipscale stack's together"
-        )
-    return shared
-
-
-def minutes_of(
-    window: Window,
-    gpu_slots: Sequence[tuple[Instance, int]],
-    series: Mapping[str, Series],
-    work: Mapping[str, Series],
-) -> tuple[Minute, ...]:
-    """The window period by period: each GPU's utilisation, the tiles and stage seconds."""
-    gpu = {
-        f"{i.instance_id}/{index}": _by_period(series.get(f"gpu{n}_u"), window)
-        for n, (i, index) in enumerate(gpu_slots)
-    }
-    tiles = [_by_period(work.get(k), window) for k in ("ok", "empty", "error")]
-    other = {k: _by_period(work.get(k), window) for k in ("packs", "read", "predict", "write")}
-    invocations = _by_period(series.get("lam_inv"), window)
-    minutes = []
-    for k, start in enumerate(window.period_starts()):
-        minutes.append(
-            Minute(
-                start=start,
-                gpu_utilization={key: by[k] for key, by in gpu.items() if k in by},
-                tiles=sum(t.get(k, 0.0) for t in tiles),
-                packs=other["packs"].get(k, 0.0),
-                read_s=other["read"].get(k, 0.0),
-                predict_s=other["predict"].get(k, 0.0),
-                write_s=other["write"].get(k, 0.0),
-                invocations=invocations.get(k, 0.0),
-            )
-        )
-    return tuple(minutes)
+    return WorkerStatus(**values)
 
 
 def assemble(
@@ -842,7 +247,7 @@ def assemble(
     gpu_slots: Sequence[tuple[Instance, int]],
     series: Mapping[str, Series],
     queue_now: Mapping[str, int | None],
-    worker: Worker,
+    worker: WorkerStatus,
     percentiles: Mapping[str, float],
     *,
     remaining_tiles: float | None = None,
@@ -906,8 +311,8 @@ def queue_figures(
     job's, when given; else the messages waiting or in flight x the mean tiles a message) by
     that rate.
     """
-    tiles = sum(_total(work.get(k)) for k in ("ok", "empty", "error"))
-    packs = _total(work.get("packs"))
+    tiles = sum(series_total(work.get(k)) for k in ("ok", "empty", "error"))
+    packs = series_total(work.get("packs"))
     stamps = [t for k in ("ok", "empty", "error") for t, _ in work.get(k) or []]
     tiles_per_s = None
     if tiles > 0 and stamps:
@@ -929,8 +334,8 @@ def queue_figures(
         oldest_age_s=age[-1][1] if age else None,
         dlq_depth=queue_now.get("dlq_depth"),
         dlq_growth=dlq[-1][1] - dlq[0][1] if len(dlq) >= 2 else None,
-        received=_total(series["q_rcv"]) if series.get("q_rcv") else None,
-        deleted=_total(series["q_del"]) if series.get("q_del") else None,
+        received=series_total(series["q_rcv"]) if series.get("q_rcv") else None,
+        deleted=series_total(series["q_del"]) if series.get("q_del") else None,
         tiles=tiles,
         packs=packs,
         tiles_per_s=tiles_per_s,
@@ -942,8 +347,8 @@ def queue_figures(
 
 
 def worker_figures(
-    worker: Worker, series: Mapping[str, Series], percentiles: Mapping[str, float]
-) -> Worker:
+    worker: WorkerStatus, series: Mapping[str, Series], percentiles: Mapping[str, float]
+) -> WorkerStatus:
     """The Lambda figures of the window onto the worker's configuration. The mean duration is
     weighted by each minute's invocations (a quiet minute's mean counts for little)."""
     concurrency = [v for _, v in series.get("lam_conc", [])]
@@ -960,9 +365,9 @@ def worker_figures(
         worker,
         concurrency_max=max(concurrency) if concurrency else None,
         concurrency_mean=sum(concurrency) / len(concurrency) if concurrency else None,
-        invocations=_total(series.get("lam_inv")),
-        errors=_total(series.get("lam_err")),
-        throttles=_total(series.get("lam_thr")),
+        invocations=series_total(series.get("lam_inv")),
+        errors=series_total(series.get("lam_err")),
+        throttles=series_total(series.get("lam_thr")),
         duration_mean_ms=mean,
         duration_p50_ms=percentiles.get("p50"),
         duration_p95_ms=percentiles.get("p95"),
@@ -998,9 +403,6 @@ def with_torchserve(snapshot: Snapshot, scraped: Sequence[TorchServeMetrics]) ->
         torchserve=tuple(scraped),
         warnings=(*snapshot.warnings, *warnings),
     )
-
-
-# ----------------------------------------------------------------------------- TorchServe
 
 
 def parse_metrics_target(text: str) -> tuple[str, str | None]:
@@ -1071,95 +473,3 @@ def since_previous(snapshot: Snapshot, previous: Snapshot | None) -> Snapshot:
             m.since(before[m.target]) if m.target in before else m for m in snapshot.torchserve
         ),
     )
-
-
-# ----------------------------------------------------------------------------- history
-
-
-@dataclass(frozen=True, slots=True)
-class History:
-    """GPU utilisation per GPU and tiles/s over hours: what ``monitor --plot`` draws."""
-
-    window: Window
-    minutes: tuple[Minute, ...]
-
-    def gpu_keys(self) -> list[str]:
-        return sorted({k for m in self.minutes for k in m.gpu_utilization})
-
-
-def plot_period(hours: float) -> int:
-    """A period (a multiple of 60 s) giving at most :data:`MAX_PLOT_POINTS` points."""
-    minutes = math.ceil(hours * 60 / MAX_PLOT_POINTS)
-    return 60 * max(1, minutes)
-
-
-def collect_history(
-    outputs: StackOutputs,
-    clients: Clients,
-    fleet: Fleet,
-    *,
-    hours: float = 3.0,
-    now: datetime | None = None,
-) -> History:
-    """GPU utilisation of every GPU of ``fleet`` (its instances, and those that left the group
-    but EC2 still lists) and the worker's tiles over the last ``hours``."""
-    window = Window.ending(
-        now or datetime.now(UTC), timedelta(hours=hours), period_s=plot_period(hours)
-    )
-    slots = [(i, index) for i in fleet.instances for index in range(i.gpus)]
-    queries = build_queries(
-        outputs,
-        slots,
-        window.period_s,
-        gpu_kinds=("u",),
-        worker_keys=("ok", "empty", "error"),
-        aws=False,
-    )
-    series = get_metric_data(clients.cloudwatch, queries, window)
-    work = worker_series(series, outputs, None)
-    return History(window, minutes_of(window, slots, series, work))
-
-
-def plot(history: History, path: str, *, title: str = "") -> None:
-    """A PNG: GPU utilisation per GPU (top) and tiles/s (bottom) against time.
-
-    matplotlib is imported here (Agg, no display): the CLI and the Lambda bundle must not
-    need it for anything else.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MonitorError(missing_message("matplotlib", "--plot")) from None
-    period = history.window.period_s
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
-    try:
-        for key in history.gpu_keys():
-            points = [
-                (m.start, m.gpu_utilization[key])
-                for m in history.minutes
-                if key in m.gpu_utilization
-            ]
-            if points:
-                top.plot(*zip(*points, strict=True), label=key, linewidth=1.2)
-        top.set_ylabel("GPU utilisation (%)")
-        top.set_ylim(0, 105)
-        if history.gpu_keys():
-            top.legend(loc="upper left", fontsize="small", ncol=2)
-        top.grid(alpha=0.3)
-        stamps = [m.start for m in history.minutes]
-        bottom.plot(stamps, [m.tiles / period for m in history.minutes], color="tab:green")
-        bottom.set_ylabel("tiles/s")
-        bottom.set_xlabel("UTC")
-        bottom.grid(alpha=0.3)
-        top.set_title(title or "chipscale")
-        figure.autofmt_xdate()
-        figure.tight_layout()
-        from chipscale.atomic import atomic_write
-
-        with atomic_write(path, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=100)
-    finally:
-        plt.close(figure)

@@ -1,22 +1,9 @@
 """TorchServe's Prometheus metrics: the monitor's second source of GPU and inference figures.
 
-The GPU hosts' CloudWatch agent is the monitor's first source of GPU utilisation; it can be
-missing (an agent that failed to start, a host still booting, a tunnel to a local
-``chipscale serve``). TorchServe itself answers on its metrics port
-(:data:`chipscale.names.METRICS_PORT`, ``metrics_mode=prometheus`` in config.properties) with
-gauges for each GPU (``GPUUtilization``, ``GPUMemoryUtilization``, ``GPUMemoryUsed``, labelled
-``DeviceId``; present only where ``nvgpu`` and ``nvidia-smi`` are) and counters of inference
-requests and their time in the model and in TorchServe's queue (``ts_inference_*``,
-``ts_queue_latency_microseconds``). The queue time is the direct witness of Lambdas waiting on
-a saturated GPU.
-
-The port is private to the VPC: the monitor reads it directly when run inside the VPC (or
-through a tunnel, ``--metrics-url``), or asks the stack's operations Lambda, whose security
-group the hosts admit on that port, to read it (:func:`scrape_action`).
-
-The text format is parsed here (about 40 lines) rather than with ``prometheus_client``, which
-chipscale does not otherwise need. Only what TorchServe writes is supported: ``name{labels}
-value`` lines, ``#`` comments, an optional timestamp; no exemplars or OpenMetrics extras.
+Parses the text format TorchServe writes (``name{labels} value`` lines, comments, an optional
+timestamp), sums what the monitor needs (:class:`TorchServeMetrics`), and reads the metrics
+port directly, through a tunnel, or by the stack's operations Lambda (:func:`scrape_action`
+runs inside the VPC, :func:`scrape_via_lambda` asks for it). Rationale: docs/design.md.
 """
 
 from __future__ import annotations
@@ -32,6 +19,7 @@ from typing import Any
 
 from chipscale.errors import ChipscaleError, one_line
 from chipscale.names import METRICS_PORT
+from chipscale.ops.operations_client import OperationError, invoke
 
 #: TorchServe's Prometheus metric names (TorchServe 0.12, ``metrics_mode=prometheus``).
 TS_GPU_UTILIZATION = "GPUUtilization"
@@ -305,8 +293,6 @@ def scrape_via_lambda(
     "unknown action") is one row with the reason, not an exception: the monitor goes on with
     CloudWatch's figures.
     """
-    from chipscale.ops.operations import OperationError, invoke
-
     if not hosts:
         return []
     try:

@@ -1,83 +1,51 @@
-"""Moving a dead-letter queue's messages back to the work queue (``chipscale redrive``), and
-the queues' depths that ``chipscale status --stack`` shows under the job table.
-
-A pack lands in the dead-letter queue after failing every retry (``maxReceiveCount``
-receives). Once the cause is fixed (a model server down, a database full, a bug in the
-worker), the operator moves the packs back; the worker's upserts make a pack that is run
-twice harmless, so a redrive that delivers a message twice costs time, never results.
-
-Two ways to move them, tried in this order:
-
-1. **A message move task** (``StartMessageMoveTask``), the redrive SQS itself offers: one
-   call, the copying done server-side at SQS's pace, message ids kept. The CLI polls
-   ``ListMessageMoveTasks`` for the progress bar. It needs the source to be some queue's
-   dead-letter queue, the operator to hold ``sqs:StartMessageMoveTask``, and an endpoint
-   that implements it (moto 5.2 does not: it answers HTTP 500).
-2. **Receive and re-send**, when the task cannot be started (any refusal of the start call,
-   since nothing has moved then) or when ``max_messages`` asks for part of the queue (a task
-   moves everything): receive ten messages at a time under a long visibility timeout, send
-   them to the queue with ``SendMessageBatch`` (body and message attributes), then delete
-   from the dead-letter queue exactly the ones whose send succeeded. A failed send leaves its
-   message in the dead-letter queue, made visible again at the end of the run.
-
-Exactly once within a run, at least once across runs: the ids of the messages re-sent are
-remembered, so a message whose send succeeded but whose delete failed is deleted, never sent
-again, when it reappears during the same run. A message whose delete still fails when the
-run ends (or whose send call was cut off without an answer) stays in the dead-letter queue
-and a later redrive sends it again: the queue then holds it twice, which the worker's
-idempotent writes absorb.
+"""``chipscale redrive``: moving a dead-letter queue's messages back to the work queue, by
+SQS's message move task when it can start, else by receive, re-send and delete; exactly once
+within a run, at least once across runs (the worker's upserts make a repeat harmless). The
+two methods and their bookkeeping: docs/design.md.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    NoCredentialsError,
-    NoRegionError,
-    PartialCredentialsError,
+from botocore.exceptions import BotoCoreError, ClientError
+
+from chipscale.cloud.push_send import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES
+from chipscale.errors import one_line
+from chipscale.ops.aws import aws_reason, error_code, queue_name
+from chipscale.ops.sqs_queues import (
+    DEFAULT_WAIT_SECONDS,
+    QUEUE_MISSING_CODES,
+    QueueDepth,
+    QueueError,
+    QueueNotFound,
+    queue_depth,
+    release_messages,
+    sqs_errors,
 )
 
-from chipscale.cloud.push import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES
-from chipscale.errors import ChipscaleError, InvalidMessageError, one_line
-from chipscale.ops.stack_outputs import CREDENTIALS_HELP, NoCredentials, NoRegion
-from chipscale.pipeline.messages import load_body
-from chipscale.safe_text import plural
-
 Method = Literal["auto", "move-task", "receive"]
+
+
 METHODS: tuple[Method, ...] = ("auto", "move-task", "receive")
+
 
 #: Seconds a received message stays hidden while it is re-sent and deleted; long, since the
 #: messages whose send failed are held until the run ends (then made visible again).
 DEFAULT_VISIBILITY_TIMEOUT = 900
-#: Long-poll seconds of each receive: an empty answer after a long poll ends the run (a
-#: short poll samples a few servers and can answer empty while messages remain).
-DEFAULT_WAIT_SECONDS = 1
+
+
 #: Seconds between two ``ListMessageMoveTasks`` polls of a running move task.
 DEFAULT_POLL_SECONDS = 2.0
+
+
 #: Polls that may find no task at all before the task counts as lost (the list is
 #: eventually consistent just after the start).
 MAX_EMPTY_POLLS = 30
-
-#: Error codes SQS gives a queue URL or ARN that names no queue (query and JSON protocols).
-QUEUE_MISSING_CODES = frozenset(
-    {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "ResourceNotFoundException"}
-)
-
-
-class QueueError(ChipscaleError):
-    """An SQS queue could not be read or written."""
-
-
-class QueueNotFound(QueueError):
-    """The queue URL (given, or from the stack's outputs) names no queue in the region."""
 
 
 class RedriveError(QueueError):
@@ -94,144 +62,6 @@ class RedriveAborted(RedriveError):
     def __init__(self, message: str, summary: RedriveSummary) -> None:
         super().__init__(message)
         self.summary = summary
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-def queue_name(url_or_arn: str) -> str:
-    """The queue's name, the last part of its URL or ARN.
-
-    >>> queue_name("https://sqs.us-east-1.amazonaws.com/123456789012/chipscale-dlq")
-    'chipscale-dlq'
-    """
-    return url_or_arn.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
-
-
-def error_code(exc: ClientError) -> str:
-    """The AWS error code of a ClientError ('' when it has none)."""
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def aws_reason(exc: ClientError) -> str:
-    """AWS's code and message, on one short line; an endpoint's HTML error page (moto's
-    answer to an action it lacks) becomes its HTTP status."""
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", "")) or "error"
-    message = " ".join(str(error.get("Message", "")).split())
-    if message.startswith("<"):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
-        return f"HTTP {status} from the endpoint (an HTML error page)"
-    if len(message) > 160:
-        message = message[:157] + "..."
-    return f"{code}: {message}" if message and message != code else code
-
-
-@contextmanager
-def sqs_errors(what: str, url: str) -> Iterator[None]:
-    """AWS's failures on ``what`` (e.g. "dead-letter queue") at ``url`` as one-line
-    chipscale errors: missing credentials, missing region, a queue that does not exist, and
-    any other refusal with AWS's reason."""
-    try:
-        yield
-    except (NoCredentialsError, PartialCredentialsError) as exc:
-        raise NoCredentials(
-            f"no usable AWS credentials to reach the {what} {queue_name(url)}: {CREDENTIALS_HELP}"
-        ) from exc
-    except NoRegionError as exc:
-        raise NoRegion(
-            f"no AWS region for the {what} {url}: pass --region or set AWS_REGION"
-        ) from exc
-    except ClientError as exc:
-        if error_code(exc) in QUEUE_MISSING_CODES:
-            raise QueueNotFound(
-                f"the {what} {url} does not exist: check the URL (or the stack's outputs) and "
-                "the region"
-            ) from exc
-        raise QueueError(f"{what} {queue_name(url)}: {aws_reason(exc)}") from exc
-    except BotoCoreError as exc:
-        raise QueueError(f"cannot reach the {what} {queue_name(url)}: {one_line(exc)}") from exc
-
-
-# ----------------------------------------------------------------------------- depths
-
-
-@dataclass(frozen=True, slots=True)
-class QueueDepth:
-    """A queue's approximate message counts, as ``GetQueueAttributes`` gives them."""
-
-    url: str
-    arn: str
-    visible: int  #: waiting to be received
-    in_flight: int  #: received, not yet deleted nor back (ApproximateNumberOfMessagesNotVisible)
-    delayed: int  #: sent with a delay that has not passed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "visible": self.visible,
-            "in_flight": self.in_flight,
-            "delayed": self.delayed,
-        }
-
-
-def queue_depth(sqs: Any, url: str, what: str = "queue") -> QueueDepth:
-    """The depth of the queue at ``url`` (one-line errors, see :func:`sqs_errors`)."""
-    with sqs_errors(what, url):
-        attributes = sqs.get_queue_attributes(
-            QueueUrl=url,
-            AttributeNames=[
-                "QueueArn",
-                "ApproximateNumberOfMessages",
-                "ApproximateNumberOfMessagesNotVisible",
-                "ApproximateNumberOfMessagesDelayed",
-            ],
-        )["Attributes"]
-    return QueueDepth(
-        url=url,
-        arn=str(attributes.get("QueueArn", "")),
-        visible=int(attributes.get("ApproximateNumberOfMessages", 0)),
-        in_flight=int(attributes.get("ApproximateNumberOfMessagesNotVisible", 0)),
-        delayed=int(attributes.get("ApproximateNumberOfMessagesDelayed", 0)),
-    )
-
-
-def queue_view(sqs: Any, queue_url: str, dlq_url: str) -> dict[str, Any]:
-    """The work queue's depth with its dead-letter queue's under ``dlq``: the ``queue``
-    object of ``chipscale status --stack --json``."""
-    queue = queue_depth(sqs, queue_url, "queue")
-    dlq = queue_depth(sqs, dlq_url, "dead-letter queue")
-    dead = dlq.to_dict()
-    dead.pop("delayed")  # messages reach a DLQ without delay
-    return {**queue.to_dict(), "dlq": dead}
-
-
-def describe_queue_view(view: Mapping[str, Any], *, stack: str | None = None) -> list[str]:
-    """The lines ``chipscale status`` prints under its table for a :func:`queue_view`; a
-    non-empty dead-letter queue says how to move it back.
-
-    >>> view = {"url": "https://q/work", "visible": 12, "in_flight": 3, "delayed": 0,
-    ...         "dlq": {"url": "https://q/dead", "visible": 2, "in_flight": 0}}
-    >>> print("\\n".join(describe_queue_view(view, stack="prod")))
-    queue work: 12 waiting, 3 in flight
-    dead-letter queue dead: 2 messages (look: chipscale redrive --stack prod --peek 5; move back: chipscale redrive --stack prod)
-    """  # noqa: E501
-    delayed = f", {view['delayed']} delayed" if view.get("delayed") else ""
-    lines = [
-        f"queue {queue_name(view['url'])}: {view['visible']} waiting, "
-        f"{view['in_flight']} in flight{delayed}"
-    ]
-    dlq = view["dlq"]
-    depth = int(dlq["visible"]) + int(dlq["in_flight"])
-    line = f"dead-letter queue {queue_name(dlq['url'])}: {plural(depth, 'message')}"
-    if dlq["in_flight"]:
-        line += f" ({dlq['in_flight']} in flight)"
-    if depth and stack:
-        line += (
-            f" (look: chipscale redrive --stack {stack} --peek 5; "
-            f"move back: chipscale redrive --stack {stack})"
-        )
-    return [*lines, line]
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,121 +88,6 @@ def inspect_pair(sqs: Any, dlq_url: str, queue_url: str) -> QueuePair:
         queue=queue_depth(sqs, queue_url, "queue"),
     )
 
-
-# ----------------------------------------------------------------------------- peek
-
-
-@dataclass(frozen=True, slots=True)
-class PeekedMessage:
-    """One dead-letter message as seen by ``redrive --peek``: left where it is."""
-
-    message_id: str
-    sent_at: str | None  #: ISO 8601 UTC, when the message was first sent
-    receives: int | None  #: ApproximateReceiveCount: the worker's tries, plus peeks
-    job: str | None  #: for a chipscale message, its job
-    tiles: int | None  #: for a chipscale message, the tiles of its pack
-    body: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def describe_body(body: str) -> tuple[str | None, int | None]:
-    """``(job, tiles)`` of a chipscale message body, ``(None, None)`` for anything else.
-
-    >>> describe_body('{"v": 1, "job": "roofs", "source": "s3://b/a.tif", "tiles": [[1, 2, 3]]}')
-    ('roofs', 1)
-    >>> describe_body("not json")
-    (None, None)
-    """
-    try:
-        doc = load_body(body)  # the workers' parser: a poison body is described, not raised
-    except InvalidMessageError:
-        return None, None
-    if not isinstance(doc, dict):
-        return None, None
-    job = doc.get("job") if isinstance(doc.get("job"), str) else None
-    if isinstance(doc.get("tiles"), list):
-        return job, len(doc["tiles"])
-    if {"x", "y", "z"} <= doc.keys():  # chip-n-scale's single-tile message
-        return job, 1
-    return job, None
-
-
-def peek(
-    sqs: Any,
-    dlq_url: str,
-    count: int,
-    *,
-    visibility_timeout: int = 30,
-    wait_seconds: int = DEFAULT_WAIT_SECONDS,
-) -> list[PeekedMessage]:
-    """Up to ``count`` distinct messages of the dead-letter queue, without moving them.
-
-    They are held for ``visibility_timeout`` seconds while more are received (so the same
-    one is not read twice), then made visible again at once. A peek counts as a receive
-    (``ApproximateReceiveCount`` grows), which matters only to a DLQ with its own redrive
-    policy.
-    """
-    seen: dict[str, PeekedMessage] = {}
-    held: dict[str, str] = {}
-    try:
-        while len(seen) < count:
-            with sqs_errors("dead-letter queue", dlq_url):
-                messages = sqs.receive_message(
-                    QueueUrl=dlq_url,
-                    MaxNumberOfMessages=min(MAX_BATCH_ENTRIES, count - len(seen)),
-                    VisibilityTimeout=visibility_timeout,
-                    WaitTimeSeconds=wait_seconds,
-                    MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
-                ).get("Messages", [])
-            fresh = [m for m in messages if m["MessageId"] not in seen]
-            for message in messages:
-                held[message["MessageId"]] = message["ReceiptHandle"]
-            if not fresh:
-                break
-            for message in fresh[: count - len(seen)]:
-                seen[message["MessageId"]] = _peeked(message)
-    finally:
-        _release(sqs, dlq_url, held)
-    return list(seen.values())
-
-
-def _peeked(message: Mapping[str, Any]) -> PeekedMessage:
-    attributes = message.get("Attributes", {})
-    sent = attributes.get("SentTimestamp")
-    sent_at = (
-        datetime.fromtimestamp(int(sent) / 1000, UTC).isoformat(timespec="seconds")
-        if sent
-        else None
-    )
-    receives = attributes.get("ApproximateReceiveCount")
-    body = str(message.get("Body", ""))
-    job, tiles = describe_body(body)
-    return PeekedMessage(
-        message_id=str(message["MessageId"]),
-        body=body,
-        sent_at=sent_at,
-        receives=int(receives) if receives else None,
-        job=job,
-        tiles=tiles,
-    )
-
-
-def _release(sqs: Any, url: str, held: Mapping[str, str]) -> None:
-    """Make held messages visible again now; best effort (they reappear when their
-    visibility timeout ends anyway)."""
-    handles = list(held.values())
-    for start in range(0, len(handles), MAX_BATCH_ENTRIES):
-        entries = [
-            {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": 0}
-            for i, handle in enumerate(handles[start : start + MAX_BATCH_ENTRIES])
-        ]
-        with suppress(ClientError, BotoCoreError):
-            sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries)
-
-
-# ----------------------------------------------------------------------------- redrive
 
 #: ``on_progress(moved, total)``: messages moved so far, and the total when known.
 ProgressCallback = Callable[[int, int | None], None]
@@ -458,9 +173,6 @@ def redrive(
         wait_seconds=wait_seconds,
         fallback_reason=fallback_reason,
     )
-
-
-# ----------------------------------------------------------------------------- move task
 
 
 def move_with_task(
@@ -558,9 +270,6 @@ def _follow_task(
         raise
 
 
-# ----------------------------------------------------------------------------- receive path
-
-
 @dataclass
 class _ReceiveState:
     """The bookkeeping that makes each message move once in a run."""
@@ -593,7 +302,7 @@ def move_by_receive(
 ) -> RedriveSummary:
     """Receive, re-send, delete what was re-sent, until a long-poll receive comes back
     empty or ``max_messages`` have moved or failed. See the module docstring for the
-    exactly-once-per-run bookkeeping."""
+    exactly-once-per-run bookkeeping (and docs/design.md)."""
     dlq_url, queue_url = pair.dlq.url, pair.queue.url
     total = pair.to_move if max_messages is None else min(max_messages, pair.to_move)
     state = _ReceiveState()
@@ -646,7 +355,7 @@ def move_by_receive(
     finally:
         # Messages received but never sent, and those kept by a failed send: visible again
         # now, so a new redrive (or a look with --peek) finds them without waiting.
-        _release(sqs, dlq_url, {**state.pending, **state.kept})
+        release_messages(sqs, dlq_url, {**state.pending, **state.kept})
     return summary()
 
 

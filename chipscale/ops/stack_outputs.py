@@ -1,20 +1,13 @@
-"""Resolving a deployed chipscale stack from its CloudFormation outputs.
+"""Resolving a deployed chipscale stack from its CloudFormation outputs (:func:`resolve_stack`).
 
-Every operator command that takes ``--stack NAME`` (verify, push, monitor, status, redrive,
-download) finds the queue, buckets and functions here, by the output keys of
-:mod:`chipscale.names` that the CDK stack writes: nothing is looked up by a guessed physical
-name, so two stacks in one account never cross. The AWS failures an operator meets first (no
-credentials, no region, a wrong stack name, a stack that is not chipscale's) each get their
-own error with a one-line message that says what to do.
-
-boto3 honours ``AWS_ENDPOINT_URL`` (moto in the tests, a VPC endpoint in the cloud) and the
-usual credential chain; the region comes from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` (or
-the profile), read by :func:`aws_session`.
+Every operator command that takes ``--stack NAME`` finds the queue, buckets and functions by
+the output keys of :mod:`chipscale.names`, never by a guessed physical name. The failures an
+operator meets first (no credentials, no region, a wrong stack name, a stack that is not
+chipscale's) each get their own error with a one-line message that says what to do.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -30,6 +23,7 @@ from botocore.exceptions import (
 )
 
 from chipscale import names
+from chipscale.cloud.aws_session import CREDENTIALS_HELP, aws_session
 from chipscale.errors import ChipscaleError, one_line
 
 
@@ -51,13 +45,6 @@ class StackNotFound(StackError):
 
 class StackOutputMissing(StackError):
     """The stack exists but lacks an output chipscale needs: not (all) deployed by chipscale."""
-
-
-#: How to configure credentials, said whenever they are missing.
-CREDENTIALS_HELP = (
-    "configure them with `aws configure` (or `aws sso login --profile P` and AWS_PROFILE=P), "
-    "or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,14 +115,6 @@ def output_key(attribute: str) -> str:
     raise KeyError(f"StackOutputs has no output attribute {attribute!r}")
 
 
-def aws_session(region: str | None = None) -> boto3.session.Session:
-    """A boto3 session in ``region``, else ``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else the
-    profile's region. boto3 itself reads only ``AWS_DEFAULT_REGION``; Lambda and most CI set
-    ``AWS_REGION``, so both are honoured, ``AWS_REGION`` first as the AWS CLI does."""
-    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return boto3.session.Session(region_name=region or None)
-
-
 def resolve_stack(name: str, *, session: boto3.session.Session | None = None) -> StackOutputs:
     """The resources of stack ``name``, from ``describe_stacks``.
 
@@ -170,9 +149,9 @@ def outputs_from_stack(stack: Mapping[str, Any], region: str) -> StackOutputs:
             raise _missing(name, region, key)
         values[attribute] = raw[key]
     for f in fields(StackOutputs):
-        key = f.metadata.get("key")
-        if key is not None:
-            values[f.name] = raw.get(key) or None
+        output = f.metadata.get("key")
+        if output is not None:
+            values[f.name] = raw.get(output) or None
     return StackOutputs(stack_name=name, region=region, raw=raw, **values)
 
 

@@ -1,28 +1,9 @@
 """``chipscale tune``: the per-GPU Lambda concurrency that keeps the GPUs fed, not flooded.
 
-The fleet controller sets the worker's ``MaximumConcurrency`` to *per-GPU concurrency x GPUs
-in service* (:mod:`chipscale.ops.fleet`), reading the per-GPU value from an SSM parameter. This
-module computes that value from what the run measured, by Little's law: the Lambdas a GPU
-needs = the tiles/s one GPU does when saturated x the seconds a Lambda spends per tile, plus
-headroom.
-
-* **X**, tiles/s per saturated GPU: for each minute of the window whose mean GPU
-  utilisation is at least :data:`chipscale.ops.diagnosis.SATURATED_GPU_UTIL`, the worker's tiles
-  of that minute / 60 / GPUs reporting; the median of those minutes. A GPU that is not
-  saturated says nothing about what it *could* do, so without :data:`MIN_SATURATED_MINUTES`
-  such minutes ``tune`` refuses.
-* **W**, seconds a Lambda spends per tile: the Lambda duration (p50, else the mean) / the
-  tiles of an invocation (tiles / invocations over the window). When the GPUs are
-  saturated, part of that is waiting in TorchServe's queue, which more Lambdas would only
-  lengthen, so the wait is taken out: the worker's PredictSeconds per tile minus the GPU's own
-  time per tile (1/X). W never drops below 1/X.
-* Lambdas per GPU = X x W x (1 + :data:`HEADROOM`), rounded up; at least 1.
-
-``MaximumConcurrency`` then follows the fleet controller's rule (:func:`chipscale.ops.fleet.
-desired_mapping`): x GPUs in service, capped by the worker's reserved concurrency and kept
-in AWS's 2..1000. ``--apply`` writes the SSM parameter (the controller's source of truth,
-so the next scale-out keeps the value) *and* the mapping's MaximumConcurrency now, instead
-of a minute later.
+By Little's law from what the run measured: Lambdas per GPU = tiles/s of one saturated GPU x
+seconds a Lambda spends per tile (the wait in TorchServe's queue taken out) x (1 +
+:data:`HEADROOM`), rounded up. ``--apply`` writes the SSM parameter the fleet controller reads
+and the mapping's MaximumConcurrency now. The derivation: docs/design.md.
 """
 
 from __future__ import annotations
@@ -34,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from chipscale.errors import ChipscaleError
 from chipscale.ops import diagnosis
+from chipscale.ops.aws import FleetConfigError, aws_reason
 from chipscale.ops.fleet import (
     MAX_MAXIMUM_CONCURRENCY,
     MIN_MAXIMUM_CONCURRENCY,
-    FleetConfigError,
     desired_mapping,
 )
-from chipscale.ops.monitor import Clients, Snapshot, aws_reason
+from chipscale.ops.monitor import Clients
+from chipscale.ops.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from chipscale.ops.stack_outputs import StackOutputs
@@ -179,7 +161,7 @@ def target_lines(t: Target) -> list[str]:
 
 
 def recommend(snapshot: Snapshot, *, headroom: float = HEADROOM) -> Recommendation:
-    """The per-GPU concurrency for the run in ``snapshot`` (see the module's docstring).
+    """The per-GPU concurrency for the run in ``snapshot`` (derivation in docs/design.md).
 
     Raises :class:`NotEnoughData` naming what is missing: too few saturated minutes, no
     invocations, no tiles, no duration.

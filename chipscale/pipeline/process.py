@@ -1,14 +1,10 @@
-"""``process_pack()``: read a pack's tiles, predict, store. The local runner calls it per
-pack; the Lambda calls its first half, :func:`predict_pack`, for each message of a batch and
-stores the batch's rows in one write. The adapters around them are all that differs.
+"""Read, predict, store one pack: ``predict_pack`` (read and predict) and ``process_pack``
+(that, then one write).
 
-Failure policy (see :mod:`chipscale.errors`): a permanent failure (the source cannot be
-opened or is not a raster, the model refuses the input) becomes ``error`` rows carrying the
-reason, so the message is done; a transient failure (model server, database, a remote
-source timing out or answering 5xx) raises, so the queue delivers the message again. Tiles
-without a valid pixel are ``empty`` and never reach the model; a tile the model answers NaN
-or inf for is an ``error`` row, never ``ok``. Writes are upserts keyed on
-(job, z, x, y): a repeat is harmless.
+The local runner calls ``process_pack``; the SQS worker calls ``predict_pack`` per message
+and stores the batch's rows in one write. Permanent failures become ``error`` rows, transient
+ones raise (:mod:`chipscale.errors`); tiles without a valid pixel are ``empty``. The failure
+model: docs/design.md, "The failure model".
 """
 
 from __future__ import annotations
@@ -28,9 +24,8 @@ from chipscale.models.predictors import Predictor
 from chipscale.models.scores import non_finite_rows
 from chipscale.pipeline.messages import PackMessage
 from chipscale.results import ResultStore
-from chipscale.sources.cog import TileReader, cached_reader
-from chipscale.sources.xyz import TileEndpointReader
-from chipscale.values import ImageData, ModelInfo, TileResult
+from chipscale.sources import TileSource, cached_reader
+from chipscale.values import ImageData, ModelInfo, Status, TileResult
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +151,7 @@ def predict_pack(
 
 
 def _read_images(
-    reader: TileReader | TileEndpointReader, tiles: Sequence[Tile]
+    reader: TileSource, tiles: Sequence[Tile]
 ) -> tuple[dict[Tile, ImageData], dict[Tile, str]]:
     """Each tile's pixels, or why they cannot be read (tile -> reason).
 
@@ -223,7 +218,7 @@ def _result(
     output: dict[str, float] | None = None,
     error: str | None = None,
 ) -> TileResult:
-    status = "error" if error is not None else "ok" if output is not None else "empty"
+    status: Status = "error" if error is not None else "ok" if output is not None else "empty"
     return TileResult(
         job=job,
         tile=tile,

@@ -1,13 +1,9 @@
 """The local pipeline: cover -> packs -> in-process queue -> worker threads -> store.
 
-Worker threads each call :func:`chipscale.pipeline.process.process_pack`, the function the
-Lambda runs.
-With two or more of them, one thread reads tiles (GDAL releases the GIL) while another is in
-the model (so does torch): the model never waits for I/O it could have had.
-
-Resumable by construction: results are upserts, each pack's write is atomic, and a run first
-skips the tiles its job already has as ``ok`` or ``empty``. Ctrl-C drops the packs not yet
-started and lets the running ones finish their write, so the store stays consistent.
+Each worker thread calls :func:`chipscale.pipeline.process.process_pack`. A run resumes (it
+skips tiles its job already has ``ok`` or ``empty``), and Ctrl-C drops the packs not yet
+started while the running ones finish their write. Figures: docs/design.md, "The local
+pipeline".
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
-"""Result stores: the ResultStore port and its adapters, chosen by URL.
+"""Result stores: the ResultStore port's factory, choosing the adapter by URL.
 
 >>> store = open_store("sqlite:///results/run.db")   # doctest: +SKIP
 >>> store = open_store("postgresql://chip:secret@db.internal:5432/chipscale")   # doctest: +SKIP
 
-URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, or a bare path ending
-``.db``, ``.sqlite`` or ``.sqlite3``: the embedded default. ``postgresql://`` (or
-``postgres://``, SQLAlchemy's ``postgresql+psycopg2://``, or a libpq ``host=... dbname=...``
-string) open :class:`~chipscale.results.postgres.PostgresStore`, the cloud's
-store, which needs psycopg (the ``worker`` extra): it is imported only when such a URL is
-opened, so local runs install nothing more.
+``sqlite:///relative.db``, ``sqlite:////absolute.db`` or a ``.db``/``.sqlite`` path: SQLite.
+``postgresql://`` and its other spellings: PostgreSQL (psycopg, imported only then).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def remaining(total: int, counts: dict[str, int]) -> int:
 
 def pushed_tiles(info: JobInfo) -> int | None:
     """Tiles the job's last push queued (``extra["pushed"]``, see
-    :func:`chipscale.cloud.push.push_record`); None for a job no push recorded (a local run).
+    :func:`chipscale.cloud.job_record.push_record`); None for a job no push recorded (a local run).
 
     Beside ``tiles`` (every tile of the job) it tells a push that stopped short, or a resume
     that skipped the done tiles, from a job still being worked through.

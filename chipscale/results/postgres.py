@@ -1,60 +1,9 @@
 """The PostgreSQL adapter of the ResultStore port: the cloud's results database (RDS
-PostgreSQL behind RDS Proxy), and any ``postgresql://`` URL locally.
-
-Behind RDS Proxy. The proxy multiplexes client connections over a few database connections
-between transactions, unless a session changes state the next transaction could depend on;
-then it *pins* the client to one database connection for good, and a burst of Lambdas
-exhausts the database again. So this adapter keeps no session state: no ``SET``, no
-temporary tables, no session advisory locks, no named prepared statements
-(``prepare_threshold=None``: every statement is parsed unnamed, in the same round trip as
-its parameters). The one exception is :meth:`PostgresStore.iter_results`, whose server-side
-cursor holds a connection of its own for as long as the export streams.
-
-One round trip per write (two when it meets stored tiles, below). :meth:`PostgresStore.write`
-sends the whole pack as one ``INSERT ... SELECT FROM unnest(<one array per column>)``
-statement in autocommit mode, so the statement is its own transaction: no BEGIN, no COMMIT
-round trips. Arrays go in binary, and a column with one value on every row (the job, the
-model, the zoom) goes once, as a scalar (see :func:`_write_parameters`). Tiles repeated
-within one call are merged first (one row per key, the last result wins, ``attempts``
-counting each), since one statement cannot write a row twice, and rows are sent in key
-order so concurrent writers lock rows in the same order. The worker Lambda writes the rows
-of its whole batch of messages in one call.
-
-Insert first, upsert when needed. Nearly every write is of tiles not stored yet; a
-redelivery or a rerun is the exception. ``ON CONFLICT DO UPDATE`` makes every row a
-speculative insertion (probe the key, insert, confirm), which was 40 % of the server's time
-per row: ``EXPLAIN ANALYZE`` of 1,000-row packs into an emptied table, medians of 3 rounds,
-11.9 ms with it, 7.0 ms as a plain INSERT (``ON CONFLICT DO NOTHING`` costs the same 12.0).
-So the plain INSERT goes first. When it meets a stored tile it fails whole (one statement,
-one transaction: nothing of it is kept) with a unique violation, and the same parameters
-go again with ``ON CONFLICT DO UPDATE``: one more round trip for a redelivered pack, and an
-ERROR line about the duplicate key in the server's log. Two writers of the same new tiles
-at once: the second INSERT waits for the first to commit, fails, and upserts.
-
-COPY was measured and left out. COPY cannot upsert, so it needs a staging temporary table
-(session state: a direct connection only) and three round trips (COPY, INSERT ... SELECT,
-COMMIT). bench/store.py runs it beside unnest on the same rows (2 shared cores, PostgreSQL 15,
-medians of 5 rounds, bench/results/store.json): over loopback unnest wrote 34,100 rows/s at
-100 tiles a pack and 78,400 at 1,000, COPY 24,600 and 48,300 (0.72x, 0.62x); with a 1.85 ms
-round trip, as to RDS Proxy, unnest 28,900 and 76,700, COPY 8,600 and 43,100 (0.30x, 0.56x).
-A second write path, slower and wrong behind the proxy, is not worth having. (One row per
-statement, chip-n-scale's way, wrote 1,700 and 2,000 rows/s over loopback, 500 and 590 with
-the round trip: unnest is 20x and 39x faster here, 58x and 131x where the workers run. As
-the worker writes, 4 messages of 100 tiles a write: 74,700 rows/s, 36x; 56,000 and 104x with
-the round trip.)
-
-Outages. A failure to connect, a dropped connection, a server shutting down or restarting, a
-deadlock or serialization failure, too many connections: :class:`StoreUnavailable`, so the
-queue delivers the message again. The message is one line and never holds the password. The
-store reconnects by itself on the next call, so a restarted server is usable again without a
-new store. A call that finds its idle connection dead (RDS Proxy and NAT gateways close idle
-connections; a failover kills them) is retried once on a fresh connection before it fails:
-a write whose connection died after the server committed is then applied twice, which only
-adds one to ``attempts``. Bad data and a missing schema are permanent: :class:`StoreError`.
-
-Threads. The local runner writes from several threads: one connection, guarded by a lock,
-serves them in turn (each write is a single round trip, and psycopg_pool is not a
-dependency). Schema: see :data:`MIGRATIONS` and :func:`setup_database`.
+PostgreSQL behind RDS Proxy), and any ``postgresql://`` URL locally. It keeps no session
+state (the proxy would pin), writes a pack in one statement (an INSERT of ``unnest``ed
+arrays, an upsert only when it meets stored tiles), turns outages into StoreUnavailable,
+reconnects by itself, and serves threads one call at a time. Schema:
+:mod:`chipscale.results.postgres_schema`.
 """
 
 from __future__ import annotations
@@ -79,13 +28,10 @@ from chipscale.results.base import (
     results_filter,
     validate_results,
 )
+from chipscale.results.postgres_schema import SCHEMA_VERSION, migrate, newer_schema
 from chipscale.values import MAX_REJECTED_BODY, JobInfo, Rejection, ResultRow, TileResult
 
 T = TypeVar("T")
-
-#: Bump with a migration in :data:`MIGRATIONS` when the schema changes. The numbering is
-#: the SQLite adapter's: a version means the same tables in both stores.
-SCHEMA_VERSION: Final = 3
 
 #: Seconds to wait for a connection before StoreUnavailable (libpq's ``connect_timeout``).
 CONNECT_TIMEOUT: Final = 10
@@ -93,93 +39,6 @@ CONNECT_TIMEOUT: Final = 10
 #: Rows fetched per round trip while streaming results: big enough that round trips do not
 #: dominate, small enough that memory stays flat (about 1 MB of rows).
 ITERSIZE: Final = 2000
-
-# Key columns use the "C" collation: the byte order of UTF-8, as SQLite compares text, so
-# both stores list jobs and results in the same order (and memcmp keeps inserts cheap).
-_CREATE_V1 = """
-CREATE TABLE schema_version (
-    version       integer PRIMARY KEY,
-    applied_at    timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE jobs (
-    job           text COLLATE "C" PRIMARY KEY,
-    source        text NOT NULL,
-    zoom          integer,
-    model_name    text,
-    model_version text,
-    classes       jsonb NOT NULL DEFAULT '[]',
-    tiles_total   bigint,
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    updated_at    timestamptz NOT NULL DEFAULT now(),
-    extra         jsonb NOT NULL DEFAULT '{}'
-);
--- No foreign key to jobs: a worker may write results of a job it never registered.
--- output is json, not jsonb: json keeps the model's text as written, so the class order
--- that exports show when a job records no classes is the model's, as with SQLite (jsonb
--- reorders keys by length), and json skips the conversion on the write path.
-CREATE TABLE results (
-    job           text COLLATE "C" NOT NULL,
-    z             integer NOT NULL,
-    x             bigint NOT NULL,
-    y             bigint NOT NULL,
-    status        text NOT NULL CHECK (status IN ('ok', 'empty', 'error')),
-    output        json,
-    model_name    text,
-    model_version text,
-    error         text,
-    attempts      integer NOT NULL DEFAULT 1,
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    updated_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (job, z, x, y)
-);
--- Download by job and status (and resume: the done tiles of a job), already in tile order.
-CREATE INDEX results_job_status ON results (job, status, z, x, y);
-"""
-
-_ADD_REJECTS = """
-CREATE TABLE rejects (
-    message_id    text COLLATE "C" PRIMARY KEY,
-    job           text COLLATE "C",
-    reason        text NOT NULL,
-    body          text NOT NULL,
-    attempts      integer NOT NULL DEFAULT 1,
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    updated_at    timestamptz NOT NULL DEFAULT now()
-);
-"""
-
-# Only the rows a download by status needs an index for: ``empty`` and ``error``. The
-# primary key already lists a job's tiles in order, and ``ok`` rows are the bulk of a job,
-# so a download of them reads the job's rows anyway; indexing them too cost a third of a
-# write's time (bench/store.py, v2's index against this one, same rows: 23,700 against
-# 36,400 rows/s at 100 tiles a pack). ``status = 'error'`` implies the predicate, so the
-# planner uses the index for it.
-_INDEX_NOT_OK = """
-DROP INDEX IF EXISTS results_job_status;
-CREATE INDEX results_not_ok ON results (job, status, z, x, y) WHERE status <> 'ok';
-"""
-
-#: ``{from_version: sql}``: applied in order, from 0 (an empty schema), to bring a database
-#: up to SCHEMA_VERSION. A new database replays them all, so a migrated database and a new
-#: one cannot drift apart.
-MIGRATIONS: Final[dict[int, str]] = {0: _CREATE_V1, 1: _ADD_REJECTS, 2: _INDEX_NOT_OK}
-
-#: Every table the schema holds, with its primary key: what ``chipscale verify`` checks.
-TABLES: Final[dict[str, tuple[str, ...]]] = {
-    "jobs": ("job",),
-    "results": ("job", "z", "x", "y"),
-    "rejects": ("message_id",),
-    "schema_version": ("version",),
-}
-
-#: The whole schema as one script (tests; reading): every migration, then the version.
-SCHEMA: Final = (
-    "".join(MIGRATIONS[v] for v in range(SCHEMA_VERSION))
-    + f"INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION});\n"
-)
-
-# Any constant will do; setup_database's transactions in one database queue on it.
-_SETUP_LOCK: Final = int.from_bytes(b"chipscal", "big")
 
 
 class _Field(NamedTuple):
@@ -244,10 +103,9 @@ def _write_parameters(columns: list[list[Any]]) -> tuple[tuple[bool, ...], list[
 
     A pack is one job's adjacent tiles at one zoom from one model, nearly all with the same
     status, no error and a first attempt: those columns go once, as scalars, instead of as
-    arrays of one repeated value. That is a quarter less work per write, client and server
-    (bench/store.py's rows, medians of 14 rounds side by side: 47,500 against 36,300 and
-    48,400 against 39,900 rows/s at 100 tiles a pack). The keys and outputs stay arrays:
-    the row count comes from them.
+    arrays of one repeated value: a quarter less work per write, client and server (the
+    figures are in docs/design.md). The keys and outputs stay arrays: the row count comes
+    from them.
     """
     uniform = tuple(
         field.may_be_scalar and all(value == column[0] for value in column)
@@ -314,9 +172,6 @@ _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 _TRANSIENT_STATES = frozenset({"55P03"})  # lock_not_available
 
 
-# ----------------------------------------------------------------------------- URLs
-
-
 def libpq_url(url: str) -> str:
     """The URL libpq reads: SQLAlchemy's ``postgresql+driver://`` (``postgres+driver://``)
     spelled ``postgresql://``; a libpq keyword string as it is.
@@ -341,9 +196,6 @@ def libpq_url(url: str) -> str:
 
 #: What messages, logs and ``store.url`` show of a URL: see :mod:`chipscale.redaction`.
 redact_url = redact
-
-
-# ----------------------------------------------------------------------------- errors
 
 
 def _is_transient(exc: psycopg.Error) -> bool:
@@ -386,58 +238,6 @@ def _connect(url: str, *, autocommit: bool, connect_timeout: float) -> psycopg.C
     )
 
 
-# ----------------------------------------------------------------------------- schema
-
-
-def _schema_state(conn: psycopg.Connection) -> tuple[str | None, int, list[str]]:
-    """The current schema, its chipscale schema version (0: none) and which of our tables
-    it holds."""
-    schema, found = conn.execute(
-        "SELECT current_schema(), ARRAY(SELECT relname::text FROM pg_class "
-        "WHERE relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) "
-        "AND relkind IN ('r', 'p') "
-        "AND relname = ANY(%s) ORDER BY relname)",
-        (list(TABLES),),
-    ).fetchone() or (None, [])
-    version = 0
-    if "schema_version" in found:
-        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-        version = int(row[0] or 0) if row else 0
-    return schema, version, list(found)
-
-
-def _migrate(conn: psycopg.Connection, where: str) -> tuple[str | None, int]:
-    """Create or migrate the schema in one transaction; returns (schema, version before).
-
-    The transaction-level advisory lock makes a concurrent set-up wait, then find the work
-    done (each statement of READ COMMITTED sees what committed before it); it is released
-    with the transaction, so it pins nothing.
-    """
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK,))
-        schema, version, found = _schema_state(conn)
-        if version > SCHEMA_VERSION:
-            raise _newer(where, version)
-        if version == 0 and found:
-            raise StoreError(
-                f"PostgreSQL store {where} schema {schema} already holds tables "
-                f"{', '.join(found)} but no schema_version: not created by chipscale; use "
-                "another database or schema (a search_path in the URL)"
-            )
-        for step in range(version, SCHEMA_VERSION):
-            conn.execute(MIGRATIONS[step])
-        if version < SCHEMA_VERSION:
-            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
-    return schema, version
-
-
-def _newer(where: str, version: int) -> StoreError:
-    return StoreError(
-        f"PostgreSQL store {where} has schema version {version}, newer than this chipscale's "
-        f"{SCHEMA_VERSION}: upgrade chipscale"
-    )
-
-
 def setup_database(url: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> str:
     """Create the results schema, or migrate it to :data:`SCHEMA_VERSION`, in the URL's
     current schema (the first of its ``search_path``); returns a one-line summary.
@@ -449,7 +249,7 @@ def setup_database(url: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> str
     describe = _Describer(url)
     try:
         with _connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
-            schema, before = _migrate(conn, describe.where)
+            schema, before = migrate(conn, describe.where)
     except psycopg.Error as exc:
         raise describe.error(exc, "setting up the schema") from None
     where = f"{describe.where} schema {schema}"
@@ -458,9 +258,6 @@ def setup_database(url: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> str
     if before == 0:
         return f"created the results schema in {where} (version {SCHEMA_VERSION})"
     return f"migrated the results schema of {where} from version {before} to {SCHEMA_VERSION}"
-
-
-# ----------------------------------------------------------------------------- the store
 
 
 class PostgresStore:
@@ -509,7 +306,7 @@ class PostgresStore:
         except pg_errors.UndefinedTable:
             version = 0
         if version > SCHEMA_VERSION:
-            raise _newer(self.url, version)
+            raise newer_schema(self.url, version)
         if version == SCHEMA_VERSION:
             return
         if not create:
@@ -518,7 +315,7 @@ class PostgresStore:
                 f"PostgreSQL store {self.url} has {found}, this chipscale needs version "
                 f"{SCHEMA_VERSION}: run `chipscale db-setup`"
             )
-        _migrate(conn, self.url)
+        migrate(conn, self.url)
 
     def _call(self, doing: str, operation: Callable[[psycopg.Connection], T]) -> T:
         """Run ``operation`` on the shared connection, under the lock.
@@ -592,7 +389,7 @@ class PostgresStore:
     def write(self, results: Sequence[TileResult]) -> None:
         """Upsert results in one statement (one transaction, one round trip); a re-written
         tile gets ``attempts + 1``. A plain INSERT first, the upsert only when it meets a
-        stored tile (see the module docstring)."""
+        stored tile (docs/design.md says why)."""
         if not results:
             return
         validate_results(results)
@@ -713,9 +510,6 @@ class PostgresStore:
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.url!r})"
-
-
-# ----------------------------------------------------------------------------- rows
 
 
 def _result_columns(results: Sequence[TileResult]) -> list[list[Any]]:

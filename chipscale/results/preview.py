@@ -23,8 +23,8 @@ from rasterio.vrt import WarpedVRT
 
 from chipscale.atomic import atomic_write
 from chipscale.errors import SourceError
-from chipscale.results.export import scores_of, top_class
-from chipscale.sources.cog import open_source
+from chipscale.results.export_rows import scores_of, top_class
+from chipscale.sources.datasets import open_dataset
 from chipscale.sources.gdal_env import gdal_env
 from chipscale.sources.images import stretch_to_uint8
 from chipscale.values import ResultRow
@@ -60,7 +60,7 @@ def _read_image(source: str, max_size: int) -> tuple[np.ndarray, tuple[float, fl
     try:
         with (
             gdal_env(source),
-            open_source(source) as src,
+            open_dataset(source) as src,
             WarpedVRT(src, crs="EPSG:3857") as vrt,
         ):
             scale = max(vrt.width, vrt.height) / max_size
@@ -78,7 +78,7 @@ def _read_image(source: str, max_size: int) -> tuple[np.ndarray, tuple[float, fl
     if rgb.shape[0] == 1:
         rgb = np.repeat(rgb, 3, axis=0)
     alpha = np.where(mask, 255, 0).astype(np.uint8)[None]
-    return np.concatenate([rgb, alpha]).transpose(1, 2, 0), bounds  # type: ignore[return-value]
+    return np.concatenate([rgb, alpha]).transpose(1, 2, 0), bounds
 
 
 def _default_title(jobs: Counter[str], zooms: Counter[int], total: int) -> str:
@@ -219,7 +219,11 @@ def render_preview(
 
 
 def _draw_patches(
-    ax: Any, boxes: np.ndarray, codes: np.ndarray, colors: list, error_color: tuple
+    ax: Any,
+    boxes: np.ndarray,
+    codes: np.ndarray,
+    colors: Sequence[tuple[float, ...]],
+    error_color: tuple[float, ...],
 ) -> None:
     """One rectangle a tile: filled by class, outlined when empty, hatched red on error."""
     from matplotlib.collections import PatchCollection
@@ -250,8 +254,8 @@ def _draw_raster(
     ax: Any,
     boxes: np.ndarray,
     codes: np.ndarray,
-    colors: list,
-    error_color: tuple,
+    colors: Sequence[tuple[float, ...]],
+    error_color: tuple[float, ...],
     extent: tuple[float, float, float, float],
     max_size: int,
 ) -> None:

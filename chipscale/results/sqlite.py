@@ -1,14 +1,9 @@
 """The SQLite adapter of the ResultStore port: the embedded default for local runs.
 
-Concurrency: SQLite has one writer at a time, so the store keeps one write connection guarded
-by a lock (worker threads queue on the lock rather than on SQLite's busy handler) and opens a
-dedicated read-only connection for each :meth:`SQLiteStore.iter_results`, which in WAL mode
-streams from a consistent snapshot while the workers keep writing. Other processes writing to
-the same file wait up to ``busy_timeout`` and then get :class:`StoreUnavailable`.
-
-Durability: WAL with ``synchronous=NORMAL``. Each :meth:`SQLiteStore.write` is one
-transaction, so a crash or a kill leaves either all of a call's rows or none; a power cut may
-lose the last few transactions but never corrupts the file.
+One write connection behind a lock, and a read-only connection per
+:meth:`SQLiteStore.iter_results`, which in WAL mode streams a consistent snapshot while
+workers write. Each :meth:`SQLiteStore.write` is one transaction. Why: docs/design.md, "The
+results store".
 """
 
 from __future__ import annotations

@@ -1,50 +1,17 @@
-"""Read web-mercator tiles from a raster, many tiles per warp.
-
-The worker's first step and its main cost. A queue message carries a pack of adjacent tiles;
-warping each tile on its own repeats the per-warp set-up (transformer, block fetches, mask
-reads) for every tile. Here tiles that lie together are read with ONE warp of their common
-window, then sliced: tiles are grouped by their parent ``k`` zooms up, where ``k`` is chosen so
-that a window is at most ``max_window`` x ``max_window`` output pixels. That keeps memory
-bounded (one window's arrays plus GDAL's block cache, whatever the size of the image) while
-amortising the warp over up to ``(max_window / size) ** 2`` tiles.
-
-How a tile is read
-    A :class:`rasterio.vrt.WarpedVRT` to EPSG:3857 whose pixel grid is the tile grid at the
-    tile's zoom (``size`` pixels a tile), nearest resampling by default, so a source already
-    on that grid is copied pixel for pixel. When the zoom is coarser than the image, the source
-    overview whose resolution is the coarsest one still at least as fine as the tile's is
-    warped (the VRT alone would read full resolution: slow, and aliased).
-
-Validity mask, first kind present wins (rio-tiler's order):
-    1. the dataset nodata value: a pixel is invalid where any selected band equals it (NaN
-       for a NaN nodata),
-    2. an alpha band: valid where the warped alpha is non-zero,
-    3. a per-dataset mask, internal (``GDAL_TIFF_INTERNAL_MASK``) before external
-       (``SOURCE.msk``; for local files only, see :mod:`chipscale.sources.gdal_env`): valid
-       where the warped mask is non-zero.
-    Pixels outside the source are invalid in every case and their data is 0 (or nodata).
-    So is, whatever the mask kind, a pixel of a float source that is NaN or inf in any
-    selected band: its data becomes 0 (or nodata), so no NaN ever reaches a model.
-
-Order of results
-    :func:`read_tiles` yields pack by pack: packs in the order of their first tile in the
-    input, tiles within a pack in input order. Input already grouped by parent tile (a queue
-    message, ``mercantile.tiles`` over a small area) therefore comes back in input order.
-    Each distinct tile is yielded once, however often it is requested.
+"""The raster adapter of the TileSource port: :class:`TileReader` reads web-mercator tiles from
+a raster through GDAL, tiles that lie together with ONE warp of their common window (at most
+``max_window`` pixels a side), then sliced; plus :func:`source_info`, what a raster holds.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
-import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -57,14 +24,14 @@ from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 
-from chipscale.errors import SourceError, SourceUnavailable, one_line, quoted
+from chipscale.errors import SourceError
 from chipscale.grid.tilelist import make_tile
-from chipscale.sources.gdal_env import gdal_env, is_remote
-from chipscale.sources.xyz import TileEndpointReader, is_tile_endpoint
+from chipscale.sources.datasets import LONLAT, footprint_lonlat, open_dataset
+from chipscale.sources.gdal_env import gdal_env
+from chipscale.sources.read_errors import source_error
 from chipscale.values import ImageData, invalidate_non_finite
 
 WEB_MERCATOR = CRS.from_epsg(3857)
-LONLAT = CRS.from_epsg(4326)
 #: Half the width of the web-mercator world, metres.
 ORIGIN = 20037508.342789244
 #: Default cap on one warp's output, pixels a side: 2048 = 8 x 8 tiles of 256.
@@ -98,153 +65,6 @@ class SourceInfo:
     mask: str
 
 
-def gdal_path(source: str | os.PathLike[str]) -> str:
-    """The path GDAL opens: ``s3://`` becomes ``/vsis3/``, ``http(s)://`` ``/vsicurl/``.
-
-    Mapped here rather than left to rasterio so that GDAL's own S3 settings (endpoint,
-    credentials from the environment) apply, the same for every caller.
-
-    >>> gdal_path("s3://bucket/a.tif")
-    '/vsis3/bucket/a.tif'
-    >>> gdal_path("https://example.com/a.tif")
-    '/vsicurl/https://example.com/a.tif'
-    """
-    text = os.fspath(source)
-    if text.startswith("s3://"):
-        return "/vsis3/" + text[len("s3://") :]
-    if text.startswith(("http://", "https://")):
-        return "/vsicurl/" + text
-    return text
-
-
-#: GDAL/curl messages of a remote read that a later attempt may not meet: the message goes
-#: back to the queue instead of recording the tiles as errors. A 403 or 404 is permanent.
-_TRANSIENT = re.compile(
-    r"HTTP response code: (429|5\d\d)|timed? ?out|Could not connect|Couldn't connect|"
-    r"Connection (refused|reset)|Could not resolve|Recv failure|Send failure|SSL|"
-    r"throttl|SlowDown|ServiceUnavailable|InternalError",
-    re.IGNORECASE,
-)
-
-
-#: GDAL's generic open failures, which name no cause. After a transient failure of the same
-#: path they are what GDAL answers from its cache of that failure (see ``_STALE``).
-_GENERIC = re.compile(
-    r"does not exist in the file system|not recognized as being in a supported file format"
-)
-
-
-#: libtiff's short read of a block of an already-open file: over the network, the connection
-#: went away mid-read (GDAL wraps it as "Read failed. See previous exception for details.",
-#: so it is only found down the exception chain).
-_SHORT_READ = re.compile(r"Read error at .*got \d+ bytes, expected")
-
-
-def _chain(exc: BaseException) -> list[str]:
-    """The messages of an exception and of the ones it was raised from (GDAL chains its
-    errors: the top one is often "Read failed. See previous exception for details.")."""
-    seen: list[str] = []
-    current: BaseException | None = exc
-    while current is not None and len(seen) < 10:
-        seen.append(str(current))
-        current = current.__cause__ or current.__context__
-    return seen
-
-
-def _reason(exc: BaseException) -> str:
-    """One line saying what failed. GDAL's "Read failed. See previous exception for
-    details." says nothing: then the chained messages, which name the band, the block and
-    the bytes missing (``IReadBlock failed at X offset 0, Y offset 3 ... got 0 bytes,
-    expected 123499``), each once."""
-    top = one_line(exc)
-    if "See previous exception" not in top:
-        return top
-    parts: list[str] = []
-    for message in _chain(exc)[1:]:
-        text = " ".join(message.split())
-        if text and not any(text in part for part in parts):
-            parts.append(text)
-    return "; ".join(parts) or top
-
-
-def _source_error(
-    source: str | os.PathLike[str],
-    exc: BaseException,
-    *,
-    after_outage: bool = False,
-    reading: bool = False,
-) -> SourceError:
-    """The error to raise for a failed open or read of ``source``, transient or not.
-
-    ``after_outage``: the last open of this path failed transiently, so a generic "does not
-    exist" is GDAL repeating that failure, not the server saying the object is gone (S3
-    says that as "The specified key does not exist" or "HTTP response code: 404").
-    ``reading``: the source opened fine and a block read failed; a short read of a remote
-    file is the network, not the file (tests/reliability: an S3 outage mid-job must be
-    retried, not stored as ``error`` rows).
-    """
-    text = f"cannot read raster {os.fspath(source)}: {_reason(exc)}"
-    message = " | ".join(_chain(exc))
-    if not is_remote(os.fspath(source)) and _SHORT_READ.search(message):
-        text += " (the file ends before this block: truncated?)"
-    if is_remote(os.fspath(source)) and (
-        _TRANSIENT.search(message)
-        or (after_outage and _GENERIC.search(message))
-        or (reading and _SHORT_READ.search(message))
-    ):
-        return SourceUnavailable(text)
-    return SourceError(text)
-
-
-#: Remote paths whose last open failed transiently. GDAL caches what it learnt about a
-#: network path for the life of the process, failures included: after a refused connection
-#: the next open of the same path answers "does not exist in the file system" (or "not
-#: recognized as being in a supported file format") without asking the server, even once the
-#: server is back, so a message the queue redelivers to the same warm worker became
-#: permanent ``error`` rows (measured with GDAL 3.10 against moto). Opens of such a path
-#: bypass GDAL's cache (``CPL_VSIL_CURL_NON_CACHED``, which also drops the stale entry when
-#: the dataset closes) and read a generic failure as transient, until one open succeeds or
-#: fails for a stated reason.
-_STALE: set[str] = set()
-_STALE_LOCK = threading.Lock()
-
-
-def _mark_stale(path: str, stale: bool) -> None:
-    with _STALE_LOCK:
-        if stale:
-            _STALE.add(path)
-        else:
-            _STALE.discard(path)
-
-
-def open_source(source: str | os.PathLike[str], overview_level: int | None = None) -> DatasetReader:
-    """Open ``source`` (path, http(s) or s3 URL) or raise :class:`SourceError` naming it.
-
-    Call it inside :func:`chipscale.sources.gdal_env.gdal_env` so the cloud settings apply.
-    """
-    kwargs = {} if overview_level is None else {"overview_level": overview_level}
-    path = gdal_path(source)
-    try:
-        path.encode()  # GDAL takes UTF-8: a name of undecodable bytes is none it can open
-    except UnicodeEncodeError:
-        raise SourceError(f"source {quoted(str(source))} is not UTF-8 text") from None
-    with _STALE_LOCK:
-        stale = path in _STALE
-    try:
-        # GDAL splits the option's value at ":", so for an http(s) URL it bypasses the cache
-        # of every /vsicurl/http path during this one open: harmless, and rare.
-        with rasterio.Env(CPL_VSIL_CURL_NON_CACHED=path) if stale else nullcontext():
-            dataset = rasterio.open(path, **kwargs)
-    except (RasterioError, OSError) as exc:
-        error = _source_error(source, exc, after_outage=stale)
-        if is_remote(path) and (stale or not error.permanent):
-            _mark_stale(path, not error.permanent)
-        raise error from None
-    if stale:
-        _mark_stale(path, False)
-    return dataset
-
-
 def tile_transform(x: int, y: int, z: int, size: int) -> Affine:
     """Affine transform of the EPSG:3857 grid whose pixel (0, 0) is tile (x, y, z)'s corner.
 
@@ -253,31 +73,6 @@ def tile_transform(x: int, y: int, z: int, size: int) -> Affine:
     span = 2 * ORIGIN / (1 << z)
     res = span / size
     return Affine(res, 0.0, -ORIGIN + x * span, 0.0, -res, ORIGIN - y * span)
-
-
-def _wrap_lon(lon: float) -> float:
-    return (lon + 180.0) % 360.0 - 180.0 if not -180.0 <= lon <= 180.0 else lon
-
-
-def footprint_lonlat(dataset: DatasetReader) -> tuple[float, float, float, float]:
-    """``(west, south, east, north)`` in EPSG:4326 of an open dataset; ``west > east`` when
-    the footprint crosses the antimeridian."""
-    if dataset.crs is None:
-        raise SourceError(f"raster {dataset.name} has no coordinate reference system")
-    w, s, e, n = transform_bounds(dataset.crs, LONLAT, *dataset.bounds, densify_pts=21)
-    if e - w >= 360.0:
-        return (-180.0, s, 180.0, n)
-    return (_wrap_lon(w), s, _wrap_lon(e), n)
-
-
-def source_footprint_lonlat(source: str | os.PathLike[str]) -> tuple[float, float, float, float]:
-    """The source's footprint ``(west, south, east, north)`` in EPSG:4326.
-
-    Densified, so a curved edge of a projected raster is not cut off; ``west > east`` when the
-    footprint crosses the antimeridian (split it there before computing a tile cover).
-    """
-    with gdal_env(source), open_source(source) as dataset:
-        return footprint_lonlat(dataset)
 
 
 def _is_tiled(dataset: DatasetReader) -> bool:
@@ -298,7 +93,7 @@ def _mask_kind(dataset: DatasetReader) -> str:
 
 def source_info(source: str | os.PathLike[str]) -> SourceInfo:
     """Describe ``source``: bands, dtype, CRS, lon/lat footprint, layout, mask kind."""
-    with gdal_env(source), open_source(source) as dataset:
+    with gdal_env(source), open_dataset(source) as dataset:
         return SourceInfo(
             source=os.fspath(source),
             count=dataset.count,
@@ -330,10 +125,38 @@ def group_tiles(tiles: Sequence[Tile], shift: int) -> list[list[Tile]]:
 
 
 class TileReader:
-    """Reads tiles from one source, opened once; the engine behind :func:`read_tiles`.
+    """Reads tiles from one raster, opened once; the engine behind
+    :func:`chipscale.sources.read_tiles` for rasters.
 
     Keep one open to read many packs from the same source (a worker handling several
     messages for one image, a benchmark). Not thread-safe: one reader per thread.
+
+    How a tile is read
+        A :class:`rasterio.vrt.WarpedVRT` to EPSG:3857 whose pixel grid is the tile grid at
+        the tile's zoom (``size`` pixels a tile), nearest resampling by default, so a source
+        already on that grid is copied pixel for pixel. When the zoom is coarser than the
+        image, the source overview whose resolution is the coarsest one still at least as fine
+        as the tile's is warped (the VRT alone would read full resolution: slow, and aliased).
+        Tiles are grouped by their parent ``k`` zooms up, ``k`` chosen so that a window is at
+        most ``max_window`` x ``max_window`` output pixels, and each group is ONE warp.
+
+    Validity mask, first kind present wins (rio-tiler's order):
+        1. the dataset nodata value: a pixel is invalid where any selected band equals it
+           (NaN for a NaN nodata),
+        2. an alpha band: valid where the warped alpha is non-zero,
+        3. a per-dataset mask, internal (``GDAL_TIFF_INTERNAL_MASK``) before external
+           (``SOURCE.msk``; for local files only, see :mod:`chipscale.sources.gdal_env`):
+           valid where the warped mask is non-zero.
+        Pixels outside the source are invalid in every case and their data is 0 (or nodata).
+        So is, whatever the mask kind, a pixel of a float source that is NaN or inf in any
+        selected band: its data becomes 0 (or nodata), so no NaN ever reaches a model.
+
+    Order of results
+        :meth:`read` yields pack by pack: packs in the order of their first tile in the
+        input, tiles within a pack in input order. Input already grouped by parent tile (a
+        queue message, ``mercantile.tiles`` over a small area) therefore comes back in input
+        order.
+        Each distinct tile is yielded once, however often it is requested.
     """
 
     def __init__(
@@ -357,7 +180,7 @@ class TileReader:
         # The GDAL options are set around each open and read, not for the reader's lifetime:
         # a suspended read_tiles generator must not leave them set for unrelated code.
         with gdal_env(self.source):
-            self._dataset = open_source(self.source)
+            self._dataset = open_dataset(self.source)
         try:
             self._setup(bands)
         except BaseException:
@@ -457,7 +280,7 @@ class TileReader:
             return self._dataset
         if level not in self._overviews:
             with gdal_env(self.source):
-                self._overviews[level] = open_source(self.source, overview_level=level)
+                self._overviews[level] = open_dataset(self.source, overview_level=level)
         return self._overviews[level]
 
     def _tile_range(self, z: int) -> tuple[int, int, int, int] | None:
@@ -487,7 +310,7 @@ class TileReader:
         dataset = self._dataset_for(z)
         if self._on_mercator:
             return self._read_direct(dataset, tile_transform(x0, y0, z, self.size), nx, ny)
-        params: dict = {
+        params: dict[str, Any] = {
             "crs": WEB_MERCATOR,
             "transform": tile_transform(x0, y0, z, self.size),
             "width": nx * self.size,
@@ -511,12 +334,12 @@ class TileReader:
             with gdal_env(self.source), WarpedVRT(dataset, **params) as vrt:
                 values = vrt.read(indexes=indexes)
         except RasterioError as exc:
-            raise _source_error(self.source, exc, reading=True) from None
+            raise source_error(self.source, exc, reading=True) from None
         return self._split(values)
 
     def _split(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Data and validity mask from bands read with their alpha/mask band last (or not,
-        with nodata): the module's documented mask order, then non-finite pixels."""
+        with nodata): the class's documented mask order, then non-finite pixels."""
         if self.nodata is None:
             data, mask = values[:-1], values[-1] != 0
         elif np.isnan(self.nodata):
@@ -567,7 +390,7 @@ class TileReader:
                         1, window=sub, out_shape=shape, resampling=Resampling.nearest
                     )
         except RasterioError as exc:
-            raise _source_error(self.source, exc, reading=True) from None
+            raise source_error(self.source, exc, reading=True) from None
         return self._split(values)
 
     def read_pack(self, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, ImageData]]:
@@ -608,7 +431,7 @@ class TileReader:
         return min(xs), min(ys), max(xs), max(ys)
 
     def read(self, tiles: Iterable[Tile | Sequence[int]]) -> Iterator[tuple[Tile, ImageData]]:
-        """Read every distinct tile once, pack by pack (see the module's "Order of results")."""
+        """Read every distinct tile once, pack by pack (see the class's "Order of results")."""
         unique = list(dict.fromkeys(make_tile(*t) for t in tiles))
         for group in group_tiles(unique, self.shift):
             yield from self.read_pack(group)
@@ -637,107 +460,3 @@ class TileReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def read_tiles(
-    source: str | os.PathLike[str],
-    tiles: Iterable[Tile | Sequence[int]],
-    size: int = 256,
-    bands: Sequence[int] | None = None,
-    *,
-    resampling: Resampling | str = Resampling.nearest,
-    max_window: int = MAX_WINDOW,
-) -> Iterator[tuple[Tile, ImageData]]:
-    """Yield ``(tile, ImageData)`` for every distinct tile, reading packs with one warp each.
-
-    ``source``: a local path, an http(s) URL or an ``s3://`` URL, opened once for the call.
-    ``bands``: 1-based band indexes; default every band but an alpha band.
-    ``data`` is ``(bands, size, size)`` in the source dtype, ``mask`` is ``(size, size)``
-    bool, True where valid. A tile that misses the source has an all-False mask.
-    Raises :class:`~chipscale.errors.SourceError` when the source cannot be read and
-    :class:`~chipscale.errors.InvalidTileError` for a tile off the grid.
-
-    An XYZ tile endpoint (``https://host/{z}/{x}/{y}.png``, see
-    :mod:`chipscale.sources.xyz`) is read by a :class:`TileEndpointReader` instead;
-    ``max_window`` does not apply to it.
-    """
-    if is_tile_endpoint(source):
-        with TileEndpointReader(source, size=size, bands=bands, resampling=resampling) as endpoint:
-            yield from endpoint.read(tiles)
-        return
-    with TileReader(
-        source, size=size, bands=bands, resampling=resampling, max_window=max_window
-    ) as reader:
-        yield from reader.read(tiles)
-
-
-#: Open readers kept per thread by :func:`cached_reader`: a worker handles many packs of few
-#: sources, and opening costs a header read each time (milliseconds locally, a round trip
-#: or more to S3).
-READER_CACHE_SIZE = 4
-_local = threading.local()
-
-
-def cached_reader(
-    source: str | os.PathLike[str], *, size: int = 256, bands: Sequence[int] | None = None
-) -> TileReader | TileEndpointReader:
-    """An open reader for ``source`` from this thread's small LRU cache: a
-    :class:`TileReader`, or a :class:`TileEndpointReader` for an XYZ tile endpoint.
-
-    Per thread because a reader is not thread-safe. The least recently used reader is closed
-    when the cache is full. Sources are taken to be immutable while a process runs (COGs in a
-    bucket): a file rewritten in place needs :func:`clear_reader_cache`.
-    """
-    cache: OrderedDict[tuple, TileReader | TileEndpointReader] = (
-        getattr(_local, "readers", None) or OrderedDict()
-    )
-    _local.readers = cache
-    key = (os.fspath(source), size, tuple(bands) if bands is not None else None)
-    reader = cache.pop(key, None)
-    if reader is None:
-        kind = TileEndpointReader if is_tile_endpoint(source) else TileReader
-        reader = kind(source, size=size, bands=bands)
-        while len(cache) >= READER_CACHE_SIZE:
-            cache.popitem(last=False)[1].close()
-    cache[key] = reader
-    return reader
-
-
-def clear_reader_cache() -> None:
-    """Close this thread's cached readers."""
-    cache = getattr(_local, "readers", None) or {}
-    for reader in cache.values():
-        reader.close()
-    _local.readers = OrderedDict()
-
-
-def read_tile(
-    source: str | os.PathLike[str],
-    tile: Tile | Sequence[int],
-    size: int = 256,
-    bands: Sequence[int] | None = None,
-    *,
-    resampling: Resampling | str = Resampling.nearest,
-) -> ImageData:
-    """Read one tile (the CLI's ``chipscale tile``); see :func:`read_tiles`."""
-    kind = TileEndpointReader if is_tile_endpoint(source) else TileReader
-    with kind(source, size=size, bands=bands, resampling=resampling) as reader:
-        return reader.tile(tile)
-
-
-__all__ = [
-    "MAX_WINDOW",
-    "SlowSourceWarning",
-    "SourceInfo",
-    "TileReader",
-    "cached_reader",
-    "clear_reader_cache",
-    "gdal_path",
-    "group_tiles",
-    "open_source",
-    "read_tile",
-    "read_tiles",
-    "source_footprint_lonlat",
-    "source_info",
-    "tile_transform",
-]

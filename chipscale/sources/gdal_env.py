@@ -1,25 +1,6 @@
-"""GDAL settings for reading tiles, in one place.
-
-Cloud-optimised reads depend on a handful of GDAL configuration options (TiTiler's
-recommendations, see FIELD-NOTES "Reading tiles"): no directory listing on open, merged and
-multiplexed HTTP range requests, a block cache. They are set here and nowhere else.
-
-Precedence, lowest first: the defaults below, then the process environment (a user who exports
-``GDAL_CACHEMAX=1024`` wins, because a variable already in the environment is never
-overridden), then keyword overrides given to :func:`gdal_env`.
-
-Two defaults depend on the source:
-
-* ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` saves a directory listing per remote open, but it
-  also hides a sidecar ``SOURCE.msk`` mask. Local files are cheap to list, so the option is set
-  for remote sources only and external masks of local files keep working.
-* ``CPL_VSIL_CURL_ALLOWED_EXTENSIONS`` stops GDAL probing sidecar files over HTTP, but it makes
-  a URL without a ``.tif`` suffix unreadable; it is set only when the source has that suffix.
-
-S3-compatible endpoints (MinIO, localstack, moto): GDAL reads ``AWS_S3_ENDPOINT``,
-``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING``. When those are unset but the AWS SDK variable
-``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` is, they are derived from it, so boto3 and GDAL
-talk to the same server.
+"""GDAL settings for reading tiles, in one place: the cloud-optimised defaults (TiTiler's
+recommendations, see FIELD-NOTES "Reading tiles"), the ones that depend on the source, and
+S3-compatible endpoints derived from the AWS SDK's variables. Set here and nowhere else.
 """
 
 from __future__ import annotations
@@ -92,7 +73,21 @@ def gdal_options(
 ) -> dict[str, str]:
     """The configuration options :func:`gdal_env` sets for reading ``source``.
 
-    Options already present in the environment are left out, so the user's value wins.
+    Precedence, lowest first: :data:`CLOUD_DEFAULTS`, then the process environment (a user
+    who exports ``GDAL_CACHEMAX=1024`` wins: an option already in the environment is left
+    out), then keyword overrides given to :func:`gdal_env`. Two defaults depend on the source:
+
+    * ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` saves a directory listing per remote open,
+      but it also hides a sidecar ``SOURCE.msk`` mask. Local files are cheap to list, so it
+      is set for remote sources only and external masks of local files keep working.
+    * ``CPL_VSIL_CURL_ALLOWED_EXTENSIONS`` stops GDAL probing sidecar files over HTTP, but it
+      makes a URL without a ``.tif`` suffix unreadable; it is set only when the source has
+      that suffix.
+
+    S3-compatible endpoints (MinIO, localstack, moto): GDAL reads ``AWS_S3_ENDPOINT``,
+    ``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING``; when those are unset but the AWS SDK variable
+    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` is, they are derived from it
+    (:func:`s3_endpoint_options`), so boto3 and GDAL talk to the same server.
     """
     env = os.environ if environ is None else environ
     options = dict(CLOUD_DEFAULTS)

@@ -1,67 +1,12 @@
-"""Read web-mercator tiles from an XYZ tile endpoint (``https://host/{z}/{x}/{y}.png``).
-
-The second kind of source beside a raster file, and the one chip-n-scale's worker read: a
-URL template a tile server (TiTiler, MapProxy, a CDN of pre-rendered tiles, an imagery
-provider) answers one image per tile. :class:`TileEndpointReader` has the interface of
-:class:`chipscale.sources.cog.TileReader` as the worker uses it (``read``, ``tile``, ``close``, a
-context manager), and :func:`chipscale.sources.cog.cached_reader` picks it for any source for which
-:func:`is_tile_endpoint` is true, so ``process_pack`` serves both kinds unchanged.
-
-Template
-    ``{z}``, ``{x}`` and ``{y}`` (XYZ numbering, y down from the north); ``{-y}`` instead of
-    ``{y}`` for a TMS endpoint (y up from the south: ``2**z - 1 - y``). Any other placeholder
-    (``{s}`` subdomains, ``{q}`` quadkeys, ``{r}``) is refused when the reader is made. Put
-    secrets (API keys) in the query string or in ``headers``: error messages and logs show
-    the URL without its query string and user information, but with its path.
-
-What each answer means
-    - 200 with an image body (PNG, JPEG, WebP, GeoTIFF: whatever GDAL's drivers decode):
-      the tile. A 200 whose body is not an image (a text, HTML, JSON or XML content type, or
-      bytes GDAL cannot decode) is :class:`~chipscale.errors.SourceError`: an error page
-      served as 200 must never reach the model. A 200 with an empty body is an empty tile.
-    - 204 and 404: an empty tile (all-False mask). Tile servers answer 404 where they have
-      no imagery (outside the coverage, a zoom they do not render), so 404 is a tile that
-      misses the source, as a tile outside a COG is, not an error.
-    - 408, 429, 5xx, connection errors and timeouts: retried ``retries`` times with full
-      jitter backoff; a ``Retry-After`` (seconds or an HTTP date) is honoured up to
-      ``retry_after_max`` seconds, and a longer one ends the retries at once. Still failing:
-      :class:`~chipscale.errors.SourceUnavailable` (transient: the queue delivers the message
-      again).
-    - any other status (401, 403, 410, 3xx after redirects are exhausted...):
-      :class:`~chipscale.errors.SourceError` (permanent), naming the status and the URL.
-    One failed tile fails the read (its first failure, in completion order, is raised and the
-    pack's other requests are abandoned): the reader has no per-tile error to yield, so the
-    worker records a permanent failure on every tile of the pack, as for an unreadable COG.
-
-Pixels
-    ``data`` is ``(bands, size, size)`` in the image's dtype (uint8 for PNG/JPEG/WebP,
-    anything for GeoTIFF). The validity mask follows :mod:`chipscale.sources.cog`' order: the
-    image's nodata value (a GeoTIFF's: invalid where any selected band equals it), then an
-    alpha band, then a mask GDAL derives for the whole image (an internal mask, or a PNG
-    ``tRNS`` colour: invalid where every band matches it); otherwise every pixel is valid (a
-    JPEG). An alpha band is never data.
-    A paletted image (PNG8) is expanded to RGB through its colour table, whose alpha is the
-    mask. ``bands`` selects 1-based bands like ``TileReader`` (of the expanded RGB for a
-    paletted image); by default every band but alpha.
-
-    Tiles of another size than ``size`` (512 px tiles for a 256 px model) are resampled by
-    GDAL while decoding, with ``resampling`` (nearest by default, as ``TileReader``;
-    ``average`` gives smoother downsampling); the mask is always resampled nearest. A tile
-    that is not square is refused (it is no web-mercator tile).
-
-    An empty tile's data is zeros of the band count and dtype of the tiles this reader has
-    decoded (``len(bands)`` if given; 3 bands of uint8 before any tile was decoded).
-
-Order of results
-    Each distinct tile once, in input order. Tiles are fetched ``concurrency`` at a time from
-    a thread pool the reader owns (each is a round trip), over one keep-alive connection pool
-    (at most ``concurrency`` connections), ``CHUNK`` tiles per round so memory stays bounded
-    whatever the length of the input.
+"""The XYZ-endpoint adapter of the TileSource port: :class:`TileEndpointReader` reads
+web-mercator tiles from a URL template (``https://host/{z}/{x}/{y}.png``) that a tile server
+(TiTiler, MapProxy, a CDN of pre-rendered tiles, an imagery provider; what chip-n-scale's
+worker read) answers one image per tile. :func:`chipscale.sources.open_tile_source` picks it
+for any source for which :func:`is_tile_endpoint` is true.
 """
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import math
 import os
@@ -73,7 +18,6 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -87,6 +31,7 @@ from rasterio.io import DatasetReader, MemoryFile
 from chipscale import redaction
 from chipscale.errors import SourceError, SourceUnavailable, one_line
 from chipscale.grid.tilelist import make_tile
+from chipscale.retry import RETRY_STATUSES, Backoff, RetryPolicy, RetrySettingsError, retry_after
 from chipscale.values import ImageData, invalidate_non_finite
 
 log = logging.getLogger(__name__)
@@ -108,8 +53,6 @@ MAX_REDIRECTS = 5
 #: Tiles fetched per round: bounds memory (64 RGB 256 px tiles are 12 MiB) on long inputs.
 CHUNK = 64
 
-#: Answers worth another try: timeout, throttling, server-side failures.
-RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 #: Answers that mean "no imagery here": the tile is empty.
 EMPTY_STATUSES = frozenset({204, 404})
 #: Content types that are never an image, whatever the body.
@@ -172,7 +115,58 @@ class _Abandoned(Exception):
 
 
 class TileEndpointReader:
-    """Reads tiles from an XYZ tile endpoint; see the module docstring for the behaviour.
+    """Reads tiles from an XYZ tile endpoint.
+
+    Template
+        ``{z}``, ``{x}`` and ``{y}`` (XYZ numbering, y down from the north); ``{-y}`` instead of
+        ``{y}`` for a TMS endpoint (y up from the south: ``2**z - 1 - y``). Any other placeholder
+        (``{s}`` subdomains, ``{q}`` quadkeys, ``{r}``) is refused when the reader is made. Put
+        secrets (API keys) in the query string or in ``headers``: error messages and logs show
+        the URL without its query string and user information, but with its path.
+
+    What each answer means
+        - 200 with an image body (PNG, JPEG, WebP, GeoTIFF: whatever GDAL's drivers decode):
+          the tile. A 200 whose body is not an image (a text, HTML, JSON or XML content type, or
+          bytes GDAL cannot decode) is :class:`~chipscale.errors.SourceError`: an error page
+          served as 200 must never reach the model. A 200 with an empty body is an empty tile.
+        - 204 and 404: an empty tile (all-False mask). Tile servers answer 404 where they have
+          no imagery (outside the coverage, a zoom they do not render), so 404 is a tile that
+          misses the source, as a tile outside a COG is, not an error.
+        - 408, 429, 5xx, connection errors and timeouts: retried ``retries`` times with full
+          jitter backoff; a ``Retry-After`` (seconds or an HTTP date) is honoured up to
+          ``retry_after_max`` seconds, and a longer one ends the retries at once. Still failing:
+          :class:`~chipscale.errors.SourceUnavailable` (transient: the queue delivers the message
+          again).
+        - any other status (401, 403, 410, 3xx after redirects are exhausted...):
+          :class:`~chipscale.errors.SourceError` (permanent), naming the status and the URL.
+        One failed tile fails the read (its first failure, in completion order, is raised and the
+        pack's other requests are abandoned): the reader has no per-tile error to yield, so the
+        worker records a permanent failure on every tile of the pack, as for an unreadable COG.
+
+    Pixels
+        ``data`` is ``(bands, size, size)`` in the image's dtype (uint8 for PNG/JPEG/WebP,
+        anything for GeoTIFF). The validity mask follows ``TileReader``'s order: the
+        image's nodata value (a GeoTIFF's: invalid where any selected band equals it), then an
+        alpha band, then a mask GDAL derives for the whole image (an internal mask, or a PNG
+        ``tRNS`` colour: invalid where every band matches it); otherwise every pixel is valid (a
+        JPEG). An alpha band is never data.
+        A paletted image (PNG8) is expanded to RGB through its colour table, whose alpha is the
+        mask. ``bands`` selects 1-based bands like ``TileReader`` (of the expanded RGB for a
+        paletted image); by default every band but alpha.
+
+        Tiles of another size than ``size`` (512 px tiles for a 256 px model) are resampled by
+        GDAL while decoding, with ``resampling`` (nearest by default, as ``TileReader``;
+        ``average`` gives smoother downsampling); the mask is always resampled nearest. A tile
+        that is not square is refused (it is no web-mercator tile).
+
+        An empty tile's data is zeros of the band count and dtype of the tiles this reader has
+        decoded (``len(bands)`` if given; 3 bands of uint8 before any tile was decoded).
+
+    Order of results
+        Each distinct tile once, in input order. Tiles are fetched ``concurrency`` at a time from
+        a thread pool the reader owns (each is a round trip), over one keep-alive connection pool
+        (at most ``concurrency`` connections), ``CHUNK`` tiles per round so memory stays bounded
+        whatever the length of the input.
 
     Parameters:
 
@@ -187,8 +181,9 @@ class TileEndpointReader:
     - ``headers``: sent with every request (an API key header, a Referer);
     - ``sleep``, ``rng``: injectable for tests.
 
-    Not thread-safe, like ``TileReader``: one reader per thread (:func:`cached_reader` keeps
-    one per thread); the reader's own pool runs the requests.
+    Not thread-safe, like ``TileReader``: one reader per thread
+    (:func:`chipscale.sources.cached_reader` keeps one per thread); the reader's own pool runs
+    the requests.
     """
 
     def __init__(
@@ -213,11 +208,11 @@ class TileEndpointReader:
         self._check_template()
         if size <= 0:
             raise ValueError(f"tile size must be positive, got {size}")
-        if concurrency < 1 or retries < 0 or min(backoff, backoff_max, retry_after_max) < 0:
-            raise ValueError(
-                "concurrency must be >= 1 and retries, backoff, backoff_max, retry_after_max "
-                f">= 0; got {concurrency}, {retries}, {backoff}, {backoff_max}, {retry_after_max}"
-            )
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1; got {concurrency}")
+        self.policy = RetryPolicy.of_retries(retries, backoff, backoff_max, owner="tile reader")
+        if retry_after_max < 0:
+            raise RetrySettingsError(f"retry_after_max must be >= 0; got {retry_after_max}")
         self.size = size
         self.bands = tuple(int(b) for b in bands) if bands is not None else None
         if self.bands is not None and (not self.bands or min(self.bands) < 1):
@@ -226,13 +221,9 @@ class TileEndpointReader:
             Resampling[resampling] if isinstance(resampling, str) else Resampling(resampling)
         )
         self.concurrency = concurrency
-        self.retries = retries
-        self.backoff = backoff
-        self.backoff_max = backoff_max
         self.retry_after_max = retry_after_max
         self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._rng_lock = threading.Lock()
+        self._backoff = Backoff(self.policy, rng)
         #: Band count and dtype of the decoded tiles: the shape of empty tiles, and what
         #: every later tile must match (a batch stacks them).
         self._kind: tuple[int, np.dtype] | None = None
@@ -322,9 +313,9 @@ class TileEndpointReader:
     def _get(self, tile: Tile, url: str, abandon: threading.Event) -> urllib3.BaseHTTPResponse:
         """GET ``url``, retrying what a retry may fix; the final answer otherwise."""
         last, wait_for = "", 0.0
-        for attempt in range(self.retries + 1):
+        for attempt in range(self.policy.max_attempts):
             if attempt:
-                self._sleep(max(self._delay(attempt - 1), wait_for))
+                self._sleep(max(self._backoff.delay(attempt), wait_for))
             if abandon.is_set():
                 raise _Abandoned
             try:
@@ -338,7 +329,7 @@ class TileEndpointReader:
             if response.status not in RETRY_STATUSES:
                 return response
             last = f"HTTP {response.status}{_reason(response)}"
-            wait_for = _retry_after(response.headers.get("Retry-After"))
+            wait_for = retry_after(response.headers.get("Retry-After"))
             log.info("tile endpoint %s, attempt %d: %s", redact(url), attempt + 1, last)
             if wait_for > self.retry_after_max:
                 raise SourceUnavailable(
@@ -347,14 +338,8 @@ class TileEndpointReader:
                 )
         raise SourceUnavailable(
             f"cannot read {_name(tile)} from tile endpoint {redact(url)} after "
-            f"{self.retries + 1} attempts: {last}"
+            f"{self.policy.max_attempts} attempts: {last}"
         )
-
-    def _delay(self, attempt: int) -> float:
-        """Full jitter: uniform in ``[0, min(backoff_max, backoff * 2**attempt)]``."""
-        cap = min(self.backoff_max, self.backoff * 2.0**attempt)
-        with self._rng_lock:
-            return self._rng.uniform(0.0, cap)
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -447,7 +432,7 @@ class TileEndpointReader:
             data = np.zeros((count, self.size, self.size), dtype=dtype)
             return ImageData(data=data, mask=np.zeros((self.size, self.size), dtype=bool))
         kind = (decoded.data.shape[0], decoded.data.dtype)
-        if kind != self._kind:
+        if self._kind is not None and kind != self._kind:
             raise SourceError(
                 f"{_name(tile)} from tile endpoint {redact(self.source)} has {kind[0]} bands of "
                 f"{kind[1]}, earlier tiles {self._kind[0]} of {self._kind[1]}: the endpoint "
@@ -493,23 +478,6 @@ def _check_bands(bands: Sequence[int], count: int, where: str) -> None:
         raise SourceError(f"{where} has bands 1..{count}; requested {bad}")
 
 
-def _retry_after(value: str | None) -> float:
-    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date); 0
-    when absent or unreadable."""
-    if not value:
-        return 0.0
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return 0.0
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
 def _describe(exc: BaseException, url: str) -> str:
     """A connection failure in one line, without the URL's query string (urllib3 quotes the
     request path, query included, in MaxRetryError)."""
@@ -531,7 +499,6 @@ def _reason(response: urllib3.BaseHTTPResponse, limit: int = 120) -> str:
 __all__ = [
     "CHUNK",
     "EMPTY_STATUSES",
-    "RETRY_STATUSES",
     "TileEndpointReader",
     "is_tile_endpoint",
     "redact",

@@ -117,7 +117,7 @@ def tiles_of(source: Path, count: int, *, skip: int = 0, min_zoom: int = 20) -> 
     """``count`` tiles inside the footprint of ``source``, rows north to south, at the
     coarsest zoom from ``min_zoom`` whose cover holds ``skip + count`` tiles (NAIP: 25,205
     at zoom 20, 100,171 at 21). Whole rows of a footprint: adjacent tiles, dense packs."""
-    from chipscale.grid.cover import cover
+    from chipscale.sources.footprint import cover
 
     for zoom in range(min_zoom, 25):
         tiles = sorted(cover(zoom, source=str(source)), key=lambda t: (t.y, t.x))

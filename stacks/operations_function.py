@@ -1,13 +1,9 @@
 """Operations: the Lambda inside the VPC that does the operator's work on private resources.
 
-DESIGN.md, "Reaching a private stack": the database and the model endpoint have no public
-address, so ``chipscale verify --stack NAME`` invokes this function (``operations.handler``,
-same bundle as the worker; the actions are in chipscale/ops/operations.py), and so do
-``db-setup``, ``status``, ``download`` and ``push --stack`` (recording the job, resuming).
-It is allowed what those need and no more: the secret's read, HTTPS to AWS endpoints, the
-security-group paths to the load balancer and the proxy that the stack adds, and writes
-under two prefixes of the results bucket (exports and the done-tile lists of a resume),
-which the operator's own credentials then download.
+``chipscale verify | db-setup | status | download --stack NAME`` and ``push --stack`` invoke
+it (``operations.handler``, actions in :mod:`chipscale.ops.operations_actions`). It may read
+the secret, reach AWS endpoints, the load balancer and the proxy, and write under two prefixes
+of the results bucket. Why: docs/design.md, "Reaching a private stack".
 """
 
 from __future__ import annotations
@@ -20,14 +16,14 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
 from chipscale import names
-from chipscale.ops.operations import DONE_TILES_PREFIX, EXPORT_PREFIX
+from chipscale.ops.operations_actions import DONE_TILES_PREFIX, EXPORT_PREFIX
 from stacks.common import acknowledge, python_function
 from stacks.config import DeploymentConfig
 
 HANDLER = "operations.handler"
 #: What the function does today, for its description and the stack output's.
 PURPOSE = "verify, db-setup, status, export, record-job, done-tiles, scrape-metrics"
-#: Results-bucket prefixes the function writes (chipscale.ops.operations' keys start with them).
+#: Results-bucket prefixes the function writes (the keys of chipscale.ops.operations_actions).
 WRITE_PREFIXES = (EXPORT_PREFIX, DONE_TILES_PREFIX)
 #: Lambda's /tmp for an export before its upload: 10 GiB (the most Lambda allows) holds a
 #: GeoJSON of some 20 million tiles; /tmp is billed only while the function runs.

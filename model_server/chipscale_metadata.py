@@ -1,0 +1,325 @@
+"""The metadata a chipscale model file carries (``chipscale.json``): :class:`ModelMetadata`
+and its :class:`Scaling`, parsed and checked. Imports neither torch nor ``chipscale``: it
+ships in the TorchServe ``.mar`` beside ``chipscale_runtime``."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "FLOAT_DTYPE_NAMES",
+    "INPUT_DTYPE_NAMES",
+    "METADATA_FILE",
+    "METADATA_FORMAT",
+    "OUTPUT_KINDS",
+    "MetadataError",
+    "ModelFileError",
+    "ModelMetadata",
+    "ModelRuntimeError",
+    "Scaling",
+    "as_metadata",
+]
+
+#: Name of the metadata document inside a model file.
+METADATA_FILE = "chipscale.json"
+#: Version of the metadata schema this runtime writes and reads.
+METADATA_FORMAT = 1
+#: ``input_dtype`` values: the float dtypes, and uint8 (which needs scaling "none").
+FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+INPUT_DTYPE_NAMES = (*FLOAT_DTYPE_NAMES, "uint8")
+OUTPUT_KINDS = ("scores", "logits")
+
+
+class ModelRuntimeError(Exception):
+    """Base class of the errors this runtime raises on purpose."""
+
+
+class ModelFileError(ModelRuntimeError, ValueError):
+    """A file is not a chipscale model (not a model at all, a bare checkpoint, no metadata)."""
+
+
+class MetadataError(ModelFileError):
+    """A model's metadata is missing fields or has invalid values."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scaling:
+    """How raw pixel values become model input, applied by the runtime before the model.
+
+    ``type`` is ``"none"`` (values as they are, cast to ``input_dtype``), ``"divide"``
+    (``x / value``) or ``"normalize"`` (``(x / divide - mean[c]) / std[c]``).
+    """
+
+    type: Literal["none", "divide", "normalize"] = "none"
+    value: float | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    divide: float = 1.0
+
+    @classmethod
+    def none(cls) -> Scaling:
+        return cls("none")
+
+    @classmethod
+    def divided_by(cls, value: float) -> Scaling:
+        """``x / value`` (e.g. 255 for 8-bit imagery)."""
+        return cls("divide", value=float(value))
+
+    @classmethod
+    def normalized(
+        cls, mean: Sequence[float], std: Sequence[float], divide: float = 1.0
+    ) -> Scaling:
+        """``(x / divide - mean[c]) / std[c]`` (e.g. ImageNet statistics with divide=255)."""
+        return cls(
+            "normalize",
+            mean=tuple(float(v) for v in mean),
+            std=tuple(float(v) for v in std),
+            divide=float(divide),
+        )
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, one entry per problem (empty when valid)."""
+        found: list[str] = []
+        if self.type == "none":
+            return found
+        if self.type == "divide":
+            if self.value is None or not _finite(self.value) or self.value == 0:
+                found.append(f"scaling divide needs a non-zero number 'value', got {self.value!r}")
+        elif self.type == "normalize":
+            if not self.mean or len(self.mean) != len(self.std):
+                found.append(
+                    "scaling normalize needs 'mean' and 'std' lists of the same non-zero length"
+                )
+            if any(not _finite(v) for v in self.mean):
+                found.append("scaling normalize 'mean' holds a value that is not a number")
+            if any(not _finite(v) or v == 0 for v in self.std):
+                found.append("scaling normalize 'std' holds zero or a value that is not a number")
+            if not _finite(self.divide) or self.divide == 0:
+                found.append(f"scaling normalize 'divide' must be non-zero, got {self.divide!r}")
+        else:
+            found.append(f"scaling type must be 'none', 'divide' or 'normalize', got {self.type!r}")
+        return found
+
+    def to_dict(self) -> dict[str, Any] | str:
+        if self.type == "none":
+            return "none"
+        if self.type == "divide":
+            return {"type": "divide", "value": self.value}
+        return {
+            "type": "normalize",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "divide": self.divide,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | str | None) -> Scaling:
+        if data is None or data == "none":
+            return cls.none()
+        if isinstance(data, str):
+            raise MetadataError(f"model metadata scaling must be 'none' or an object, got {data!r}")
+        if not isinstance(data, Mapping):
+            raise MetadataError(f"model metadata scaling must be an object, got {data!r}")
+        kind = data.get("type", "none")
+        try:
+            if kind == "divide":
+                value = data.get("value")
+                return cls("divide", value=None if value is None else float(value))
+            if kind == "normalize":
+                return cls(
+                    "normalize",
+                    mean=tuple(float(v) for v in data.get("mean", ())),
+                    std=tuple(float(v) for v in data.get("std", ())),
+                    divide=float(data.get("divide", 1.0)),
+                )
+        except (TypeError, ValueError) as exc:
+            raise MetadataError(f"model metadata scaling has a non-number: {data!r}") from exc
+        return cls(kind)  # "none" or an unknown type that problems() reports
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """What a model file says about itself: the ``chipscale.json`` document.
+
+    Metadata schema (``chipscale.json``, format 1)::
+
+        {
+          "format": 1,                      # schema version of this document
+          "name": "landcover",              # required
+          "version": "3",                   # required, a string
+          "classes": ["snow", "forest"],    # required, non-empty, unique
+          "bands": 3,                       # required: channels the model expects by default
+          "band_counts": [3, 4],            # optional: every accepted channel count
+                                            # (default [bands])
+          "band_names": ["red", "green", "blue", "nir"],  # optional, >= max(band_counts) if given
+          "tile_size": 256,                 # required: tiles are (tile_size, tile_size)
+          "input_dtype": "float32",         # dtype handed to the model: float32|float16|bfloat16|
+                                            # float64, or uint8 (then scaling must be none)
+          "scaling": {"type": "divide", "value": 255},   # or "none", or
+                     # {"type": "normalize", "mean": [...], "std": [...], "divide": 255}
+                     # normalize computes (x / divide - mean[c]) / std[c]; mean and std hold one
+                     # value for every band or a single value for all
+          "output": "scores",               # "scores": returned as the model gives them
+                                            # (probabilities, sigmoid scores...); "logits": the
+                                            # runtime applies a softmax over the classes
+          "description": "..."              # optional, free text
+        }
+    """
+
+    name: str
+    version: str
+    classes: tuple[str, ...]
+    bands: int
+    tile_size: int
+    band_counts: tuple[int, ...] = ()
+    band_names: tuple[str, ...] = ()
+    input_dtype: str = "float32"
+    scaling: Scaling = field(default_factory=Scaling.none)
+    output: Literal["scores", "logits"] = "scores"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        # Accept lists from callers; store tuples so the value stays hashable and frozen.
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "band_counts", tuple(self.band_counts) or (self.bands,))
+        object.__setattr__(self, "band_names", tuple(self.band_names))
+        if isinstance(self.scaling, (Mapping, str)) or self.scaling is None:
+            object.__setattr__(self, "scaling", Scaling.from_dict(self.scaling))
+        problems = self.problems()
+        if problems:
+            raise MetadataError("invalid model metadata: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every rule this metadata breaks (empty when valid)."""
+        found: list[str] = []
+        if not isinstance(self.name, str) or not self.name.strip():
+            found.append("'name' must be a non-empty string")
+        if not isinstance(self.version, str) or not self.version.strip():
+            found.append("'version' must be a non-empty string (e.g. \"1\")")
+        if not self.classes or not all(isinstance(c, str) and c for c in self.classes):
+            found.append("'classes' must be a non-empty list of class names")
+        elif len(set(self.classes)) != len(self.classes):
+            found.append(f"'classes' has duplicates: {list(self.classes)}")
+        if not _positive_int(self.bands):
+            found.append(f"'bands' must be a positive integer, got {self.bands!r}")
+        if not all(_positive_int(b) for b in self.band_counts):
+            found.append(f"'band_counts' must hold positive integers, got {self.band_counts!r}")
+        elif _positive_int(self.bands) and self.bands not in self.band_counts:
+            found.append(f"'band_counts' {list(self.band_counts)} must include 'bands'")
+        counts_ok = all(_positive_int(b) for b in self.band_counts)
+        if self.band_names and counts_ok and len(self.band_names) < max(self.band_counts):
+            found.append(
+                f"'band_names' names {len(self.band_names)} bands, "
+                f"fewer than the {max(self.band_counts)} accepted"
+            )
+        if not _positive_int(self.tile_size):
+            found.append(f"'tile_size' must be a positive integer, got {self.tile_size!r}")
+        if self.input_dtype not in INPUT_DTYPE_NAMES:
+            found.append(
+                f"'input_dtype' must be one of {sorted(INPUT_DTYPE_NAMES)}, "
+                f"got {self.input_dtype!r}"
+            )
+        elif self.input_dtype not in FLOAT_DTYPE_NAMES and self.scaling.type != "none":
+            found.append(f"'input_dtype' {self.input_dtype} needs scaling 'none'")
+        found.extend(self.scaling.problems())
+        means = len(self.scaling.mean)
+        if self.scaling.type == "normalize" and counts_ok and 1 < means < max(self.band_counts):
+            found.append(
+                f"scaling normalize has {means} means for up to {max(self.band_counts)} bands"
+            )
+        if self.output not in OUTPUT_KINDS:
+            found.append(f"'output' must be one of {list(OUTPUT_KINDS)}, got {self.output!r}")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "format": METADATA_FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "classes": list(self.classes),
+            "bands": self.bands,
+            "band_counts": list(self.band_counts),
+            "tile_size": self.tile_size,
+            "input_dtype": self.input_dtype,
+            "scaling": self.scaling.to_dict(),
+            "output": self.output,
+            "description": self.description,
+        }
+        if self.band_names:
+            data["band_names"] = list(self.band_names)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelMetadata:
+        """Parse a metadata document; a missing or invalid field raises :class:`MetadataError`
+        naming every problem at once."""
+        if not isinstance(data, Mapping):
+            raise MetadataError(f"model metadata must be a JSON object, got {type(data).__name__}")
+        fmt = data.get("format", METADATA_FORMAT)
+        if fmt != METADATA_FORMAT:
+            raise MetadataError(
+                f"model metadata format {fmt!r} is not supported by this runtime "
+                f"(reads format {METADATA_FORMAT})"
+            )
+        required = ("name", "version", "classes", "bands", "tile_size")
+        missing = [key for key in required if data.get(key) in (None, "", [])]
+        if missing:
+            raise MetadataError("model metadata is missing required fields: " + ", ".join(missing))
+        known = {
+            "format",
+            *required,
+            "band_counts",
+            "band_names",
+            "input_dtype",
+            "scaling",
+            "output",
+            "description",
+        }
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MetadataError("model metadata has unknown fields: " + ", ".join(unknown))
+        classes = data["classes"]
+        if isinstance(classes, str) or not isinstance(classes, Sequence):
+            raise MetadataError(f"'classes' must be a list of names, got {classes!r}")
+        return cls(
+            name=data["name"],
+            version=str(data["version"]),
+            classes=tuple(classes),
+            bands=data["bands"],
+            tile_size=data["tile_size"],
+            band_counts=tuple(data.get("band_counts") or ()),
+            band_names=tuple(data.get("band_names") or ()),
+            input_dtype=data.get("input_dtype", "float32"),
+            scaling=Scaling.from_dict(data.get("scaling")),
+            output=data.get("output", "scores"),
+            description=data.get("description", ""),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelMetadata:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise MetadataError(f"model metadata is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def as_metadata(metadata: ModelMetadata | Mapping[str, Any]) -> ModelMetadata:
+    if isinstance(metadata, ModelMetadata):
+        return metadata
+    return ModelMetadata.from_dict(metadata)

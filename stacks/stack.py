@@ -24,7 +24,7 @@ from chipscale import names
 from stacks.bundle import lambda_code
 from stacks.common import acknowledge, add_output
 from stacks.config import DeploymentConfig
-from stacks.fleet_controller import FleetController
+from stacks.fleet_controller_function import FleetController
 from stacks.gpu_fleet import GpuFleet
 from stacks.monitoring import Monitoring
 from stacks.network import Network

@@ -720,7 +720,7 @@ def test_mapping_already_enabling_needs_no_update(
 
 
 def controller_env(fleet: Fleet) -> dict[str, str]:
-    """The environment the stack gives the controller (stacks/fleet_controller.py)."""
+    """The environment the stack gives the controller (stacks/fleet_controller_function.py)."""
     return {
         names.ENV_ASG_NAME: fleet.asg_name,
         names.ENV_TARGET_GROUP_ARN: fleet.target_group_arn,

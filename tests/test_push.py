@@ -32,7 +32,6 @@ from shapely.geometry import box, mapping
 from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale.cli import cli
-from chipscale.cloud import push as push_lib
 from chipscale.cloud import push_send
 from chipscale.cloud.push import push, region_from_queue_url, validate_source
 from chipscale.cloud.push_plan import decode_keys, encode_tiles, plan_push

@@ -623,7 +623,7 @@ def test_scaling_on_backlog_per_instance_and_from_zero(raw: dict[str, Any]) -> N
 
 def test_fleet_controller(raw: dict[str, Any], template: Template) -> None:
     fn = _function(raw, "fleet_controller.handler")
-    assert "VpcConfig" not in fn  # AWS APIs only; see stacks/fleet_controller.py
+    assert "VpcConfig" not in fn  # AWS APIs only; see stacks/fleet_controller_function.py
     env = fn["Environment"]["Variables"]
     assert env[names.ENV_GPUS_PER_INSTANCE] == "1"
     assert env[names.ENV_PER_GPU_DEFAULT] == "4"
@@ -709,7 +709,12 @@ def test_every_function_is_built_by_the_one_helper(raw: dict[str, Any]) -> None:
         assert fn["Architectures"] == ["x86_64"]
         assert fn["LoggingConfig"]["LogGroup"]["Ref"] in groups
     assert RUNTIME_PIN_REASON.startswith(f"{LAMBDA_RUNTIME.name} is pinned on purpose")
-    for module in ("worker.py", "operations_function.py", "fleet_controller.py", "common.py"):
+    for module in (
+        "worker.py",
+        "operations_function.py",
+        "fleet_controller_function.py",
+        "common.py",
+    ):
         source = (REPO_ROOT / "stacks" / module).read_text()
         assert "Python 3.12" not in source and "cp312" not in source, module
         if module != "common.py":

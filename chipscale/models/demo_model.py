@@ -72,9 +72,6 @@ class DemoLandcover(nn.Module):
         self.register_buffer("bias", weight[:, 0].contiguous())
         self.block: int = BLOCK
 
-    weight: torch.Tensor  # buffers, declared for the type checker (register_buffer above)
-    bias: torch.Tensor
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_scores(x).mean(dim=[2, 3])
 

@@ -1,31 +1,10 @@
 """TorchServe over HTTP as a :class:`~chipscale.models.predictors.Predictor` (the cloud adapter).
 
-The Lambda worker scores tiles on the GPU fleet through :class:`TorchServePredictor`. It
-speaks the wire protocol of ``model_server/chipscale_handler.py`` (tiles as ``.npy`` bodies,
-JSON answers) and imports neither torch nor the handler: the Lambda bundle has no torch, and
-urllib3 (a core dependency) is all the HTTP it needs.
-
-What happens to a pack's tiles:
-
-- they are cut into requests of at most ``tiles_per_request`` tiles and ``max_request_bytes``
-  bytes, sizes balanced (33 tiles at 32 a request go as 17 + 16, not 32 + 1);
-- ``concurrency`` requests are in flight at once from a thread pool the predictor owns, so
-  TorchServe's batcher (``batchSize`` counts *requests*) has several to group, and the answers
-  are put back in order;
-- connection errors, timeouts, 408, 429 and 5xx (503: queue full, 507: out of memory) are
-  retried with exponential backoff and full jitter; when a request still fails after
-  ``retries``, :class:`~chipscale.errors.PredictorUnavailable` (transient) sends the whole
-  pack back to the queue: nothing is dropped and nothing half-written;
-- 413 (TorchServe's ``max_request_size``, answered with an empty body) splits the request in
-  halves; a single tile still too large is refused;
-- any other 4xx refuses that request's tiles only: the other requests finish and
-  :class:`~chipscale.errors.PartialPrediction` carries their scores plus the server's reason
-  for each refused row, which the worker stores as ``error`` rows;
-- a tile without finite scores (the handler's ``null`` row, with its reason in ``errors``,
-  or a ``NaN`` literal from another server) is refused the same way, never returned as NaN;
-- every answer is checked (JSON, one row per tile, the model's classes, the model name and
-  version read at start): a model swapped under a running job raises :class:`ModelChanged`
-  rather than mixing two versions' scores silently.
+:class:`TorchServePredictor` scores a pack's tiles through the wire protocol of
+``model_server/chipscale_handler.py`` (``.npy`` bodies, JSON answers) with urllib3 alone (no
+torch): balanced concurrent requests, retries, splits on 413 and 507, ``error`` rows for the
+tiles a 4xx refuses, and every answer checked (:class:`ModelChanged`). Why it works so, and
+its measured defaults: docs/design.md, section 9.3.
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 A name that two of them must agree on (a stack output key, a metric, an environment
 variable) is defined here once, so a rename cannot leave one side reading what the other no
-longer writes. Plain strings only: this module is imported by the Lambda bundle, the CDK app
-and the CLI alike.
+longer writes. Plain strings, and the pure functions that derive a stack's physical names:
+this module is imported by the Lambda bundle, the CDK app and the CLI alike.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Final
 
 # ---------------------------------------------------------------------------- stack outputs
@@ -98,6 +100,8 @@ HOST_ENV_ASG_NAME: Final = "CHIPSCALE_ASG_NAME"
 HOST_ENV_LIFECYCLE_HOOK: Final = "CHIPSCALE_LIFECYCLE_HOOK"
 HOST_ENV_WHEELHOUSE_URI: Final = "CHIPSCALE_WHEELHOUSE_URI"
 HOST_ENV_TORCH_VERSION: Final = "CHIPSCALE_TORCH_VERSION"
+#: Lowest NVIDIA driver the PyPI torch build needs (empty: unknown; a wheelhouse's manifest says).
+HOST_ENV_MIN_DRIVER: Final = "CHIPSCALE_MIN_DRIVER"
 HOST_ENV_CW_NAMESPACE: Final = "CHIPSCALE_CW_NAMESPACE"
 #: Log group the hosts' CloudWatch agent ships the boot output and TorchServe's logs to.
 HOST_ENV_LOG_GROUP: Final = "CHIPSCALE_LOG_GROUP"
@@ -106,13 +110,45 @@ HOST_ENV_READY_TIMEOUT: Final = "CHIPSCALE_READY_TIMEOUT"
 #: Epoch second by which the boot must have completed the lifecycle action (the hook's timeout
 #: counted from the start of user data, less a margin): past it the script abandons.
 HOST_ENV_BOOT_DEADLINE: Final = "CHIPSCALE_BOOT_DEADLINE"
+#: The termination lifecycle hook the host's drain watcher completes, and how long it waits for
+#: TorchServe's requests in flight first (seconds: the response timeout).
+HOST_ENV_DRAIN_HOOK: Final = "CHIPSCALE_DRAIN_HOOK"
+HOST_ENV_DRAIN_TIMEOUT: Final = "CHIPSCALE_DRAIN_TIMEOUT"
 
 # ---------------------------------------------------------------------------- identifiers
 #: Lifecycle hook that holds a new GPU instance in Pending:Wait until TorchServe is READY.
 LIFECYCLE_HOOK_LAUNCH: Final = "chipscale-model-ready"
+#: Lifecycle hook that holds a terminating GPU instance until TorchServe has drained.
+LIFECYCLE_HOOK_TERMINATE: Final = "chipscale-drain"
+#: systemd unit on the GPU hosts that completes LIFECYCLE_HOOK_TERMINATE.
+DRAIN_UNIT: Final = "chipscale-drain.service"
 #: systemd unit running TorchServe on the GPU hosts.
 TORCHSERVE_UNIT: Final = "chipscale-torchserve.service"
 #: TorchServe ports (inference, management, metrics) on the GPU hosts and in the tests.
 INFERENCE_PORT: Final = 8080
 MANAGEMENT_PORT: Final = 8081
 METRICS_PORT: Final = 8082
+
+# ---------------------------------------------------------------------------- physical names
+#: RDS Proxy names: 1-63 characters, letters, digits and single hyphens, a letter first.
+_DB_PROXY_NAME_MAX = 63
+
+
+def db_proxy_name(stack_name: str) -> str:
+    """The RDS Proxy's name, unique per account and region: ``<stackName>-proxy``.
+
+    A stack name RDS would not take as is (capitals, ``--``, a trailing hyphen, too long) is
+    folded to lower case and cut, with a hash of the whole name added so two stacks never
+    fold to one proxy name.
+
+    >>> db_proxy_name("chipscale-dev")
+    'chipscale-dev-proxy'
+    >>> db_proxy_name("Chipscale")
+    'chipscale-6990aa-proxy'
+    """
+    simple = f"{stack_name}-proxy"
+    if re.fullmatch(r"[a-z](-?[a-z0-9])*", stack_name) and len(simple) <= _DB_PROXY_NAME_MAX:
+        return simple
+    folded = re.sub(r"[^a-z0-9]+", "-", stack_name.lower()).strip("-")[:49].rstrip("-")
+    digest = hashlib.sha256(stack_name.encode()).hexdigest()[:6]
+    return f"{folded or 'stack'}-{digest}-proxy"

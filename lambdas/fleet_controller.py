@@ -18,8 +18,8 @@ from chipscale.ops.fleet import FleetSettings
 logger = Logger(service="chipscale-fleet-controller")
 
 
-#: Auto Scaling (the group), ELBv2 (the health of the model's targets), Lambda (the mapping)
-#: and SSM (the per-GPU concurrency).
+#: Auto Scaling (the group), ELBv2 (the health of the model's targets), Lambda (the mapping
+#: and the account's unreserved concurrency) and SSM (the per-GPU concurrency).
 _SERVICES = {
     "autoscaling": "autoscaling",
     "elbv2": "elbv2",

@@ -10,10 +10,11 @@
 # instances would take traffic they cannot serve. On any failure the action is ABANDONed with
 # the reason in the log, and Auto Scaling replaces the instance: as soon as the region, the
 # group and the hook are known (a bad variable abandons too), and at CHIPSCALE_BOOT_DEADLINE at
-# the latest, before the hook's own timeout would keep the GPU billing for nothing. The
-# CloudWatch agent starts first and ships this output (/var/log/cloud-init-output.log) and
-# TorchServe's logs to CHIPSCALE_LOG_GROUP, so a failed boot is readable after the instance
-# is gone.
+# the latest, before the hook's own timeout would keep the GPU billing for nothing. The first
+# step is one HEAD of the model archive: a missing one abandons before any install, its reason
+# written to CHIPSCALE_LOG_GROUP directly. The CloudWatch agent starts before the installs and
+# ships this output (/var/log/cloud-init-output.log) and TorchServe's logs to
+# CHIPSCALE_LOG_GROUP, so a failed boot is readable after the instance is gone.
 #
 # Usage:
 #   gpu_host_boot.sh                the whole boot (needs every variable below, root)
@@ -34,11 +35,19 @@
 #   CHIPSCALE_CW_NAMESPACE      CloudWatch namespace of the GPU metrics
 #   CHIPSCALE_LOG_GROUP         CloudWatch Logs group the agent ships the boot and TorchServe
 #                               logs to
+#   CHIPSCALE_DRAIN_HOOK        termination lifecycle hook the drain watcher completes
+#                               (gpu_host_drain.sh; default chipscale-drain)
+#   CHIPSCALE_DRAIN_TIMEOUT     seconds it waits for requests in flight first (default 120)
 #   CHIPSCALE_BOOT_DEADLINE     optional epoch second by which the lifecycle action must be
 #                               completed (the user data sets it: kernel start + the hook's
 #                               timeout - a margin); past it the boot ABANDONs
-#   CHIPSCALE_WHEELHOUSE_URI    optional s3:// prefix of wheels; empty: PyPI through the NAT
+#   CHIPSCALE_WHEELHOUSE_URI    optional s3:// prefix of wheels (`chipscale wheelhouse build`);
+#                               its wheelhouse.json names torch, its CUDA, the driver that CUDA
+#                               needs and the wheels' Python; empty: PyPI through the NAT
 #   CHIPSCALE_TORCH_VERSION     torch the model was exported with (default 2.13.0)
+#   CHIPSCALE_MIN_DRIVER        lowest NVIDIA driver PyPI's build of that torch runs on (empty:
+#                               unknown); with a wheelhouse its manifest's value counts. An older
+#                               driver abandons the launch before anything is installed
 # Tuning (optional):
 #   CHIPSCALE_MANAGEMENT_URL    TorchServe management API (default http://127.0.0.1:8081)
 #   CHIPSCALE_READY_TIMEOUT     seconds to wait for READY workers (default: until the boot
@@ -53,12 +62,15 @@ shopt -s inherit_errexit # a failure inside $(...) fails the assignment, as it w
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly HERE
-readonly PREFIX=/opt/chipscale
+# Overridable only so the tests can install into a temporary folder.
+readonly PREFIX=${CHIPSCALE_PREFIX:-/opt/chipscale}
 readonly VENV=$PREFIX/venv
 readonly MODEL_STORE=$PREFIX/model-store
 readonly WHEELHOUSE=$PREFIX/wheelhouse
 readonly ENV_FILE=/etc/chipscale/torchserve.env
 readonly UNIT=chipscale-torchserve.service
+readonly DRAIN_UNIT=chipscale-drain.service
+readonly DRAIN_ENV_FILE=/etc/chipscale/drain.env
 readonly SERVICE_USER=chipscale
 readonly TORCHSERVE_VERSION=0.12.0
 readonly CW_AGENT_DIR=/opt/aws/amazon-cloudwatch-agent
@@ -171,6 +183,8 @@ validate_env() {
     usage_error "CHIPSCALE_CW_NAMESPACE is not a CloudWatch namespace: '$CHIPSCALE_CW_NAMESPACE'"
   [[ $CHIPSCALE_TORCH_VERSION =~ ^[0-9]+(\.[0-9]+)*([+.a-z0-9]*)$ ]] ||
     usage_error "CHIPSCALE_TORCH_VERSION is not a version: '$CHIPSCALE_TORCH_VERSION'"
+  [[ ${CHIPSCALE_MIN_DRIVER:-} =~ ^([0-9]+(\.[0-9]+)*)?$ ]] ||
+    usage_error "CHIPSCALE_MIN_DRIVER must be empty or a driver version such as 580, got '$CHIPSCALE_MIN_DRIVER'"
   [[ -z $CHIPSCALE_WHEELHOUSE_URI || $CHIPSCALE_WHEELHOUSE_URI == s3://* ]] ||
     usage_error "CHIPSCALE_WHEELHOUSE_URI must be empty or an s3:// prefix, got '$CHIPSCALE_WHEELHOUSE_URI'"
   [[ $CHIPSCALE_LOG_GROUP =~ ^[A-Za-z0-9._/#-]+$ ]] ||
@@ -251,9 +265,18 @@ ensure_java() {
 
 python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; }
 
-# A Python 3.10+ for the venv (torch 2.13 needs it; Amazon Linux 2023's python3 is 3.9).
+# A Python 3.10+ for the venv (torch 2.13 needs it; Amazon Linux 2023's python3 is 3.9): the
+# version given (the wheelhouse's), or the newest found.
 ensure_python() {
-  local candidate
+  local candidate wanted=${1:-}
+  if [[ -n $wanted ]]; then
+    if ! command -v "python$wanted" >/dev/null; then
+      [[ $PKG == dnf ]] || die "no python$wanted (the wheelhouse's) on this Ubuntu image"
+      install_packages "python$wanted" "python$wanted-pip" >&2
+    fi
+    command -v "python$wanted"
+    return
+  fi
   for candidate in python3.12 python3.11 python3.10 python3; do
     if command -v "$candidate" >/dev/null && python_ok "$candidate"; then
       command -v "$candidate"
@@ -273,7 +296,7 @@ create_venv() {
     install_packages "$(basename "$(readlink -f "$python")")-venv" >&2
   fi
   "$python" -m venv "$VENV"
-  if [[ -n $CHIPSCALE_WHEELHOUSE_URI ]]; then
+  if [[ -n $CHIPSCALE_WHEELHOUSE_URI ]]; then # S3 through the gateway endpoint, not PyPI
     aws s3 sync --only-show-errors "${CHIPSCALE_WHEELHOUSE_URI%/}/" "$WHEELHOUSE/"
     pip_args+=(--no-index --find-links "$WHEELHOUSE")
   fi
@@ -289,6 +312,91 @@ want = sys.argv[1]
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)")
 sys.exit(0 if torch.__version__.split("+")[0] == want and torch.cuda.is_available() else 1)
 EOF
+}
+
+# One HEAD of the model archive, before anything is installed: a missing archive abandons the
+# launch in seconds, naming its key, not after minutes of GPU time and gigabytes of installs.
+# The host role may list models/, so a missing key answers 404 rather than 403.
+check_model_archive() {
+  local uri="s3://$CHIPSCALE_MODEL_BUCKET/$CHIPSCALE_MODEL_KEY" answer reason
+  if answer=$(aws s3api head-object --region "$CHIPSCALE_REGION" \
+    --bucket "$CHIPSCALE_MODEL_BUCKET" --key "$CHIPSCALE_MODEL_KEY" \
+    --query ContentLength --output text 2>&1); then
+    log "model archive $uri: $answer bytes"
+    return 0
+  fi
+  case $answer in
+    *"(404)"* | *NoSuchKey* | *"Not Found"*)
+      reason="model archive $uri does not exist (404): upload it to that key or deploy with -c modelArchive=PATH (docs/deploy.md, \"The model archive\")"
+      ;;
+    *"(403)"* | *AccessDenied* | *Forbidden*)
+      reason="model archive $uri: access denied (403): the host role reads and lists models/ of the model bucket only"
+      ;;
+    *) reason="model archive $uri could not be read: ${answer//$'\n'/ }" ;;
+  esac
+  log_to_host_logs "abandoning the launch: $reason"
+  die "$reason"
+}
+
+# One line straight into this instance's boot log stream, for a failure before the CloudWatch
+# agent runs (it would ship it there); best effort.
+log_to_host_logs() {
+  local stream events
+  stream="$(imds instance-id)/cloud-init-output.log" || return 0
+  events=$(python3 -c 'import json, sys, time
+print(json.dumps([{"timestamp": int(time.time() * 1000), "message": sys.argv[1]}]))' "$*") ||
+    return 0
+  aws logs create-log-stream --region "$CHIPSCALE_REGION" \
+    --log-group-name "$CHIPSCALE_LOG_GROUP" --log-stream-name "$stream" >/dev/null 2>&1 || true
+  aws logs put-log-events --region "$CHIPSCALE_REGION" --log-group-name "$CHIPSCALE_LOG_GROUP" \
+    --log-stream-name "$stream" --log-events "$events" >/dev/null 2>&1 ||
+    log "could not write to $CHIPSCALE_LOG_GROUP"
+}
+
+# Set by check_torch_driver from the wheelhouse's manifest (empty without a wheelhouse).
+WHEEL_TORCH="" WHEEL_CUDA="" WHEEL_PYTHON="" WHEEL_MIN_DRIVER=""
+
+# Abandon with a reason that reaches the host log group even before the agent runs.
+refuse() {
+  log_to_host_logs "abandoning the launch: $*"
+  die "$*"
+}
+
+# The wheelhouse's manifest (written last by `chipscale wheelhouse build`): one small GET.
+read_wheelhouse_manifest() {
+  local uri=${CHIPSCALE_WHEELHOUSE_URI%/}/wheelhouse.json stack=${CHIPSCALE_ASG_NAME%-gpu-fleet}
+  local answer fields
+  install -d -m 0755 "$WHEELHOUSE"
+  answer=$(aws s3 cp --only-show-errors "$uri" "$WHEELHOUSE/wheelhouse.json" 2>&1) ||
+    refuse "wheelhouse manifest $uri is missing or unreadable (${answer//$'\n'/ }): build it with \`chipscale wheelhouse build --stack $stack\`, or deploy with -c wheelhousePrefix= to install from PyPI"
+  fields=$(python3 -c 'import json, sys
+m = json.load(open(sys.argv[1]))
+print(m["torch"], m["cuda"], m["python"], m["min_driver"])' "$WHEELHOUSE/wheelhouse.json") ||
+    refuse "wheelhouse manifest $uri is not a chipscale manifest: rebuild it with \`chipscale wheelhouse build --stack $stack\`"
+  read -r WHEEL_TORCH WHEEL_CUDA WHEEL_PYTHON WHEEL_MIN_DRIVER <<<"$fields"
+  [[ ${WHEEL_TORCH%%+*} == "$CHIPSCALE_TORCH_VERSION" ]] ||
+    refuse "the wheelhouse holds torch $WHEEL_TORCH, the stack wants torch $CHIPSCALE_TORCH_VERSION: rebuild it with \`chipscale wheelhouse build --stack $stack --torch-version $CHIPSCALE_TORCH_VERSION\`"
+  log "wheelhouse $uri: torch $WHEEL_TORCH (CUDA $WHEEL_CUDA), Python $WHEEL_PYTHON, driver >= $WHEEL_MIN_DRIVER"
+}
+
+# The NVIDIA driver of this AMI against the one the torch build needs, before any install: a
+# CUDA 13 torch on an older driver would download gigabytes and then find no GPU.
+check_torch_driver() {
+  local need=${CHIPSCALE_MIN_DRIVER:-} build="PyPI's build" have
+  if [[ -n $CHIPSCALE_WHEELHOUSE_URI ]]; then
+    read_wheelhouse_manifest
+    need=$WHEEL_MIN_DRIVER build="the wheelhouse's CUDA $WHEEL_CUDA build"
+  fi
+  if [[ -z $need ]]; then
+    log "no driver rule for torch $CHIPSCALE_TORCH_VERSION: the check after the install decides"
+    return 0
+  fi
+  # awk reads all of nvidia-smi's output (one line per GPU), so no closed pipe under pipefail.
+  have=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | awk 'NR == 1 {print $1}')
+  [[ -n $have ]] || refuse "nvidia-smi reports no driver version"
+  printf '%s\n%s\n' "$need" "$have" | sort -V -C ||
+    refuse "NVIDIA driver $have is older than $need, which torch $CHIPSCALE_TORCH_VERSION ($build) needs: use an AMI with driver >= $need (amiId / amiParameter), or a torch built for an older CUDA"
+  log "NVIDIA driver $have: torch $CHIPSCALE_TORCH_VERSION ($build) needs >= $need"
 }
 
 download_model() {
@@ -332,6 +440,29 @@ install_service() {
   systemctl enable "$UNIT"
   # Returns once ExecStartPost (scale-workers) has run: the model is registered and scaled.
   systemctl restart "$UNIT"
+  install_drain_watcher
+}
+
+# The drain watcher's EnvironmentFile: the termination hook it completes once TorchServe has
+# no request in flight.
+render_drain_env() {
+  cat <<EOF
+# Written by gpu_host_boot.sh: the termination lifecycle hook chipscale-drain.service completes.
+CHIPSCALE_REGION=$CHIPSCALE_REGION
+CHIPSCALE_ASG_NAME=$CHIPSCALE_ASG_NAME
+CHIPSCALE_DRAIN_HOOK=${CHIPSCALE_DRAIN_HOOK:-chipscale-drain}
+CHIPSCALE_DRAIN_TIMEOUT=${CHIPSCALE_DRAIN_TIMEOUT:-120}
+EOF
+}
+
+# Started before the launch is CONTINUEd, so a host terminated as soon as it is in service
+# still drains.
+install_drain_watcher() {
+  install_file 0755 "$HERE/gpu_host_drain.sh" "$PREFIX/gpu_host_drain.sh"
+  render_drain_env >"$DRAIN_ENV_FILE"
+  install -m 0644 "$HERE/$DRAIN_UNIT" "/etc/systemd/system/$DRAIN_UNIT"
+  systemctl daemon-reload
+  systemctl enable --now "$DRAIN_UNIT"
 }
 
 install_cloudwatch_agent() {
@@ -532,13 +663,18 @@ cmd_boot() {
   fi
   STEP="checking the environment"
   require_env "${REQUIRED_VARS[@]}"
-  : "${CHIPSCALE_WHEELHOUSE_URI:=}" "${CHIPSCALE_TORCH_VERSION:=2.13.0}"
+  : "${CHIPSCALE_WHEELHOUSE_URI:=}" "${CHIPSCALE_TORCH_VERSION:=2.13.0}" "${CHIPSCALE_MIN_DRIVER:=}"
   validate_env
   ((EUID == 0)) || usage_error "run as root (EC2 user data does)"
   export AWS_DEFAULT_REGION=$CHIPSCALE_REGION
   start_deadline_watchdog
   require_cmd aws curl nvidia-smi systemctl python3
   detect_package_manager
+  # Before any install (the agent's included): a missing archive costs one HEAD, not a boot.
+  step "checking the model archive s3://$CHIPSCALE_MODEL_BUCKET/$CHIPSCALE_MODEL_KEY"
+  check_model_archive
+  step "checking the NVIDIA driver against torch $CHIPSCALE_TORCH_VERSION"
+  check_torch_driver
 
   local java_home python gpus workers
   # First, so that whatever fails next is shipped to CloudWatch Logs before the instance goes.
@@ -547,7 +683,7 @@ cmd_boot() {
   step "checking Java 17"
   java_home=$(ensure_java)
   step "finding Python 3.10+"
-  python=$(ensure_python)
+  python=$(ensure_python "$WHEEL_PYTHON")
   step "creating $VENV with torch $CHIPSCALE_TORCH_VERSION and TorchServe $TORCHSERVE_VERSION"
   create_venv "$python"
   step "downloading s3://$CHIPSCALE_MODEL_BUCKET/$CHIPSCALE_MODEL_KEY"

@@ -20,6 +20,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from chipscale.cloud.allowed_sources import check_prefix
 from chipscale.errors import InvalidMessageError
+from chipscale.ops.wheelhouse import DEFAULT_PREFIX, DEFAULT_TORCH_VERSION
 
 #: GPUs per instance of the GPU families the fleet accepts (NVIDIA A10G, L4, L40S, T4).
 #: Sizes not listed carry one GPU.
@@ -79,7 +80,14 @@ class DeploymentConfig:
     min_instances: int = _describe("Fewest GPU instances; 0 scales to zero when idle.", 0)
     max_instances: int = _describe("Most GPU instances.", 2)
     ami_parameter: str = _describe(
-        "Public SSM parameter naming the GPU AMI (resolved at deploy).", DEFAULT_AMI_PARAMETER
+        "Public SSM parameter naming the GPU AMI: where to find an `amiId`; without one, each "
+        "new host resolves it at its launch (never at deploy).",
+        DEFAULT_AMI_PARAMETER,
+    )
+    ami_id: str = _describe(
+        "The GPU AMI, pinned (ami-...): hosts change AMI only when this does (empty: "
+        "`amiParameter` at each launch, and synth warns).",
+        "",
     )
     root_volume_gb: int = _describe("Root EBS volume of a GPU host (gp3, encrypted).", 150)
     workers_per_gpu: int = _describe("TorchServe workers per GPU.", 1)
@@ -98,12 +106,13 @@ class DeploymentConfig:
         1800,
     )
     torch_version: str = _describe(
-        "torch installed on the hosts; must match the torch the model was exported with.", "2.13.0"
+        "torch installed on the hosts; must match the torch the model was exported with.",
+        DEFAULT_TORCH_VERSION,
     )
     wheelhouse_prefix: str = _describe(
-        "Key prefix of a wheelhouse in the model bucket the hosts install from (empty: PyPI "
-        "through the NAT gateway).",
-        "",
+        "Key prefix of the wheelhouse in the model bucket the hosts install from, built by "
+        "`chipscale wheelhouse build` (empty: PyPI through the NAT gateway).",
+        DEFAULT_PREFIX,
     )
     # model
     model_name: str = _describe("Name TorchServe serves the model under.", "chipscale")
@@ -129,7 +138,11 @@ class DeploymentConfig:
         0,
     )
     max_tiles_per_message: int = _describe("Most tiles one queue message may carry.", 100)
-    max_receive_count: int = _describe("Receives before a message moves to the DLQ.", 3)
+    max_receive_count: int = _describe(
+        "Receives before a message moves to the DLQ (AWS advises at least 5 for a Lambda "
+        "event source: throttled batches spend receives too).",
+        5,
+    )
     source_buckets: tuple[str, ...] = _describe(
         "S3 buckets (optionally bucket/prefix) the worker may read COGs from.", ()
     )
@@ -145,7 +158,11 @@ class DeploymentConfig:
     db_allocated_storage_gb: int = _describe("Initial DB storage (GB, gp3).", 20)
     db_max_allocated_storage_gb: int = _describe("Storage autoscaling ceiling (GB).", 200)
     db_multi_az: bool = _describe("Standby in a second AZ.", False)
-    db_deletion_protection: bool = _describe("Refuse to delete the DB.", True)
+    db_deletion_protection: bool = _describe(
+        "Refuse to delete the DB. Off for the first deploy, so that a failed create can roll "
+        "back; turn it on once the stack exists (docs/deploy.md).",
+        False,
+    )
     db_backup_retention_days: int = _describe("Automated backup retention (1-35 days).", 7)
     # retention and monitoring
     log_retention_days: int = _describe("CloudWatch Logs retention (days).", 30)
@@ -161,6 +178,16 @@ class DeploymentConfig:
         if match is None:  # validate() refuses these; keep the property total
             return 1
         return _MULTI_GPU_SIZES[match["family"]].get(match["size"], 1)
+
+    @property
+    def planned_concurrency(self) -> int:
+        """Most worker Lambdas at once with the fleet full: the reservation when one is set,
+        else perGpuConcurrency x maxInstances x GPUs per instance (maxConcurrency if higher),
+        as ``chipscale verify`` sizes the Lambda quota."""
+        if self.reserved_concurrency:
+            return self.reserved_concurrency
+        full_fleet = self.per_gpu_concurrency * self.max_instances * self.gpus_per_instance
+        return max(full_fleet, self.max_concurrency)
 
     @property
     def visibility_timeout_seconds(self) -> int:
@@ -238,6 +265,11 @@ class DeploymentConfig:
             self.ami_parameter.startswith("/aws/service/"),
             "amiParameter",
             "a public SSM parameter under /aws/service/",
+        )
+        need(
+            self.ami_id == "" or bool(re.fullmatch(r"ami-([0-9a-f]{8}|[0-9a-f]{17})", self.ami_id)),
+            "amiId",
+            "empty or an AMI id such as ami-0123456789abcdef0",
         )
         need(30 <= self.root_volume_gb <= 16384, "rootVolumeGb", "between 30 and 16384")
         need(1 <= self.workers_per_gpu <= 16, "workersPerGpu", "between 1 and 16")

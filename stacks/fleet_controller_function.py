@@ -2,13 +2,14 @@
 
 ``fleet_controller.handler`` (logic in :mod:`chipscale.ops.fleet`) runs on this group's
 instance launch/terminate events and every minute. It is outside the VPC (AWS APIs only);
-its IAM is scoped to the mapping and the parameter, with the two Describe calls that allow no
-resource-level permission on ``*``. Why: docs/design.md, "The cloud".
+its IAM is scoped to the mapping and the parameter, with the three read-only calls that allow
+no resource-level permission on ``*``. Synth warns when the planned worker concurrency would
+not fit a new account's Lambda limit. Why: docs/design.md, "The cloud".
 """
 
 from __future__ import annotations
 
-from aws_cdk import Duration
+from aws_cdk import Annotations, Duration
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
@@ -17,11 +18,39 @@ from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from chipscale import names
+from chipscale.ops.aws_checks import LAMBDA_HEADROOM, LAMBDA_UNRESERVED_MINIMUM
 from stacks.common import acknowledge, python_function
 from stacks.config import DeploymentConfig
 
 HANDLER = "fleet_controller.handler"
 INSTANCE_EVENTS = ["EC2 Instance Launch Successful", "EC2 Instance Terminate Successful"]
+
+#: Lambda concurrent executions of a new account in a region (quota L-B99A9384).
+NEW_ACCOUNT_CONCURRENCY = 10
+
+
+def concurrency_warnings(config: DeploymentConfig) -> list[str]:
+    """What a new account's Lambda limit of 10 would do to this config, as synth warnings."""
+    planned = config.planned_concurrency
+    if config.reserved_concurrency:
+        need = config.reserved_concurrency + LAMBDA_UNRESERVED_MINIMUM
+        return [
+            f"reservedConcurrency {config.reserved_concurrency} needs a Lambda concurrent "
+            f"executions quota of at least {need} (Lambda keeps {LAMBDA_UNRESERVED_MINIMUM} "
+            f"unreserved); a new account has {NEW_ACCOUNT_CONCURRENCY} and the deploy fails "
+            "there. Request Lambda L-B99A9384 in Service Quotas first, or set 0."
+        ]
+    if planned <= NEW_ACCOUNT_CONCURRENCY:
+        return []
+    return [
+        f"The worker may run {planned} Lambdas at once (perGpuConcurrency "
+        f"{config.per_gpu_concurrency} x maxInstances {config.max_instances} x "
+        f"{config.gpus_per_instance} GPUs per {config.instance_type}, or maxConcurrency), "
+        f"above the {NEW_ACCOUNT_CONCURRENCY} concurrent executions of a new account: the fleet "
+        "controller then caps it at the account's unreserved concurrency less a margin and "
+        "GPUs sit partly idle. Request a Lambda concurrent executions quota (L-B99A9384) of "
+        f"at least {planned + LAMBDA_HEADROOM}; `chipscale verify` checks it."
+    ]
 
 
 class FleetController(Construct):
@@ -68,11 +97,16 @@ class FleetController(Construct):
         )
         self.function = parts.function
         self.log_group = parts.log_group
+        for number, text in enumerate(concurrency_warnings(config)):
+            Annotations.of(self).add_warning_v2(f"chipscale:accountConcurrency{number}", text)
         self.function.add_to_role_policy(
             iam.PolicyStatement(
                 actions=[
                     "autoscaling:DescribeAutoScalingGroups",
                     "elasticloadbalancing:DescribeTargetHealth",
+                    # The account's unreserved concurrency, the worker's ceiling when none
+                    # is reserved.
+                    "lambda:GetAccountSettings",
                 ],
                 resources=["*"],
             )
@@ -111,7 +145,8 @@ class FleetController(Construct):
         acknowledge(
             role,
             "AwsSolutions-IAM5[Resource::*]",
-            "autoscaling:DescribeAutoScalingGroups and elasticloadbalancing:DescribeTargetHealth "
-            "support no resource-level permissions (ELBv2 Describe* actions take no resource "
-            "ARN in IAM); they are the only actions granted on '*', both read-only.",
+            "autoscaling:DescribeAutoScalingGroups, elasticloadbalancing:DescribeTargetHealth "
+            "and lambda:GetAccountSettings support no resource-level permissions (ELBv2 "
+            "Describe* and Lambda's account settings take no resource ARN in IAM); they are "
+            "the only actions granted on '*', all read-only.",
         )

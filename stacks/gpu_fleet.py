@@ -1,6 +1,6 @@
 """GPU fleet: TorchServe on GPU instances in an Auto Scaling group, behind an internal ALB.
 
-A launch template (Deep Learning Base AMI from a public SSM parameter, IMDSv2, encrypted gp3,
+A launch template (Deep Learning Base AMI pinned or resolved at launch, IMDSv2, encrypted gp3,
 no key pair) whose user data runs ``model_server/gpu_host_boot.sh``; a launch lifecycle hook
 holding each instance until its TorchServe workers are READY, with a boot deadline; host logs;
 content-addressed model rollout; backlog scaling from zero. Why: docs/design.md, "The cloud".
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 
-from aws_cdk import ArnFormat, Aws, Duration, Stack
+from aws_cdk import Annotations, ArnFormat, Aws, Duration, Stack
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
@@ -23,8 +23,14 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from chipscale import names
+from chipscale.ops.wheelhouse import min_driver_for_torch
 from stacks.common import acknowledge, log_group
 from stacks.config import REPO_ROOT, DeploymentConfig
+from stacks.drain import (
+    deregistration_delay_seconds,
+    drain_timeout_seconds,
+    termination_hook_timeout_seconds,
+)
 
 BOOT_SCRIPT = "gpu_host_boot.sh"
 HOST_DIR = "/opt/chipscale"
@@ -89,9 +95,7 @@ class GpuFleet(Construct):
             self,
             "LaunchTemplate",
             instance_type=ec2.InstanceType(config.instance_type),
-            machine_image=ec2.MachineImage.from_ssm_parameter(
-                config.ami_parameter, os=ec2.OperatingSystemType.LINUX
-            ),
+            machine_image=self._machine_image(),
             role=self.role,
             security_group=self.security_group,
             user_data=self._user_data(model_bucket),
@@ -147,6 +151,21 @@ class GpuFleet(Construct):
             f"/predictions/{self.config.model_name}"
         )
 
+    def _machine_image(self) -> ec2.IMachineImage:
+        """``amiId`` when pinned; else ``resolve:ssm:`` in the launch template, which EC2 reads
+        at each launch: the template (and so the hosts) never changes with a new AMI release,
+        unlike a CloudFormation SSM parameter re-read at every deploy."""
+        linux = ec2.OperatingSystemType.LINUX
+        if self.config.ami_id:
+            return ec2.MachineImage.generic_linux({self.config.region: self.config.ami_id})
+        Annotations.of(self).add_warning_v2(
+            "chipscale:amiNotPinned",
+            f"amiId is empty: each new GPU host boots whatever AMI {self.config.ami_parameter} "
+            "names at its launch. Pin one for production: -c amiId=$(aws ssm get-parameter "
+            f"--name {self.config.ami_parameter} --query Parameter.Value --output text)",
+        )
+        return ec2.MachineImage.resolve_ssm_parameter_at_launch(self.config.ami_parameter, os=linux)
+
     def wheelhouse_uri(self, model_bucket: s3.IBucket) -> str:
         """``s3://`` prefix of the wheelhouse, or empty (install from PyPI through the NAT)."""
         prefix = self.config.wheelhouse_prefix.strip("/")
@@ -164,9 +183,13 @@ class GpuFleet(Construct):
             names.HOST_ENV_LIFECYCLE_HOOK: names.LIFECYCLE_HOOK_LAUNCH,
             names.HOST_ENV_WHEELHOUSE_URI: self.wheelhouse_uri(model_bucket),
             names.HOST_ENV_TORCH_VERSION: self.config.torch_version,
+            names.HOST_ENV_MIN_DRIVER: min_driver_for_torch(self.config.torch_version),
             names.HOST_ENV_CW_NAMESPACE: names.GPU_METRICS_NAMESPACE,
             # The CloudWatch agent ships the boot's output and TorchServe's logs here.
             names.HOST_ENV_LOG_GROUP: self.host_logs.log_group_name,
+            # The drain watcher holds scale-in until TorchServe has no request in flight.
+            names.HOST_ENV_DRAIN_HOOK: names.LIFECYCLE_HOOK_TERMINATE,
+            names.HOST_ENV_DRAIN_TIMEOUT: str(drain_timeout_seconds(self.config)),
         }
 
     def boot_deadline_command(self) -> str:
@@ -225,6 +248,15 @@ class GpuFleet(Construct):
             ],
         )
         readable = [model_bucket.arn_for_objects(f"{storage_prefix(self.model_key)}*")]
+        # The boot's HEAD of the archive: with ListBucket a missing key answers 404 (403
+        # without). S3 checks it with the key as s3:prefix, so the models/ prefix suffices.
+        role.add_to_policy(
+            iam.PolicyStatement(
+                actions=["s3:ListBucket"],
+                resources=[model_bucket.bucket_arn],
+                conditions={"StringLike": {"s3:prefix": [f"{storage_prefix(self.model_key)}*"]}},
+            )
+        )
         if self.config.wheelhouse_prefix:
             readable.append(
                 model_bucket.arn_for_objects(f"{self.config.wheelhouse_prefix.strip('/')}/*")
@@ -279,7 +311,15 @@ class GpuFleet(Construct):
                 lifecycle_transition="autoscaling:EC2_INSTANCE_LAUNCHING",
                 default_result="ABANDON",
                 heartbeat_timeout=self.config.lifecycle_hook_timeout_seconds,
-            )
+            ),
+            # Scale-in: after the load balancer's drain, the host completes this once
+            # TorchServe has no request in flight; CONTINUE if the host cannot (stacks/drain.py).
+            autoscaling.CfnAutoScalingGroup.LifecycleHookSpecificationProperty(
+                lifecycle_hook_name=names.LIFECYCLE_HOOK_TERMINATE,
+                lifecycle_transition="autoscaling:EC2_INSTANCE_TERMINATING",
+                default_result="CONTINUE",
+                heartbeat_timeout=termination_hook_timeout_seconds(self.config),
+            ),
         ]
 
     def _load_balancer(
@@ -315,7 +355,7 @@ class GpuFleet(Construct):
             protocol=elbv2.ApplicationProtocol.HTTP,
             targets=[self.group],
             load_balancing_algorithm_type=elbv2.TargetGroupLoadBalancingAlgorithmType.LEAST_OUTSTANDING_REQUESTS,
-            deregistration_delay=Duration.seconds(60),
+            deregistration_delay=Duration.seconds(deregistration_delay_seconds(self.config)),
             health_check=elbv2.HealthCheck(
                 path="/ping",
                 port=str(names.INFERENCE_PORT),

@@ -3,13 +3,15 @@
 Dashboard rows: the queue (depth, in flight, oldest message age, dead letters); the worker
 (tiles/s from the worker's EMF metrics, concurrency, errors, throttles, duration); the GPUs
 (utilisation and memory per GPU from the CloudWatch agent, instances in service). Alarms: a
-message in the dead-letter queue, worker errors, a message waiting too long; they notify an
-SNS topic (encrypted with a key CloudWatch may use; e-mail subscription from config).
+message in the dead-letter queue, worker errors, a message waiting too long, and the GPU
+group's refused launches and abandoned boots (``stacks/launch_alarms.py``); they notify an
+SNS topic (encrypted with a key CloudWatch and EventBridge may use; e-mail subscription from
+config, and a synth warning when there is none).
 """
 
 from __future__ import annotations
 
-from aws_cdk import Aws, Duration
+from aws_cdk import Annotations, Aws, Duration, RemovalPolicy
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_iam as iam
@@ -22,6 +24,7 @@ from constructs import Construct
 
 from chipscale import names
 from stacks.config import DeploymentConfig
+from stacks.launch_alarms import add_launch_alarms
 
 WIDTH = 8  # three widgets a row (the dashboard grid is 24 wide)
 
@@ -47,6 +50,8 @@ class Monitoring(Construct):
             "AlarmTopicKey",
             description="chipscale alarm topic (CloudWatch alarms publish to it)",
             enable_key_rotation=True,
+            # CDK's default, Retain, would leave a key ($1/month) behind each failed first deploy.
+            removal_policy=RemovalPolicy.RETAIN_ON_UPDATE_OR_DELETE,
         )
         key.add_to_resource_policy(
             iam.PolicyStatement(
@@ -56,12 +61,41 @@ class Monitoring(Construct):
                 conditions={"StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID}},
             )
         )
+        # EventBridge publishes the launch alarms (AWS's key policy for an encrypted topic
+        # target; the topic policy below refuses other accounts' rules).
+        key.add_to_resource_policy(
+            iam.PolicyStatement(
+                principals=[iam.ServicePrincipal("events.amazonaws.com")],
+                actions=["kms:Decrypt", "kms:GenerateDataKey*"],
+                resources=["*"],
+            )
+        )
         self.topic = sns.Topic(
             self, "Alarms", display_name="chipscale alarms", master_key=key, enforce_ssl=True
         )
+        self.topic.add_to_resource_policy(
+            iam.PolicyStatement(
+                effect=iam.Effect.DENY,
+                principals=[iam.ServicePrincipal("events.amazonaws.com")],
+                actions=["sns:Publish"],
+                resources=[self.topic.topic_arn],
+                conditions={"StringNotEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID}},
+            )
+        )
         if config.alarm_email:
             self.topic.add_subscription(subscriptions.EmailSubscription(config.alarm_email))
+        else:
+            Annotations.of(self.topic).add_warning_v2(
+                "chipscale:noAlarmSubscriber",
+                "alarmEmail is empty: no one subscribes to the alarm topic, so dead letters, "
+                "worker errors, refused GPU launches (a G and VT vCPU quota of 0) and abandoned "
+                "boots reach no one. Deploy with -c alarmEmail=you@example.com, or subscribe "
+                "to the AlarmTopicArn output yourself.",
+            )
         action = cw_actions.SnsAction(self.topic)
+        self.launch_rules = add_launch_alarms(
+            self, topic=self.topic, asg_name=asg_name, stack_name=config.stack_name
+        )
 
         minute = Duration.minutes(1)
         dlq_depth = dead_letter_queue.metric_approximate_number_of_messages_visible(
@@ -109,7 +143,8 @@ class Monitoring(Construct):
         self.dashboard = cloudwatch.Dashboard(
             self,
             "Dashboard",
-            dashboard_name=config.stack_name,
+            # Dashboards are global to the account: two regions' stacks of one name would clash.
+            dashboard_name=f"{config.stack_name}-{config.region}",
             default_interval=Duration.hours(3),
         )
         self.dashboard.add_widgets(

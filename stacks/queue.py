@@ -8,11 +8,14 @@ SQS's own ``start-message-move-task`` (docs/deploy.md).
 
 from __future__ import annotations
 
-from aws_cdk import Duration
+from aws_cdk import Annotations, Duration
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from stacks.config import DeploymentConfig
+
+#: AWS's advice for a queue feeding a Lambda event source: throttled batches spend receives.
+MIN_ADVISED_RECEIVE_COUNT = 5
 
 
 class TileQueue(Construct):
@@ -38,3 +41,10 @@ class TileQueue(Construct):
                 queue=self.dead_letter_queue, max_receive_count=config.max_receive_count
             ),
         )
+        if config.max_receive_count < MIN_ADVISED_RECEIVE_COUNT:
+            Annotations.of(self.queue).add_warning_v2(
+                "chipscale:maxReceiveCount",
+                f"maxReceiveCount {config.max_receive_count} is below the "
+                f"{MIN_ADVISED_RECEIVE_COUNT} AWS advises for a Lambda event source: a burst of "
+                "throttled batches can move good messages to the dead-letter queue.",
+            )

@@ -3,16 +3,18 @@
 Credentials are generated into Secrets Manager (the Lambdas get the ARN, never the value);
 the proxy requires TLS and the instance forces SSL; only the proxy reaches the instance and
 only the Lambdas reach the proxy. Why RDS and not Aurora Serverless v2: docs/design.md, "The
-results store".
+results store". Deletion protection is off until the first create has succeeded (a protected
+instance cannot be rolled back): docs/deploy.md, "Deletion protection: the two-step".
 """
 
 from __future__ import annotations
 
-from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import Annotations, Duration, RemovalPolicy
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_rds as rds
 from constructs import Construct
 
+from chipscale import names
 from stacks.common import acknowledge
 from stacks.config import DeploymentConfig
 
@@ -68,6 +70,7 @@ class ResultsDatabase(Construct):
             multi_az=config.db_multi_az,
             deletion_protection=config.db_deletion_protection,
             backup_retention=Duration.days(config.db_backup_retention_days),
+            # A rollback or a destroy deletes the instance and keeps a final snapshot.
             removal_policy=RemovalPolicy.SNAPSHOT,
             iam_authentication=True,
             auto_minor_version_upgrade=True,
@@ -80,6 +83,8 @@ class ResultsDatabase(Construct):
         self.proxy = rds.DatabaseProxy(
             self,
             "Proxy",
+            # Proxy names are unique per account and region: CDK's default is the id, "Proxy".
+            db_proxy_name=names.db_proxy_name(config.stack_name),
             proxy_target=rds.ProxyTarget.from_instance(self.instance),
             secrets=[self.secret],
             vpc=vpc,
@@ -109,8 +114,15 @@ class ResultsDatabase(Construct):
             acknowledge(
                 self.instance,
                 "AwsSolutions-RDS10",
-                "dbDeletionProtection is false in this deployment's config (a throwaway stack); "
-                "the default is true.",
+                "dbDeletionProtection is false, the default, so that a failed first deploy can "
+                "roll back (RDS refuses to delete a protected instance: ROLLBACK_FAILED); the "
+                "guide turns it on once the create has succeeded, and the Snapshot deletion "
+                "policy keeps a final snapshot meanwhile.",
+            )
+            Annotations.of(self.instance).add_warning_v2(
+                "chipscale:dbDeletionProtectionOff",
+                "dbDeletionProtection is false: right for the first deploy of a stack; once it "
+                "has succeeded, deploy again with -c dbDeletionProtection=true (docs/deploy.md).",
             )
 
     @property

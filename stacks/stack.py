@@ -8,13 +8,14 @@ plugin, so an unacknowledged finding fails ``cdk synth``.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from aws_cdk import App, Environment, Stack, Stage, Tags, Validations
+from aws_cdk import App, Environment, Size, Stack, Stage, Tags, Validations
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_s3_deployment as s3_deployment
 from cdk_nag import AwsSolutionsChecks
@@ -23,7 +24,7 @@ from constructs import Construct
 from chipscale import names
 from stacks.bundle import lambda_code
 from stacks.common import acknowledge, add_output
-from stacks.config import DeploymentConfig
+from stacks.config import ConfigError, DeploymentConfig
 from stacks.fleet_controller_function import FleetController
 from stacks.gpu_fleet import GpuFleet
 from stacks.monitoring import Monitoring
@@ -68,6 +69,9 @@ class ChipscaleStack(Stack):
             logs_bucket=storage.logs_bucket,
             queue=queues.queue,
         )
+        if self.model_deployment is not None:
+            # No host boots (and no rolling update starts) before its archive is in the bucket.
+            fleet.launch_template.node.add_dependency(self.model_deployment)
         code = lambda_code()
         worker = Worker(
             self,
@@ -187,10 +191,21 @@ class ChipscaleStack(Stack):
         version and the group's rolling update replaces the hosts (the same key would leave
         old hosts serving the old model beside new ones serving the new). Without
         ``modelArchive`` the key is fixed, ``models/<modelName>.mar``, and an archive uploaded
-        there by hand is rolled out with an instance refresh (docs/deploy.md)."""
+        there by hand is rolled out with an instance refresh (docs/deploy.md). The upload's
+        handler gets the /tmp the archive needs (:func:`upload_storage_mib`)."""
+        self.model_deployment: s3_deployment.BucketDeployment | None = None
         if not self.config.model_archive:
             return f"{MODEL_PREFIX}{self.config.model_name}.mar"
         archive = self.config.model_archive_path
+        storage_mib = upload_storage_mib(archive.stat().st_size)  # before reading the archive
+        if storage_mib > LAMBDA_TMP_MAX_MIB:
+            raise ConfigError(
+                f"modelArchive: {archive.name} ({math.ceil(archive.stat().st_size / MIB):,} "
+                f"MiB) needs {storage_mib:,} MiB of Lambda /tmp to upload at deploy (twice the "
+                f"archive + {UPLOAD_HEADROOM_MIB} MiB), above Lambda's {LAMBDA_TMP_MAX_MIB:,} "
+                f"MiB: leave modelArchive empty and upload it yourself to "
+                f"{MODEL_PREFIX}{self.config.model_name}.mar (docs/deploy.md, The model archive)"
+            )
         name = model_archive_name(self.config.model_name, archive)
         deployment = s3_deployment.BucketDeployment(
             self,
@@ -200,7 +215,8 @@ class ChipscaleStack(Stack):
             destination_key_prefix=MODEL_PREFIX,
             prune=False,  # other archives (and older versions) stay
             retain_on_delete=True,
-            memory_limit=1024,
+            memory_limit=1024,  # unzip and S3 copy stream: memory does not grow with the archive
+            ephemeral_storage_size=Size.mebibytes(storage_mib),
         )
         self.model_deployment = deployment
         self._acknowledge_bucket_deployment(storage)
@@ -246,6 +262,22 @@ class ChipscaleStack(Stack):
             "reachable only from the proxy's security group; rotate between runs "
             "(docs/deploy.md, Design choices).",
         )
+
+
+MIB = 1 << 20
+#: Lambda's /tmp (ephemeral storage): its default and its maximum, MiB.
+LAMBDA_TMP_DEFAULT_MIB = 512
+LAMBDA_TMP_MAX_MIB = 10_240
+#: /tmp kept free beside the archive's two copies in the upload handler.
+UPLOAD_HEADROOM_MIB = 256
+
+
+def upload_storage_mib(archive_bytes: int) -> int:
+    """MiB of /tmp the upload handler needs: it downloads the asset zip (about the archive's
+    size: a .mar is already compressed) and unzips it there, so two copies plus headroom;
+    never below Lambda's default."""
+    need = 2 * math.ceil(archive_bytes / MIB) + UPLOAD_HEADROOM_MIB
+    return max(LAMBDA_TMP_DEFAULT_MIB, need)
 
 
 def model_archive_name(model_name: str, archive: Path) -> str:

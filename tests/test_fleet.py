@@ -10,7 +10,9 @@ show are pinned with recorded responses through botocore's Stubber: an instance 
 not implement CompleteLifecycleAction), a target still ``initial`` after the hook let its
 instance in (the load balancer answers 503 for it), and a mapping in a transition (moto's
 mappings switch state instantly, so they never answer ``Updating`` or
-``ResourceInUseException``).
+``ResourceInUseException``). moto lacks GetAccountSettings: the fleet's Lambda client answers
+it from a recorded response of an established account (1,000 unreserved), so the account's
+ceiling never binds here (tests/test_account_concurrency.py tests it).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from botocore.stub import ANY, Stubber
 from conftest import ROOT
 from hypothesis import example, given
 from hypothesis import strategies as st
+from lambda_account import RecordedAccount, recorded_account_settings
 
 from chipscale import names
 from chipscale.ops import aws_checks
@@ -165,6 +168,8 @@ class Fleet:
     parameter: str
     target_group_arn: str
     updates: list[dict[str, Any]] = field(default_factory=list)
+    #: What GetAccountSettings answers on ``lambda_client`` (moto does not implement it).
+    account: RecordedAccount = field(default_factory=RecordedAccount)
 
     def sync(
         self,
@@ -302,6 +307,7 @@ def fleet(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Fleet:
         mapping_uuid=mapping["UUID"],
         parameter=f"/chipscale-{suffix}/per-gpu-concurrency",
         target_group_arn=target_group_arn,
+        account=RecordedAccount().install(lambda_client),
     )
     # Count the writes the controller makes, on the real client: "nothing changed" must mean
     # no UpdateEventSourceMapping call at all.
@@ -675,6 +681,7 @@ def test_mapping_in_transition_is_left_for_the_next_run(
         "describe_auto_scaling_groups", RECORDED_GROUP_WITH_HOOK_WAIT, None
     )
     stubbed_lambda.add_response("get_event_source_mapping", recorded_mapping("Updating", 16))
+    stubbed_lambda.add_response("get_account_settings", recorded_account_settings(1000, 1000))
     stubbed_lambda.add_client_error(
         "update_event_source_mapping",
         service_error_code="ResourceInUseException",
@@ -707,6 +714,7 @@ def test_mapping_already_enabling_needs_no_update(
         "get_event_source_mapping",
         recorded_mapping("Enabling", GPUS_PER_INSTANCE * PER_GPU_DEFAULT),
     )
+    stubbed_lambda.add_response("get_account_settings", recorded_account_settings(1000, 1000))
     result = fleet.sync(
         autoscaling=stubbed_autoscaling.client,
         lambda_client=stubbed_lambda.client,

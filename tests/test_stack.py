@@ -250,6 +250,7 @@ def test_no_wildcard_action_on_wildcard_resource(raw: dict[str, Any]) -> None:
     allowed_on_star = {
         "autoscaling:DescribeAutoScalingGroups",  # no resource-level permissions
         "elasticloadbalancing:DescribeTargetHealth",  # likewise (ELBv2 Describe*)
+        "lambda:GetAccountSettings",  # likewise (the account's concurrency, read-only)
         "cloudwatch:PutMetricData",  # likewise; bound to the GPU namespace below
     }
     for statement in statements(raw):
@@ -348,7 +349,8 @@ def test_database_private_encrypted_protected(raw: dict[str, Any], template: Tem
             "EngineVersion": Match.string_like_regexp(r"^17\."),
             "PubliclyAccessible": False,
             "StorageEncrypted": True,
-            "DeletionProtection": True,
+            # Off until the first create has succeeded (tests/test_first_deploy_db.py).
+            "DeletionProtection": False,
             "BackupRetentionPeriod": 7,
             "MultiAZ": False,
         },
@@ -436,11 +438,8 @@ def test_launch_template(raw: dict[str, Any]) -> None:
     assert data["MetadataOptions"]["HttpTokens"] == "required"
     assert "KeyName" not in data
     assert data["IamInstanceProfile"]
-    (param,) = [
-        p for p in raw["Parameters"].values() if p["Type"].endswith("<AWS::EC2::Image::Id>")
-    ]
-    assert param["Default"].startswith("/aws/service/deeplearning/ami/x86_64/")
-    assert "Ref" in data["ImageId"]  # resolved by CloudFormation at deploy, not at synth
+    # Resolved by EC2 at each launch, never by CloudFormation at deploy (tests/test_ami_pin.py).
+    assert data["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/")
 
 
 def test_user_data_runs_the_boot_script_with_its_environment(raw: dict[str, Any]) -> None:
@@ -464,7 +463,8 @@ def test_user_data_runs_the_boot_script_with_its_environment(raw: dict[str, Any]
     assert "export CHIPSCALE_TORCH_VERSION=2.13.0\n" in script
     assert "export CHIPSCALE_MODEL_KEY=models/chipscale.mar\n" in script
     assert f"export CHIPSCALE_CW_NAMESPACE={names.GPU_METRICS_NAMESPACE}\n" in script
-    assert "export CHIPSCALE_WHEELHOUSE_URI=''\n" in script  # default: PyPI through the NAT
+    assert "export CHIPSCALE_WHEELHOUSE_URI='s3://<ref>/wheelhouse/'\n" in script  # default
+    assert "export CHIPSCALE_MIN_DRIVER=580\n" in script  # torch 2.13's CUDA 13
     assert "export CHIPSCALE_LOG_GROUP='<ref>'\n" in script  # the HostLogs group, for the agent
     assert names.HOST_ENV_READY_TIMEOUT not in script  # the absolute deadline replaces it
     assert script.rstrip().endswith("exec bash gpu_host_boot.sh")
@@ -535,14 +535,13 @@ def test_auto_scaling_group_and_lifecycle_hook(raw: dict[str, Any]) -> None:
     assert props["AutoScalingGroupName"] == "chipscale-gpu-fleet"
     assert (props["MinSize"], props["MaxSize"]) == ("0", "2")
     assert props["HealthCheckType"] == "ELB"
-    assert props["LifecycleHookSpecificationList"] == [
-        {
-            "LifecycleHookName": names.LIFECYCLE_HOOK_LAUNCH,
-            "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
-            "DefaultResult": "ABANDON",
-            "HeartbeatTimeout": 1800,
-        }
-    ]
+    # The termination hook beside it: tests/test_scale_in.py.
+    assert {
+        "LifecycleHookName": names.LIFECYCLE_HOOK_LAUNCH,
+        "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+        "DefaultResult": "ABANDON",
+        "HeartbeatTimeout": 1800,
+    } in props["LifecycleHookSpecificationList"]
     assert all("computeSubnet" in flat(s) for s in props["VPCZoneIdentifier"])
     assert props["MetricsCollection"]  # GroupInServiceInstances for the scaling math
     # A new launch template version (a new model key) rolls the hosts one at a time.
@@ -656,12 +655,14 @@ def test_fleet_controller(raw: dict[str, Any], template: Template) -> None:
     assert set(by_action) == {
         "autoscaling:DescribeAutoScalingGroups",
         "elasticloadbalancing:DescribeTargetHealth",
+        "lambda:GetAccountSettings",
         "lambda:GetEventSourceMapping",
         "lambda:UpdateEventSourceMapping",
         "ssm:GetParameter",
     }
-    # Neither supports resource-level permissions (acknowledged as IAM5 with that reason).
+    # None supports resource-level permissions (acknowledged as IAM5 with that reason).
     assert by_action["elasticloadbalancing:DescribeTargetHealth"]["Resource"] == "*"
+    assert by_action["lambda:GetAccountSettings"]["Resource"] == "*"
     assert ":event-source-mapping:" in flat(
         by_action["lambda:UpdateEventSourceMapping"]["Resource"]
     )
@@ -839,7 +840,7 @@ def test_cdk_nag_fails_synth_on_an_unacknowledged_finding(tmp_path: Path) -> Non
 @pytest.fixture(scope="module")
 def variant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], Path]]:
     """The options the default leaves off: a model archive uploaded at deploy, no NAT (the
-    wheelhouse instead), reserved concurrency, Multi-AZ, no deletion protection, a g5.12xlarge."""
+    wheelhouse instead), reserved concurrency, Multi-AZ, deletion protection, a g5.12xlarge."""
     work = tmp_path_factory.mktemp("model")
     archive = work / "demo-model.mar"
     with zipfile.ZipFile(archive, "w") as mar:
@@ -855,7 +856,7 @@ def variant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str
         reservedConcurrency="40",  # at least 4 per GPU x 4 GPUs x 2 instances
         maxConcurrency="10",
         dbMultiAz="true",
-        dbDeletionProtection="false",
+        dbDeletionProtection="true",
         instanceType="g5.12xlarge",
         minInstances="1",
         defaultJob="legacy",
@@ -878,7 +879,7 @@ def test_variant_options(variant: tuple[dict[str, Any], Path]) -> None:
     # The controller caps MaximumConcurrency at the worker's reservation.
     assert controller["Environment"]["Variables"][names.ENV_RESERVED_CONCURRENCY] == "40"
     (_, db) = one(raw, "AWS::RDS::DBInstance")
-    assert db["Properties"]["MultiAZ"] is True and db["Properties"]["DeletionProtection"] is False
+    assert db["Properties"]["MultiAZ"] is True and db["Properties"]["DeletionProtection"] is True
     (_, esm) = one(raw, "AWS::Lambda::EventSourceMapping")
     assert esm["Properties"]["Enabled"] is True
     (_, lt) = one(raw, "AWS::EC2::LaunchTemplate")

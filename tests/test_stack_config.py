@@ -108,7 +108,7 @@ def test_type_errors_name_the_key() -> None:
 
 def test_rules_across_keys() -> None:
     with pytest.raises(ConfigError, match="wheelhousePrefix: required when natGateways is 0"):
-        config_of(natGateways=0)
+        config_of(natGateways=0, wheelhousePrefix="")
     with pytest.raises(ConfigError, match="interfaceEndpoints: must be true"):
         config_of(natGateways=0, wheelhousePrefix="wheels/", interfaceEndpoints=False)
     with pytest.raises(ConfigError, match="batchingWindowSeconds of at least 1"):

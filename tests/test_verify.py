@@ -347,8 +347,9 @@ def test_gpu_quota_too_small_fails_and_says_what_to_request() -> None:
         result = _quota_check(check_gpu_quota, client, _capacity())
     assert not result.ok
     assert result.detail == (
-        "need 8 vCPUs (2 x g5.xlarge, 4 each); quota 4 (applied): request an increase of "
-        "ec2 L-DB2E81BA in Service Quotas"
+        "need 8 vCPUs (2 x g5.xlarge, 4 each); quota 4 (applied): no GPU host can launch "
+        "beyond it; request 'Running On-Demand G and VT instances' (ec2 L-DB2E81BA) of at "
+        "least 8 vCPUs in Service Quotas"
     )
     stubber.assert_no_pending_responses()
 

@@ -25,6 +25,7 @@ from chipscale.cli.smoke_test import verify
 from chipscale.cli.sqs_push import push
 from chipscale.cli.store import convert_geojson, db_setup, download, status
 from chipscale.cli.tiling import cover, tile
+from chipscale.cli.wheelhouse_build import wheelhouse
 from chipscale.errors import ChipscaleError, one_line
 from chipscale.pipes import die_of_sigpipe, reader_gone
 from chipscale.redaction import RedactingFormatter, scrub
@@ -114,7 +115,7 @@ def cli(verbose: int, quiet: bool) -> None:
 
 for command in (
     cover, tile, run, db_setup, download, status, convert_geojson, model, serve, verify, push,
-    redrive_command, monitor, tune,
+    redrive_command, monitor, tune, wheelhouse,
 ):  # fmt: skip
     cli.add_command(command)
 

@@ -298,7 +298,7 @@ def read_capacity(
 def check_gpu_quota(quotas: Any, capacity: Capacity) -> CheckResult:
     """The region's "Running On-Demand G and VT instances" vCPU quota fits the full fleet
     (it counts every G instance of the account in the region, not only this stack's)."""
-    service, code, _ = GPU_QUOTA
+    service, code, name = GPU_QUOTA
     quota = read_quota(quotas, service, code)
     fleet = capacity.fleet
     need = (
@@ -306,7 +306,10 @@ def check_gpu_quota(quotas: Any, capacity: Capacity) -> CheckResult:
         f"{fleet.vcpus_per_instance} each); {quota.describe()}"
     )
     if quota.value < capacity.gpu_vcpus:
-        raise CheckFailed(f"{need}: request an increase of {service} {code} in Service Quotas")
+        raise CheckFailed(
+            f"{need}: no GPU host can launch beyond it; request {name!r} ({service} {code}) "
+            f"of at least {capacity.gpu_vcpus} vCPUs in Service Quotas"
+        )
     return CheckResult(CHECK_GPU_QUOTA, True, need)
 
 

@@ -2,10 +2,11 @@
 
 The event source mapping is disabled while no GPU is in service, else its MaximumConcurrency
 is per-GPU concurrency x GPUs in service, clamped to 2-1000 and to the worker's reserved
-concurrency. :func:`desired_mapping` is the pure rule; :func:`sync` reads AWS (the fleet
-through :func:`chipscale.ops.aws.read_fleet`), applies the rule and writes the mapping only
-when something changes. ``lambdas/fleet_controller.py`` runs it on Auto Scaling events and a
-schedule. Rationale: docs/design.md.
+concurrency, or, with none reserved, to the account's unreserved concurrency less a margin
+(``GetAccountSettings``). :func:`desired_mapping` is the pure rule; :func:`sync` reads AWS
+(the fleet through :func:`chipscale.ops.aws.read_fleet`), applies the rule and writes the
+mapping only when something changes. ``lambdas/fleet_controller.py`` runs it on Auto Scaling
+events and a schedule. Rationale: docs/design.md.
 """
 
 from __future__ import annotations
@@ -14,18 +15,29 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from chipscale import names
+from chipscale.errors import one_line
 from chipscale.ops.aws import (
     AutoScalingClient,
     Elbv2Client,
     FleetConfigError,
     FleetNotFoundError,
+    aws_reason,
     read_fleet,
 )
+from chipscale.ops.aws_checks import LAMBDA_HEADROOM
 
 #: AWS's range for an SQS event source mapping's ``ScalingConfig.MaximumConcurrency``.
 MIN_MAXIMUM_CONCURRENCY = 2
 MAX_MAXIMUM_CONCURRENCY = 1000
+
+#: Unreserved concurrency the worker leaves to the account's other functions (the controller
+#: and operations Lambdas among them): a tenth of the pool, within these bounds; the upper is
+#: the headroom ``chipscale verify`` asks the quota to hold. Rationale: docs/design.md, 9.7.
+MIN_UNRESERVED_MARGIN = 2
+MAX_UNRESERVED_MARGIN = LAMBDA_HEADROOM
 
 # Event source mapping states. A mapping in a transition reports the state it is heading to
 # as ...ing; one in Creating/Updating/Deleting refuses updates (ResourceInUseException), so
@@ -58,16 +70,32 @@ def clamp_concurrency(value: int) -> int:
     return max(MIN_MAXIMUM_CONCURRENCY, min(MAX_MAXIMUM_CONCURRENCY, value))
 
 
+def account_ceiling(unreserved: int) -> int:
+    """The most concurrency the worker may take from an account pool of ``unreserved``
+    executions: the pool less a tenth of it, kept within 2..10 executions.
+
+    >>> account_ceiling(10), account_ceiling(50), account_ceiling(1000)
+    (8, 45, 990)
+    """
+    margin = min(MAX_UNRESERVED_MARGIN, max(MIN_UNRESERVED_MARGIN, unreserved // 10))
+    return unreserved - margin
+
+
 def desired_mapping(
-    gpus_in_service: int, per_gpu_concurrency: int, reserved_concurrency: int | None = None
+    gpus_in_service: int,
+    per_gpu_concurrency: int,
+    reserved_concurrency: int | None = None,
+    account_unreserved: int | None = None,
 ) -> DesiredMapping:
     """The mapping state for ``gpus_in_service`` GPUs, each fed by ``per_gpu_concurrency``
-    Lambdas, for a worker with ``reserved_concurrency`` (None: none reserved).
+    Lambdas, for a worker with ``reserved_concurrency`` (None: none reserved) in an account
+    with ``account_unreserved`` unreserved executions (None: unknown).
 
     Disabled while no GPU is in service (messages wait in the queue rather than fail into the
-    DLQ); otherwise enabled with ``MaximumConcurrency = clamp(min(per_gpu x gpus, reserved),
-    2, 1000)``: never above the worker's reserved concurrency, where the event source would be
-    throttled and each throttled batch would go back to the queue with a receive spent.
+    DLQ); otherwise enabled with ``MaximumConcurrency = clamp(min(per_gpu x gpus, ceiling),
+    2, 1000)``. The ceiling is the worker's reserved concurrency, else
+    :func:`account_ceiling` of the unreserved pool: above either, the event source is
+    throttled and each throttled batch goes back to the queue with a receive spent.
 
     >>> desired_mapping(0, 8)
     DesiredMapping(enabled=False, maximum_concurrency=None)
@@ -75,6 +103,8 @@ def desired_mapping(
     DesiredMapping(enabled=True, maximum_concurrency=32)
     >>> desired_mapping(4, 8, reserved_concurrency=20)
     DesiredMapping(enabled=True, maximum_concurrency=20)
+    >>> desired_mapping(4, 8, account_unreserved=10)  # a new account
+    DesiredMapping(enabled=True, maximum_concurrency=8)
     """
     if gpus_in_service < 0:
         raise FleetConfigError(f"GPUs in service must be 0 or more, got {gpus_in_service}")
@@ -90,6 +120,8 @@ def desired_mapping(
     wanted = per_gpu_concurrency * gpus_in_service
     if reserved_concurrency is not None:
         wanted = min(wanted, reserved_concurrency)
+    elif account_unreserved is not None:
+        wanted = min(wanted, account_ceiling(account_unreserved))
     return DesiredMapping(enabled=True, maximum_concurrency=clamp_concurrency(wanted))
 
 
@@ -136,6 +168,8 @@ class LambdaClient(Protocol):
 
     def update_event_source_mapping(self, **kwargs: Any) -> dict[str, Any]: ...
 
+    def get_account_settings(self, **kwargs: Any) -> dict[str, Any]: ...
+
 
 class SsmClient(Protocol):
     """The SSM call :func:`sync` makes (a boto3 ``ssm`` client)."""
@@ -172,6 +206,9 @@ class SyncResult:
     warnings: tuple[str, ...] = ()
     #: The worker's reserved concurrency the concurrency was capped at (None: none).
     reserved_concurrency: int | None = None
+    #: The account's unreserved concurrency (GetAccountSettings), read only when none is
+    #: reserved (None: reserved, or unreadable, which is among ``warnings``).
+    account_unreserved: int | None = None
     #: The target group whose healthy targets were counted (None: Auto Scaling state only).
     target_group_arn: str | None = None
 
@@ -219,6 +256,23 @@ def read_per_gpu(
         return default, "default", f"SSM parameter {parameter!r}: {exc}; using {default}"
 
 
+def read_account_unreserved(lambda_client: LambdaClient) -> tuple[int | None, str | None]:
+    """(the account's unreserved concurrent executions in this region, a warning or None).
+
+    Unreadable (no permission, an outage) is a warning, not a failure: the mapping must still
+    follow the fleet, uncapped by the account as before.
+    """
+    try:
+        limit = lambda_client.get_account_settings()["AccountLimit"]
+        return int(limit["UnreservedConcurrentExecutions"]), None
+    except (ClientError, BotoCoreError, KeyError, TypeError, ValueError) as exc:
+        reason = aws_reason(exc) if isinstance(exc, ClientError) else one_line(exc)
+        return None, (
+            f"GetAccountSettings failed ({reason}): MaximumConcurrency not capped by the "
+            "account's unreserved concurrency"
+        )
+
+
 def read_mapping(lambda_client: LambdaClient, mapping_uuid: str) -> tuple[str, int | None]:
     """(State, ScalingConfig.MaximumConcurrency or None) of event source mapping
     ``mapping_uuid``."""
@@ -247,10 +301,10 @@ def sync(
     """Make event source mapping ``mapping_uuid`` follow the GPUs in service in ``asg_name``.
 
     Reads the group (and the health of ``target_group_arn``'s targets, when given), the
-    per-GPU parameter and the mapping, then calls ``update_event_source_mapping`` only if the
-    state or the concurrency differs from :func:`desired_mapping` (capped at
-    ``reserved_concurrency`` when the worker has one), so running it every minute costs no
-    writes. Safe to repeat and to run concurrently: each run converges on the same state.
+    per-GPU parameter, the mapping and, when the worker has no ``reserved_concurrency``, the
+    account's unreserved concurrency, then calls ``update_event_source_mapping`` only if the
+    state or the concurrency differs from :func:`desired_mapping`, so running it every minute
+    costs no writes. Safe to repeat and to run concurrently: each run converges on the same state.
     """
     if gpus_per_instance < 1:
         raise FleetConfigError(f"GPUs per instance must be 1 or more, got {gpus_per_instance}")
@@ -262,8 +316,21 @@ def sync(
         autoscaling, asg_name, elbv2=elbv2, target_group_arn=target_group_arn
     )
     per_gpu, source, warning = read_per_gpu(ssm, per_gpu_parameter, per_gpu_default)
+    warnings = [warning] if warning else []
     state, concurrency = read_mapping(lambda_client, mapping_uuid)
-    desired = desired_mapping(in_service * gpus_per_instance, per_gpu, reserved_concurrency)
+    unreserved = None
+    if reserved_concurrency is None:
+        unreserved, account_warning = read_account_unreserved(lambda_client)
+        warnings.extend([account_warning] if account_warning else [])
+    gpus = in_service * gpus_per_instance
+    desired = desired_mapping(gpus, per_gpu, reserved_concurrency, unreserved)
+    capped = desired.maximum_concurrency
+    if unreserved is not None and capped is not None and capped < per_gpu * gpus:
+        warnings.append(
+            f"the account's unreserved concurrency ({unreserved}) caps the worker at "
+            f"{capped} of the {per_gpu * gpus} its {gpus} GPUs take: request a higher "
+            "Lambda concurrent executions quota (L-B99A9384)"
+        )
     changes = mapping_changes(state, concurrency, desired)
     action: Action = "none"
     if changes:
@@ -285,8 +352,9 @@ def sync(
         desired=desired,
         action=action,
         changes=changes,
-        warnings=(warning,) if warning else (),
+        warnings=tuple(warnings),
         reserved_concurrency=reserved_concurrency,
+        account_unreserved=unreserved,
         target_group_arn=target_group_arn,
     )
 

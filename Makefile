@@ -63,6 +63,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/tile_read.py
 	$(BIN)/python bench/pipeline.py -o bench/results/pipeline.json
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/handler_decode.py
 	$(BIN)/python bench/push.py
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/store_versions.py

@@ -3,8 +3,9 @@ as the pipeline runs it: the packs it makes, its worker threads, its reader cach
 call per pack with its torch threads, one store write per pack.
 
 ``ratio_end_to_end_to_bound`` = end to end / the slowest stage, reported as it falls (goal
-0.8). The four measurements alternate within one run (``--repeats`` rounds) and medians are
-compared, since this machine is noisy. Prints JSON (``-o`` also writes it to a file).
+0.8), and ``ratio_read_ahead_to_serial`` = the pipeline with read-ahead / the same with
+serial workers. The five measurements alternate within one run (``--repeats`` rounds) and
+medians are compared, since this machine is noisy. Prints JSON (``-o`` also writes it to a file).
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ def main() -> None:
 
             return len(tiles) / on_workers(args.workers, packs, write)
 
-    stage_seconds: list[dict[str, float]] = []
+    stage_seconds: dict[str, list[dict[str, float]]] = {"read_ahead": [], "serial": []}
 
-    def end_to_end() -> float:
+    def pipeline(ahead: bool) -> float:
         with (
             tempfile.TemporaryDirectory() as tmp,
             open_store(f"sqlite:///{tmp}/bench.db") as store,
@@ -127,8 +128,9 @@ def main() -> None:
                 store=store,
                 workers=args.workers,
                 max_tiles=args.max_tiles,
+                ahead=ahead,
             )
-        stage_seconds.append(
+        stage_seconds["read_ahead" if ahead else "serial"].append(
             {
                 "read": summary.read_seconds,
                 "predict": summary.predict_seconds,
@@ -142,7 +144,8 @@ def main() -> None:
         "read_only": read_only,
         "model_only": model_only,
         "store_only": store_only,
-        "end_to_end": end_to_end,
+        "end_to_end": lambda: pipeline(True),
+        "end_to_end_serial": lambda: pipeline(False),
     }
     rates: dict[str, list[float]] = {name: [] for name in measures}
     load_before = os.getloadavg()
@@ -150,8 +153,16 @@ def main() -> None:
         for name, measure in measures.items():
             rates[name].append(measure())
     median = {name: statistics.median(values) for name, values in rates.items()}
-    stages = {k: v for k, v in median.items() if k != "end_to_end"}
+    stages = {k: v for k, v in median.items() if not k.startswith("end_to_end")}
     bound = min(stages, key=stages.__getitem__)
+    paired = [a / b for a, b in zip(rates["end_to_end"], rates["end_to_end_serial"], strict=True)]
+    # Per tile, summed over the workers: the feed model's inputs (chipscale.ops.feed).
+    per_tile = {
+        stage: round(
+            statistics.median(s[stage] for s in stage_seconds["read_ahead"]) / len(tiles), 6
+        )
+        for stage in ("read", "predict", "write")
+    }
     report = {
         "benchmark": "pipeline",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -159,9 +170,17 @@ def main() -> None:
         "bound": bound,
         "ratio_end_to_end_to_bound": round(median["end_to_end"] / stages[bound], 3),
         "goal": 0.8,
+        # Read-ahead (each worker reads its next pack while predicting) against serial
+        # workers (read, predict, write, then the next), in the same rounds.
+        "ratio_read_ahead_to_serial": round(median["end_to_end"] / median["end_to_end_serial"], 3),
+        "ratio_read_ahead_to_serial_paired_median": round(statistics.median(paired), 3),
         "runs": {k: [round(v, 1) for v in values] for k, values in rates.items()},
         # Seconds spent in each stage inside the end-to-end runs, summed over the workers.
-        "end_to_end_stage_seconds": [{k: round(v, 3) for k, v in s.items()} for s in stage_seconds],
+        "end_to_end_stage_seconds": {
+            mode: [{k: round(v, 3) for k, v in s.items()} for s in runs]
+            for mode, runs in stage_seconds.items()
+        },
+        "read_ahead_seconds_per_tile_median": per_tile,
         "conditions": {
             "source": os.path.basename(args.source),
             "zoom": args.zoom,
@@ -174,7 +193,10 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "store": "sqlite (temporary directory)",
             "repeats": args.repeats,
-            "order": "read_only, model_only, store_only, end_to_end in each round",
+            "order": (
+                "read_only, model_only, store_only, end_to_end (read-ahead), "
+                "end_to_end_serial in each round"
+            ),
             "cpus": os.cpu_count(),
             "load_average_1_5_15_before": [round(x, 2) for x in load_before],
             "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],

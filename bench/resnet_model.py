@@ -102,12 +102,14 @@ class ResNetClassifier(nn.Module):
         return self.head(torch.flatten(self.pool(x), 1))
 
 
-def build_resnet(width: int = DEFAULT_WIDTH, seed: int = SEED) -> ResNetClassifier:
+def build_resnet(
+    width: int = DEFAULT_WIDTH, seed: int = SEED, bands: int = BANDS
+) -> ResNetClassifier:
     """The network at ``width`` with deterministic random weights, in eval mode."""
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     generator = torch.Generator().manual_seed(seed)
-    model = ResNetClassifier(width)
+    model = ResNetClassifier(width, bands=bands)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Conv2d):

@@ -1,9 +1,10 @@
 """SQS worker Lambda: a batch of pack messages in, partial batch failures out.
 
 Thin on purpose: :class:`chipscale.cloud.sqs_batch.PackBatchProcessor` (Powertools' BatchProcessor)
-runs each record through :meth:`chipscale.cloud.queue_worker.QueueWorker.predict`, stores the
-batch's rows in one write, and reports only the records that raised or whose rows were not
-stored, so one failing message never sends its neighbours back. Connections live for the
+runs each record through :meth:`chipscale.cloud.queue_worker.QueueWorker.predict` (which
+reads the next record's pack while it predicts), stores the batch's rows in one write, and
+reports only the records that raised or whose rows were not stored, so one failing message
+never sends its neighbours back. Connections live for the
 container.
 """
 
@@ -48,12 +49,18 @@ def worker() -> QueueWorker:
     )
 
 
-processor = PackBatchProcessor(lambda packs: worker().store_packs(packs), logger=logger)
+processor = PackBatchProcessor(
+    lambda packs: worker().store_packs(packs),
+    end=lambda: worker().end_batch(),
+    logger=logger,
+)
 
 
 def record_handler(record: SQSRecord, lambda_context: Any) -> PackResults | None:
     remaining_s = lambda_context.get_remaining_time_in_millis() / 1000.0
-    return worker().predict(record.message_id, record.body, remaining_s=remaining_s)
+    upcoming = processor.upcoming  # its pack is read while this record's is predicted
+    then = None if upcoming is None else (upcoming.message_id, upcoming.body)
+    return worker().predict(record.message_id, record.body, remaining_s=remaining_s, then=then)
 
 
 @logger.inject_lambda_context

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,12 +17,58 @@ import chipscale_runtime as rt
 import numpy as np
 import torch
 
+try:  # zstd request bodies (Content-Encoding: zstd): the standard library from Python 3.14
+    from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # the backport, in the model extra
+    try:
+        from backports import zstd  # type: ignore[import-not-found,no-redef,unused-ignore]
+    except ImportError:  # a host without it refuses zstd bodies and does not advertise them
+        zstd = None
+
 log = logging.getLogger(__name__)
 
 NPY_MAGIC = b"\x93NUMPY"
+#: Request body encodings the handler decodes (``Content-Encoding``), besides ``identity``.
+CONTENT_ENCODINGS: tuple[str, ...] = ("zstd",) if zstd is not None else ()
+#: The most bytes a compressed body may expand to (a decompression bomb is refused with 413).
+MAX_DECODED_BYTES = 2**30
+#: numpy's own bound on a .npy header (``np.load``'s ``max_header_size``).
+_MAX_HEADER = 10_000
 #: Defaults for the model-config ``handler:`` section.
 DEFAULT_SUB_BATCH = 32
 DEFAULT_CPU_THREADS = 1
+#: Set (to 1) by the GPU hosts' TorchServe unit: a worker there must run on a GPU.
+GPU_HOST_ENV = "CHIPSCALE_GPU_HOST"
+
+
+def on_gpu_host() -> bool:
+    """Whether this worker runs on a host that declared itself a GPU host."""
+    return os.environ.get(GPU_HOST_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def worker_device(gpu_id: Any) -> str:
+    """The device TorchServe gave this worker (``cuda:N``, or ``cpu`` without a ``gpu_id``).
+
+    On a GPU host (:data:`GPU_HOST_ENV`) a worker with no ``gpu_id``, or with one torch cannot
+    use, raises: serving silently on one CPU thread would look healthy and be ~100x slower.
+    """
+    if gpu_id is None:
+        if on_gpu_host():
+            raise rt.ModelRuntimeError(
+                f"{GPU_HOST_ENV} is set but TorchServe gave this worker no gpu_id (it found no "
+                "GPU: is nvidia-smi on its PATH, number_of_gpu 0?); refusing to serve on the CPU"
+            )
+        return "cpu"
+    if not torch.cuda.is_available():
+        if on_gpu_host():
+            raise rt.ModelRuntimeError(
+                f"TorchServe gave this worker gpu_id {gpu_id} but torch sees no CUDA device "
+                f"(torch {torch.__version__}: a CPU build, or a driver too old for it); "
+                "refusing to serve on the CPU"
+            )
+        log.warning("gpu_id %s given but CUDA is not available: serving on the CPU", gpu_id)
+        return "cpu"
+    return f"cuda:{int(gpu_id)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,18 +82,27 @@ class HttpRefusal:
         return json.dumps({"error": self.message, "status": self.status})
 
 
-def decode_tiles(body: Any) -> np.ndarray | HttpRefusal:
-    """The tiles of one request body, always 4-D, or the reason they cannot be read."""
+def decode_tiles(body: Any, encoding: str | None = None) -> np.ndarray | HttpRefusal:
+    """The tiles of one request body, always 4-D, or the reason they cannot be read.
+
+    ``encoding`` is the request's ``Content-Encoding`` (``None`` or ``identity``: a plain
+    ``.npy``). The array is a view over the (decoded) body: no copy of the pixels.
+    """
     if not isinstance(body, bytes | bytearray):
         return HttpRefusal(
             400,
             f"the body was decoded by TorchServe as {type(body).__name__}: send tiles as "
             "a .npy file with Content-Type application/octet-stream",
         )
+    if encoding:
+        decoded = decompress(body, encoding)
+        if isinstance(decoded, HttpRefusal):
+            return decoded
+        body = decoded
     if not body.startswith(NPY_MAGIC):
         return HttpRefusal(400, "the body is not a .npy file (numpy.save of the tile array)")
     try:
-        tiles = np.load(io.BytesIO(body), allow_pickle=False)
+        tiles = npy_view(body)
     except Exception as exc:  # truncated, bad header, object dtype (pickles refused)...
         return HttpRefusal(400, f"the body is not a readable .npy array: {exc}")
     if tiles.ndim == 3:
@@ -54,6 +110,82 @@ def decode_tiles(body: Any) -> np.ndarray | HttpRefusal:
     if tiles.ndim != 4 or tiles.shape[0] == 0:
         return HttpRefusal(400, f"tiles must be (N, bands, size, size), N >= 1, got {tiles.shape}")
     return tiles
+
+
+def npy_view(body: bytes | bytearray) -> np.ndarray:
+    """The array of a ``.npy`` file held in ``body``, as a view over it (``np.frombuffer``).
+
+    The header is read and checked by ``numpy.lib.format`` as ``np.load`` does (same errors);
+    object arrays are refused, as ``np.load(allow_pickle=False)`` refuses them. Writable when
+    ``body`` is (TorchServe hands over a ``bytearray``).
+    """
+    head = io.BytesIO(bytes(memoryview(body)[: _MAX_HEADER + 16]))
+    version = np.lib.format.read_magic(head)
+    if version == (1, 0):
+        header = np.lib.format.read_array_header_1_0(head, max_header_size=_MAX_HEADER)
+    elif version == (2, 0):
+        header = np.lib.format.read_array_header_2_0(head, max_header_size=_MAX_HEADER)
+    else:  # 3.0 (utf-8 field names: structured dtypes, refused later anyway): numpy reads it
+        loaded: np.ndarray = np.load(io.BytesIO(body), allow_pickle=False)
+        return loaded
+    shape, fortran_order, dtype = header
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    offset = head.tell()
+    count = int(np.prod(shape, dtype=np.int64))
+    expected = count * dtype.itemsize
+    if len(body) - offset < expected:
+        raise ValueError(
+            f"EOF: reading array data, expected {expected} bytes got {len(body) - offset}"
+        )
+    flat = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    if fortran_order:
+        return flat.reshape(shape[::-1]).transpose()
+    return flat.reshape(shape)
+
+
+def decompress(body: bytes | bytearray, encoding: str) -> bytes | bytearray | HttpRefusal:
+    """The ``.npy`` inside a body sent with ``Content-Encoding: encoding``, or the refusal:
+    415 an encoding this host does not decode, 400 a corrupt or truncated stream, 413 one
+    that expands past :data:`MAX_DECODED_BYTES`."""
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return body
+    if name not in CONTENT_ENCODINGS:
+        accepted = ", ".join(("identity", *CONTENT_ENCODINGS))
+        return HttpRefusal(
+            415, f"Content-Encoding {encoding!r} is not decoded here; accepted: {accepted}"
+        )
+    assert zstd is not None
+    too_large = HttpRefusal(
+        413, f"the zstd body expands past {MAX_DECODED_BYTES} bytes: send fewer tiles"
+    )
+    decompressor = zstd.ZstdDecompressor()
+    try:
+        declared = zstd.get_frame_info(body).decompressed_size  # None when not declared
+        if declared is not None and declared > MAX_DECODED_BYTES:
+            return too_large
+        data: bytes = decompressor.decompress(body, max_length=MAX_DECODED_BYTES + 1)
+    except zstd.ZstdError as exc:
+        return HttpRefusal(400, f"the body is not a readable zstd stream: {exc}")
+    if len(data) > MAX_DECODED_BYTES:
+        return too_large
+    if not decompressor.eof:
+        return HttpRefusal(400, "the body is not a readable zstd stream: it is truncated")
+    if decompressor.unused_data:
+        return HttpRefusal(400, "the body holds data after its zstd frame (one frame a request)")
+    return data
+
+
+def content_encoding(context: Any, i: int) -> str | None:
+    """The ``Content-Encoding`` header of request ``i`` (names are matched in any case)."""
+    headers = getattr(context, "get_all_request_header", None)
+    if headers is None:
+        return None
+    for key, value in (headers(i) or {}).items():
+        if isinstance(value, str) and str(key).lower() == "content-encoding":
+            return value
+    return None
 
 
 class ChipscaleHandler:
@@ -64,14 +196,21 @@ class ChipscaleHandler:
     - request body: a ``.npy`` file (``numpy.save``, no pickles) of shape
       ``(N, bands, size, size)`` (or ``(bands, size, size)`` for one tile) in the source dtype,
       sent as ``application/octet-stream`` so TorchServe hands the bytes over untouched;
-    - an empty body asks for the model's metadata (how a client learns bands and tile size);
+    - ``Content-Encoding: zstd`` (one zstd frame around that ``.npy``) when the metadata
+      answer lists ``"zstd"`` in ``content_encodings``; the handler reads the array as a view
+      over the body, with no copy of the pixels;
+    - an empty body asks for the model's metadata (how a client learns bands and tile size)
+      with this worker's ``worker`` (host, pid, gpu_host, device, inference settings) and
+      the body encodings this host decodes (``content_encodings``);
     - answer 200: ``{"model", "version", "classes", "scores": [[...] per tile],
       "batch": {"requests", "tiles"}}``; ``batch`` says how many requests and tiles TorchServe's
       batcher put in the same handler call as this one; a tile the model answered NaN or inf for
       has ``null`` scores and its reason in ``"errors": {"ROW": reason}`` (never a ``NaN``
       literal, which is not JSON);
     - errors are per request, JSON ``{"error": message, "status": code}``: 400 a body that is not
-      a numeric ``.npy`` array of tiles, 422 tiles that do not fit the model (bands, size, dtype),
+      a numeric ``.npy`` array of tiles (or a corrupt zstd stream), 413 a zstd body expanding
+      past :data:`MAX_DECODED_BYTES`, 415 an encoding this host does not decode, 422 tiles that
+      do not fit the model (bands, size, dtype),
       500 the model raised on this request's tiles, 507 out of memory (worth a retry). One bad
       request never fails the others TorchServe batched with it.
 
@@ -89,8 +228,7 @@ class ChipscaleHandler:
         manifest = context.manifest
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
         model_file = os.path.join(props["model_dir"], manifest["model"]["serializedFile"])
-        gpu_id = props.get("gpu_id")
-        device = f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+        device = worker_device(props.get("gpu_id"))
         threads = config.get("threads", DEFAULT_CPU_THREADS) if device == "cpu" else None
         self.runtime = rt.load_model(
             model_file,
@@ -101,9 +239,25 @@ class ChipscaleHandler:
         log.info("chipscale handler ready: %r", self.runtime)
 
     def metadata(self) -> str:
+        """The answer to an empty body: the model's metadata and this worker's placement and
+        settings (``worker``: host, pid, gpu_host, device, precision...)."""
         assert self.runtime is not None
         meta = self.runtime.metadata
-        return json.dumps({"model": meta.name, "version": meta.version, "metadata": meta.to_dict()})
+        worker = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu_host": on_gpu_host(),
+            **self.runtime.settings(),
+        }
+        return json.dumps(
+            {
+                "model": meta.name,
+                "version": meta.version,
+                "metadata": meta.to_dict(),
+                "worker": worker,
+                "content_encodings": list(CONTENT_ENCODINGS),
+            }
+        )
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         """Answer every request of a TorchServe batch: scores, metadata or a rejection."""
@@ -116,7 +270,7 @@ class ChipscaleHandler:
             if body in (b"", None):
                 answers[i] = self.metadata()
                 continue
-            decoded = decode_tiles(body)
+            decoded = decode_tiles(body, content_encoding(context, i))
             if isinstance(decoded, HttpRefusal):
                 answers[i] = decoded
                 continue

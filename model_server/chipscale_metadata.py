@@ -16,6 +16,8 @@ __all__ = [
     "METADATA_FILE",
     "METADATA_FORMAT",
     "OUTPUT_KINDS",
+    "PRECISIONS",
+    "InferenceSettings",
     "MetadataError",
     "ModelFileError",
     "ModelMetadata",
@@ -32,6 +34,8 @@ METADATA_FORMAT = 1
 FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 INPUT_DTYPE_NAMES = (*FLOAT_DTYPE_NAMES, "uint8")
 OUTPUT_KINDS = ("scores", "logits")
+#: ``inference.precision`` values: fp32 runs the model as exported; fp16/bf16 under autocast.
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 class ModelRuntimeError(Exception):
@@ -142,6 +146,63 @@ class Scaling:
 
 
 @dataclass(frozen=True, slots=True)
+class InferenceSettings:
+    """How the runtime runs the model (metadata ``inference``); the defaults are the model as
+    exported, in fp32. See docs/design.md section 9.3 for what each buys.
+
+    ``precision`` fp16/bf16 runs the forward under ``torch.autocast``; ``channels_last`` puts
+    weights and input in NHWC; ``cudnn_benchmark`` lets cuDNN time its algorithms (CUDA only,
+    with a warm-up at load); ``freeze`` applies ``torch.jit.freeze`` and
+    ``optimize_for_inference`` (TorchScript only); ``compile`` applies ``torch.compile``
+    (``.pt2`` only, falling back to eager, and saying so, when it cannot compile).
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
+    freeze: bool = False
+    compile: bool = False
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        if self.precision not in PRECISIONS:
+            found.append(
+                f"'inference.precision' must be one of {list(PRECISIONS)}, got {self.precision!r}"
+            )
+        for flag in ("channels_last", "cudnn_benchmark", "freeze", "compile"):
+            if not isinstance(getattr(self, flag), bool):
+                found.append(f"'inference.{flag}' must be true or false")
+        if self.freeze is True and self.compile is True:
+            found.append("'inference.freeze' (TorchScript) and 'compile' (.pt2) exclude each other")
+        return found
+
+    def is_default(self) -> bool:
+        return self == InferenceSettings()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "cudnn_benchmark": self.cudnn_benchmark,
+            "freeze": self.freeze,
+            "compile": self.compile,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> InferenceSettings:
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise MetadataError(f"model metadata 'inference' must be an object, got {data!r}")
+        unknown = sorted(set(data) - set(cls().to_dict()))
+        if unknown:
+            raise MetadataError(
+                "model metadata 'inference' has unknown fields: " + ", ".join(unknown)
+            )
+        return cls(**data)  # ModelMetadata reports its problems with the others
+
+
+@dataclass(frozen=True, slots=True)
 class ModelMetadata:
     """What a model file says about itself: the ``chipscale.json`` document.
 
@@ -166,7 +227,10 @@ class ModelMetadata:
           "output": "scores",               # "scores": returned as the model gives them
                                             # (probabilities, sigmoid scores...); "logits": the
                                             # runtime applies a softmax over the classes
-          "description": "..."              # optional, free text
+          "description": "...",             # optional, free text
+          "inference": {"precision": "bf16", "channels_last": true}  # optional, how the runtime
+                     # runs it (InferenceSettings; default fp32, as exported): precision
+                     # fp32|fp16|bf16, channels_last, cudnn_benchmark, freeze, compile
         }
     """
 
@@ -181,6 +245,7 @@ class ModelMetadata:
     scaling: Scaling = field(default_factory=Scaling.none)
     output: Literal["scores", "logits"] = "scores"
     description: str = ""
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
 
     def __post_init__(self) -> None:
         # Accept lists from callers; store tuples so the value stays hashable and frozen.
@@ -189,6 +254,8 @@ class ModelMetadata:
         object.__setattr__(self, "band_names", tuple(self.band_names))
         if isinstance(self.scaling, (Mapping, str)) or self.scaling is None:
             object.__setattr__(self, "scaling", Scaling.from_dict(self.scaling))
+        if not isinstance(self.inference, InferenceSettings):
+            object.__setattr__(self, "inference", InferenceSettings.from_dict(self.inference))
         problems = self.problems()
         if problems:
             raise MetadataError("invalid model metadata: " + "; ".join(problems))
@@ -233,6 +300,7 @@ class ModelMetadata:
             )
         if self.output not in OUTPUT_KINDS:
             found.append(f"'output' must be one of {list(OUTPUT_KINDS)}, got {self.output!r}")
+        found.extend(self.inference.problems())
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,6 +319,8 @@ class ModelMetadata:
         }
         if self.band_names:
             data["band_names"] = list(self.band_names)
+        if not self.inference.is_default():  # files without settings stay byte-for-byte as before
+            data["inference"] = self.inference.to_dict()
         return data
 
     def to_json(self) -> str:
@@ -281,6 +351,7 @@ class ModelMetadata:
             "scaling",
             "output",
             "description",
+            "inference",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -300,6 +371,7 @@ class ModelMetadata:
             scaling=Scaling.from_dict(data.get("scaling")),
             output=data.get("output", "scores"),
             description=data.get("description", ""),
+            inference=InferenceSettings.from_dict(data.get("inference")),
         )
 
     @classmethod

@@ -9,9 +9,12 @@ TorchServe handler and chipscale's in-process predictor; imports nothing from ``
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 import pickletools
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +31,7 @@ if (
         INPUT_DTYPE_NAMES,
         METADATA_FILE,
         METADATA_FORMAT,
+        InferenceSettings,
         MetadataError,
         ModelFileError,
         ModelMetadata,
@@ -41,6 +45,7 @@ else:  # a flat module in TorchServe's model directory (the .mar), which is on s
         INPUT_DTYPE_NAMES,
         METADATA_FILE,
         METADATA_FORMAT,
+        InferenceSettings,
         MetadataError,
         ModelFileError,
         ModelMetadata,
@@ -53,6 +58,7 @@ __all__ = [
     "METADATA_FILE",
     "METADATA_FORMAT",
     "BatchShapeError",
+    "InferenceSettings",
     "MetadataError",
     "ModelFileError",
     "ModelMetadata",
@@ -62,6 +68,7 @@ __all__ = [
     "load_model",
     "read_metadata",
     "resolve_device",
+    "rewrite_metadata",
     "save_exported",
     "save_torchscript",
     "set_threads",
@@ -77,8 +84,22 @@ EXPORT_HINT = (
 FLOAT_DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPE_NAMES}
 INPUT_DTYPES = {name: getattr(torch, name) for name in INPUT_DTYPE_NAMES}
 
-#: numpy dtypes handed to torch as they are; any other dtype goes through float32 first.
-_TORCH_NATIVE = {np.dtype(t) for t in ("uint8", "int8", "int16", "int32", "float32", "float64")}
+log = logging.getLogger(__name__)
+
+#: The autocast dtype of each ``inference.precision`` (fp32: no autocast).
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+#: numpy dtypes copied to the device as they are (uint16 moves 2 bytes a pixel and is widened
+#: there, not on the CPU); any other goes through float32 first.
+_TORCH_NATIVE = {
+    np.dtype(t): getattr(torch, t)
+    for t in ("uint8", "int8", "uint16", "int16", "int32", "float16", "float32", "float64")
+}
+# A batch read in place from a request body (the handler's np.frombuffer) is read-only; it is
+# only ever read, so torch's warning about writing through it does not apply.
+warnings.filterwarnings(
+    "ignore", "The given NumPy array is not writable", UserWarning, module=__name__
+)
 
 
 class BatchShapeError(ModelRuntimeError, ValueError):
@@ -262,18 +283,25 @@ def load_model(
     *,
     sub_batch: int = 32,
     threads: int | None = None,
+    inference: InferenceSettings | None = None,
 ) -> ModelRuntime:
     """Load a TorchScript or ``torch.export`` model file with its metadata.
 
     The kind is read from the file's content, not its name. A bare checkpoint (state_dict or
     pickled module), a file without chipscale metadata or a file that is no model raise
-    :class:`ModelFileError` saying how to export the model.
+    :class:`ModelFileError` saying how to export the model. ``inference`` overrides the
+    file's own settings (the drift check compares them); a CUDA device becomes the process's
+    current device (``torch.cuda.set_device``).
     """
     path = Path(path)
     set_threads(threads)
     meta = read_metadata(path)  # refuses checkpoints and files without metadata
     kind = _archive_kind(path)
+    settings = meta.inference if inference is None else inference
+    check_settings(settings, kind, path)
     dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
     try:
         if kind == "torchscript":
             module: Any = torch.jit.load(str(path), map_location=dev)
@@ -289,7 +317,39 @@ def load_model(
         raise
     except Exception as exc:
         raise ModelFileError(f"{path} could not be loaded as a {kind} model: {exc}") from exc
-    return ModelRuntime(module, meta, device=dev, sub_batch=sub_batch, kind=kind, path=path)
+    return ModelRuntime(
+        module, meta, device=dev, sub_batch=sub_batch, kind=kind, path=path, inference=settings
+    )
+
+
+def check_settings(settings: InferenceSettings, kind: str, path: Path | None = None) -> None:
+    """Refuse settings the file's kind cannot take (``freeze`` is TorchScript's, ``compile``
+    is ``torch.export``'s) rather than silently ignore them."""
+    problems = settings.problems()
+    if settings.freeze and kind != "torchscript":
+        problems.append("inference.freeze needs a TorchScript model (a .pt2 takes compile)")
+    if settings.compile and kind != "exported":
+        problems.append("inference.compile needs a torch.export (.pt2) model (TorchScript: freeze)")
+    if problems:
+        raise MetadataError(f"{path or 'model'}: " + "; ".join(problems))
+
+
+def rewrite_metadata(
+    path: str | os.PathLike[str], out: str | os.PathLike[str], metadata: ModelMetadata
+) -> Path:
+    """Write a copy of model file ``path`` to ``out`` with ``metadata`` inside instead."""
+    path, out = Path(path), Path(out)
+    kind = _archive_kind(path)
+    check_settings(metadata.inference, kind, path)
+    if kind == "torchscript":
+        module = torch.jit.load(str(path), map_location="cpu")
+        torch.jit.save(module, str(out), _extra_files={METADATA_FILE: metadata.to_json()})
+    elif kind == "exported":
+        program = torch.export.load(str(path))
+        torch.export.save(program, str(out), extra_files={METADATA_FILE: metadata.to_json()})
+    else:
+        raise ModelFileError(f"{path} is {_checkpoint_kind(path)}, not an exported model")
+    return out
 
 
 class ModelRuntime:
@@ -310,23 +370,79 @@ class ModelRuntime:
         sub_batch: int = 32,
         kind: Literal["torchscript", "exported", "checkpoint"] = "torchscript",
         path: Path | None = None,
+        inference: InferenceSettings | None = None,
     ) -> None:
         if sub_batch < 1:
             raise ValueError(f"sub_batch must be >= 1, got {sub_batch}")
-        self.module = module
         self.metadata = metadata
         self.device = resolve_device(device)
         self.sub_batch = sub_batch
         self.kind = kind
         self.path = path
+        self.inference = metadata.inference if inference is None else inference
         self._dtype = INPUT_DTYPES[metadata.input_dtype]
         self._scale = self._scaling_tensors()
+        self.frozen = self.compiled = False
+        #: Why ``compile`` was asked for and not applied (the model then runs eagerly).
+        self.compile_error = ""
+        self.module = self._prepare(module)
+
+    def _prepare(self, module: Any) -> Any:
+        """Apply the inference settings to the loaded module; warm it up where that pays
+        (CUDA: cuDNN's autotuning and lazy init; compile: the compilation itself)."""
+        s = self.inference
+        if s.cudnn_benchmark and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # process-wide: one model per worker
+        if s.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        if s.freeze and self.kind == "torchscript":
+            module = torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
+            self.frozen = True
+        eager = module
+        if s.compile and self.kind == "exported":
+            try:
+                module = torch.compile(module, dynamic=True)
+                self.compiled = True
+            except Exception as exc:  # no compiler, an unsupported op...
+                self.compile_error = _one_line(exc)
+        if self.device.type == "cuda" or self.compiled or self.frozen:
+            self.module = module
+            try:
+                self._warm_up()
+            except Exception as exc:
+                if not self.compiled:
+                    raise
+                self.compile_error, self.compiled = _one_line(exc), False
+                self.module = module = eager
+        if self.compile_error:
+            log.warning("torch.compile not applied, running eagerly: %s", self.compile_error)
+        return module
+
+    def _warm_up(self) -> None:
+        """One full sub-batch through the model, so the first requests pay no set-up."""
+        meta = self.metadata
+        dtype = np.uint8 if meta.input_dtype == "uint8" else np.float32
+        shape = (self.sub_batch, meta.bands, meta.tile_size, meta.tile_size)
+        self.predict(np.zeros(shape, dtype=dtype))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def settings(self) -> dict[str, Any]:
+        """How this runtime runs the model: device, precision and the other settings applied
+        (what the TorchServe metadata answer reports)."""
+        return {
+            "device": str(self.device),
+            **self.inference.to_dict(),
+            "frozen": self.frozen,
+            "compiled": self.compiled,
+            "sub_batch": self.sub_batch,
+        }
 
     def __repr__(self) -> str:
         m = self.metadata
         return (
             f"ModelRuntime({m.name!r} v{m.version}, {self.kind}, device={self.device}, "
-            f"sub_batch={self.sub_batch})"
+            f"sub_batch={self.sub_batch}, precision={self.inference.precision})"
         )
 
     def _scaling_tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -376,15 +492,15 @@ class ModelRuntime:
 
     def preprocess(self, batch: np.ndarray) -> torch.Tensor:
         """Move a (checked) numpy batch to the device, cast and scale it."""
-        if batch.dtype not in _TORCH_NATIVE:
-            batch = batch.astype(np.float32)  # uint16, uint32, float16...: via float32
-        # Copy to the device in the source dtype (uint8 moves 4x fewer bytes than float32).
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        x = to_device(batch, self.device)
         if self._scale is not None:
             a, b = self._scale
             c = x.shape[1]
             x = torch.addcmul(b[:, :c], x.to(torch.float32), a[:, :c])
-        return x.to(self._dtype)
+        x = x.to(self._dtype)
+        if self.inference.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def postprocess(self, out: Any, n: int) -> torch.Tensor:
         expected = (n, len(self.metadata.classes))
@@ -405,9 +521,43 @@ class ModelRuntime:
         self.check_batch(batch)
         n = batch.shape[0]
         out = np.empty((n, len(self.metadata.classes)), dtype=np.float32)
+        step = self.sub_batch
+        if n == 0:
+            return out
         with torch.inference_mode():
-            for start in range(0, n, self.sub_batch):
-                chunk = batch[start : start + self.sub_batch]
-                scores = self.postprocess(self.module(self.preprocess(chunk)), len(chunk))
+            x = self.preprocess(batch[:step])
+            for start in range(0, n, step):
+                chunk = batch[start : start + step]
+                with self._autocast():
+                    y = self.module(x)
+                scores = self.postprocess(y, len(chunk))
+                if start + step < n:  # stage the next sub-batch while the GPU runs this one
+                    x = self.preprocess(batch[start + step : start + 2 * step])
                 out[start : start + len(chunk)] = scores.cpu().numpy()
         return out
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = AUTOCAST_DTYPES.get(self.inference.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def to_device(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``batch`` as a tensor on ``device`` in its own dtype (uint8 and uint16 move 4x and 2x
+    fewer bytes than float32). On CUDA one copy stages it in pinned memory, so the copy to the
+    GPU is asynchronous; on the CPU a contiguous batch is not copied at all."""
+    if not batch.dtype.isnative:
+        batch = batch.astype(batch.dtype.newbyteorder("="))
+    if batch.dtype not in _TORCH_NATIVE:
+        batch = batch.astype(np.float32)
+    if device.type != "cuda":
+        return torch.from_numpy(np.ascontiguousarray(batch))
+    staged = torch.empty(batch.shape, dtype=_TORCH_NATIVE[batch.dtype], pin_memory=True)
+    np.copyto(staged.numpy(), batch)
+    return staged.to(device, non_blocking=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]

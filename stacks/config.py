@@ -20,6 +20,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from chipscale.cloud.allowed_sources import check_prefix
 from chipscale.errors import InvalidMessageError
+from chipscale.ops import feed
 from chipscale.ops.wheelhouse import DEFAULT_PREFIX, DEFAULT_TORCH_VERSION
 
 #: GPUs per instance of the GPU families the fleet accepts (NVIDIA A10G, L4, L40S, T4).
@@ -90,11 +91,17 @@ class DeploymentConfig:
         "",
     )
     root_volume_gb: int = _describe("Root EBS volume of a GPU host (gp3, encrypted).", 150)
-    workers_per_gpu: int = _describe("TorchServe workers per GPU.", 1)
+    workers_per_gpu: int = _describe(
+        "TorchServe workers per GPU (default: the fewest that keep the GPU 90 % busy given "
+        "the handler's serial CPU, chipscale.ops.feed.workers_per_gpu over its MEASURED "
+        "figures).",
+        feed.MEASURED.workers_per_gpu(),
+    )
     per_gpu_concurrency: int = _describe(
         "Worker Lambda concurrency per GPU in service (the fleet controller multiplies it; "
-        "`chipscale tune` rewrites the SSM parameter).",
-        4,
+        "`chipscale tune` rewrites the SSM parameter). Default: Little's law over measured "
+        "read and predict times, chipscale.ops.feed.per_gpu_concurrency.",
+        feed.MEASURED.per_gpu_concurrency(),
     )
     backlog_per_instance: int = _describe(
         "Scaling target: queued + in-flight messages per GPU instance.", 200

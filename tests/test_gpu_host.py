@@ -655,6 +655,9 @@ def test_the_units_command_and_environment_serve_the_model(demo_mar: Path, tmp_p
     env |= env_file
     # Test only: gRPC on ports the OS picks, so this server can run beside others.
     env |= {"TS_GRPC_INFERENCE_PORT": "0", "TS_GRPC_MANAGEMENT_PORT": "0"}
+    # Test only: no GPU here, and on a GPU host a worker without one refuses to start
+    # (tests/test_placement.py checks that refusal).
+    assert env.pop("CHIPSCALE_GPU_HOST") == "1"
     command = [relocate(arg) for arg in settings["ExecStart"][0].split()]
     assert command[0] == f"{prefix}/venv/bin/torchserve"
     command[0] = str(VENV_BIN / "torchserve")  # the host's venv is this one here

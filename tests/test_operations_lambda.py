@@ -16,6 +16,15 @@ from chipscale.ops.checks import CHECK_ENDPOINT, CHECK_SCHEMA
 CONTEXT = LambdaContext("chipscale-operations")
 
 
+@pytest.fixture(autouse=True)
+def cpu_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's CPU TorchServe stands in for a stack's GPU fleet here (placement:
+    tests/test_placement.py)."""
+    from chipscale.ops import private_checks
+
+    monkeypatch.setattr(private_checks, "STACK_WORKERS_ON_GPU", False)
+
+
 def test_url_from_secret_encodes_the_password_and_prefers_the_proxy_host() -> None:
     secret = {"username": "chip", "password": "p@ss/w:rd#1", "host": "db-instance", "port": 5432}
     url = url_from_secret(secret, host="proxy.internal", dbname="chipscale")

@@ -246,6 +246,53 @@ def test_bad_requests_are_answered_alone_inside_a_shared_batch(slow_batcher) -> 
     assert answers["oversize"][0] == 413
 
 
+def test_zstd_and_truncated_bodies_are_answered_alone_inside_a_shared_batch(
+    slow_batcher,
+) -> None:
+    """A zstd body (``Content-Encoding: zstd``) scores as its plain ``.npy`` does, in the same
+    handler call; a truncated ``.npy``, a corrupt zstd stream and an encoding the host does not
+    decode are each refused alone, with the same error as before zero-copy decoding."""
+    from chipscale.models.request_body import zstd
+
+    rng = np.random.default_rng(2)
+    good = rng.integers(0, 255, (3, 3, 256, 256)).astype(np.float32)
+    plain = npy(good)
+    octet = {"Content-Type": "application/octet-stream"}
+    requests = {
+        "plain": (plain, octet),
+        "zstd": (zstd.compress(plain, level=1), {**octet, "Content-Encoding": "zstd"}),
+        "truncated": (plain[:-100], octet),
+        "corrupt_zstd": (zstd.compress(plain)[:-50], {**octet, "Content-Encoding": "zstd"}),
+        "gzip": (plain, {**octet, "Content-Encoding": "gzip"}),
+    }
+    http = urllib3.PoolManager(maxsize=len(requests))
+    answers: dict[str, tuple[int, dict]] = {}
+
+    def send(key: str) -> None:
+        body, headers = requests[key]
+        answer = http.request("POST", slow_batcher.predictions_url, body=body, headers=headers)
+        answers[key] = (answer.status, json.loads(answer.data))
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert answers["plain"][0] == 200, answers["plain"]
+    assert answers["zstd"][0] == 200, answers["zstd"]
+    assert answers["zstd"][1]["scores"] == answers["plain"][1]["scores"]
+    expected = good.mean(axis=(1, 2, 3)) / 255.0
+    np.testing.assert_allclose([r[0] for r in answers["zstd"][1]["scores"]], expected, rtol=1e-5)
+    assert answers["zstd"][1]["batch"]["requests"] == len(requests), answers["zstd"][1]["batch"]
+    assert answers["truncated"][0] == 400
+    assert "EOF: reading array data" in answers["truncated"][1]["error"]
+    assert answers["corrupt_zstd"][0] == 400
+    assert "not a readable zstd stream" in answers["corrupt_zstd"][1]["error"]
+    assert answers["gzip"][0] == 415
+    assert "accepted: identity, zstd" in answers["gzip"][1]["error"]
+
+
 def test_a_batch_where_every_request_is_bad_still_answers_each(slow_batcher) -> None:
     http = urllib3.PoolManager()
     status, answer = post(http, slow_batcher.predictions_url, npy(np.zeros((3, 3, 8, 8))))

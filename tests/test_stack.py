@@ -32,6 +32,7 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk.assertions import Match, Template
 
 from chipscale import names
+from chipscale.ops import feed
 from stacks.common import LAMBDA_RUNTIME, RUNTIME_PIN_REASON
 from stacks.config import REPO_ROOT, DeploymentConfig, load_cdk_json_context
 from stacks.gpu_fleet import boot_deadline_budget
@@ -625,7 +626,8 @@ def test_fleet_controller(raw: dict[str, Any], template: Template) -> None:
     assert "VpcConfig" not in fn  # AWS APIs only; see stacks/fleet_controller_function.py
     env = fn["Environment"]["Variables"]
     assert env[names.ENV_GPUS_PER_INSTANCE] == "1"
-    assert env[names.ENV_PER_GPU_DEFAULT] == "4"
+    # Little's law over the measured feed (chipscale.ops.feed.MEASURED), not a fixed 4
+    assert env[names.ENV_PER_GPU_DEFAULT] == str(feed.MEASURED.per_gpu_concurrency())
     assert env[names.ENV_RESERVED_CONCURRENCY] == "0"  # none reserved by default
     assert "Ref" in flat(env[names.ENV_EVENT_SOURCE_MAPPING])
     assert "Ref" in flat(env[names.ENV_ASG_NAME])
@@ -634,7 +636,11 @@ def test_fleet_controller(raw: dict[str, Any], template: Template) -> None:
     assert env[names.ENV_TARGET_GROUP_ARN] == {"Ref": target_group}
     template.has_resource_properties(
         "AWS::SSM::Parameter",
-        {"Type": "String", "Value": "4", "Name": "/chipscale/per-gpu-concurrency"},
+        {
+            "Type": "String",
+            "Value": str(feed.MEASURED.per_gpu_concurrency()),
+            "Name": "/chipscale/per-gpu-concurrency",
+        },
     )
     template.has_resource_properties(
         "AWS::Events::Rule",

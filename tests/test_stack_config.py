@@ -122,16 +122,16 @@ def test_rules_across_keys() -> None:
 def test_reserved_concurrency_must_feed_the_full_fleet() -> None:
     """The controller caps MaximumConcurrency at the reservation, so a reservation below
     per-GPU concurrency x instances x GPUs would starve a full fleet: refused, with why."""
-    # 4 per GPU x 2 instances x 4 GPUs (g5.12xlarge) = 32
+    # 4 per GPU x 2 instances x 4 GPUs (g5.12xlarge) = 32 (4 given: the default is computed)
     with pytest.raises(ConfigError) as failure:
-        config_of(reservedConcurrency=20, instanceType="g5.12xlarge")
+        config_of(reservedConcurrency=20, instanceType="g5.12xlarge", perGpuConcurrency=4)
     message = str(failure.value)
     assert "reservedConcurrency: 20 is below perGpuConcurrency x maxInstances x GPUs per " in (
         message
     )
     assert "g5.12xlarge = 4 x 2 x 4 = 32" in message
     assert "throttled" in message and "Reserve 32 or more" in message
-    config = config_of(reservedConcurrency=32, instanceType="g5.12xlarge")
+    config = config_of(reservedConcurrency=32, instanceType="g5.12xlarge", perGpuConcurrency=4)
     assert config.reserved_concurrency == 32
     assert config_of(reservedConcurrency=0).reserved_concurrency == 0  # none: no rule
 

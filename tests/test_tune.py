@@ -124,21 +124,61 @@ def test_seconds_per_tile_never_below_the_gpu_time() -> None:
     assert recommendation.target.per_gpu == 2  # 100 x 0.01 x 1.2 = 1.2
 
 
-@pytest.mark.parametrize(("saturated", "enough"), [(-1, False), (0, True)])
-def test_min_saturated_minutes_flips_the_refusal(saturated: int, enough: bool) -> None:
+# Issue 17: tune no longer refuses before saturation; with fewer saturated minutes than it
+# measures from, it models the feed (these two tests asserted the refusal before).
+@pytest.mark.parametrize(("saturated", "method"), [(-1, "feed model"), (0, "saturated")])
+def test_min_saturated_minutes_flips_to_the_feed_model(saturated: int, method: str) -> None:
     run = saturated_run(minutes=tune.MIN_SATURATED_MINUTES + saturated)
-    if enough:
-        assert recommend(run).saturated_minutes == tune.MIN_SATURATED_MINUTES
-    else:
-        with pytest.raises(NotEnoughData, match="saturated"):
-            recommend(run)
+    recommendation = recommend(run)
+    assert recommendation.method == method
+    assert recommendation.saturated_minutes == tune.MIN_SATURATED_MINUTES + saturated
 
 
 def test_minutes_below_saturation_do_not_count() -> None:
     just_below = diagnosis.SATURATED_GPU_UTIL * (1 - 1e-6)
-    with pytest.raises(NotEnoughData, match=r"only 0 of the last 15 minutes"):
-        recommend(saturated_run(util=just_below))
+    below = recommend(saturated_run(util=just_below))
+    assert (below.method, below.saturated_minutes) == ("feed model", 0)
     assert recommend(saturated_run(util=diagnosis.SATURATED_GPU_UTIL)).saturated_minutes == 10
+
+
+def feeding_run(util: float = 50.0, read: float = 0.015, write: float = 0.001) -> Snapshot:
+    """Two GPUs at ``util`` doing 100 tiles/s each; per tile 0.012 s of PredictSeconds and
+    ``read`` / ``write`` seconds of ReadSeconds / WriteSeconds."""
+    run = saturated_run(util=util)
+    return replace(
+        run,
+        minutes=tuple(
+            replace(m, read_s=m.tiles * read, write_s=m.tiles * write) for m in run.minutes
+        ),
+    )
+
+
+def test_unsaturated_gpus_are_tuned_from_the_feed_model() -> None:
+    """Half-busy GPUs: X = tiles per busy GPU-second = 100 / 0.5 = 200 tiles/s; with
+    read-ahead a Lambda spends max(read 0.015, predict 0.012) + write 0.001 = 0.016 s a
+    tile, so 200 x 0.016 x 1.2 = 3.84 -> 4 Lambdas a GPU."""
+    recommendation = recommend(feeding_run())
+    assert recommendation.method == "feed model"
+    assert recommendation.tiles_per_s_per_gpu == pytest.approx(200.0)
+    assert recommendation.seconds_per_tile == pytest.approx(0.016)
+    assert recommendation.lambdas_per_gpu == pytest.approx(3.84)
+    assert (recommendation.target.per_gpu, recommendation.target.maximum_concurrency) == (4, 8)
+    text = "\n".join(recommendation.lines())
+    assert "the feed is modelled" in text
+    assert "= 200.0 x 0.0160 x 1.2 = 3.84 -> 4" in text
+    json.dumps(recommendation.to_dict())
+
+
+def test_a_slower_read_raises_the_modelled_concurrency() -> None:
+    """Read-bound Lambdas: each delivers a tile per 0.030 + 0.001 s, so more are needed."""
+    assert recommend(feeding_run(read=0.030)).target.per_gpu == 8  # 200 x 0.031 x 1.2 = 7.44
+
+
+def test_idle_gpus_leave_nothing_to_model() -> None:
+    with pytest.raises(NotEnoughData, match="at least 5% busy"):
+        recommend(feeding_run(util=tune.MIN_MODEL_UTIL / 2))
+    with pytest.raises(NotEnoughData, match="no PredictSeconds"):
+        recommend(saturated_run(util=50.0, predict_s=0.0))
 
 
 @pytest.mark.parametrize(
@@ -290,13 +330,26 @@ def test_per_gpu_given_by_hand(aws: str) -> None:
     assert (parameter(deployed), mapping_concurrency(deployed)) == ("6", 12)
 
 
+def test_an_unsaturated_run_is_tuned_from_the_feed_model(aws: str) -> None:
+    """GPUs half busy: tune --apply models the feed instead of asking for saturation."""
+    deployed = deploy(per_gpu=4)
+    put_load(deployed, Load(gpu_util=50.0, predict_s=600 * 0.05))
+    done = chipscale("tune", "--stack", deployed.name, "--apply", "--json", moto=aws)
+    assert done.returncode == 0, done.stderr
+    recommendation = json.loads(done.stdout)["recommendation"]
+    assert recommendation["method"] == "feed model"
+    per_gpu = recommendation["target"]["per_gpu"]
+    assert per_gpu != 4
+    assert parameter(deployed) == str(per_gpu)
+
+
 def test_refusal_is_one_line(aws: str) -> None:
     deployed = deploy(per_gpu=4)
-    put_load(deployed, Load(gpu_util=50.0))
+    put_load(deployed, Load(gpu_util=50.0))  # no PredictSeconds: nothing to model
     done = chipscale("tune", "--stack", deployed.name, "--apply", moto=aws)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("Error: only 0 of the last 15 minutes")
+    assert done.stderr.startswith("Error: the GPUs were not saturated in the last 15 minutes")
     assert "--per-gpu N --apply" in done.stderr
     assert (parameter(deployed), mapping_concurrency(deployed)) == ("4", 8)
 

@@ -72,6 +72,15 @@ ALL_CHECKS = [
 # ----------------------------------------------------------------------------- quotas
 
 
+@pytest.fixture(autouse=True)
+def cpu_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's CPU TorchServe stands in for a stack's GPU fleet here (placement:
+    tests/test_placement.py)."""
+    from chipscale.ops import private_checks
+
+    monkeypatch.setattr(private_checks, "STACK_WORKERS_ON_GPU", False)
+
+
 def recorded_quota(service: str, code: str, name: str, value: float) -> dict[str, Any]:
     """A Service Quotas answer as AWS sends it (GetServiceQuota / GetAWSDefaultServiceQuota)."""
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -62,6 +63,37 @@ def _serving_config(options: dict[str, int]) -> ServingConfig:
     )
 
 
+def _inference_options(fn: F) -> F:
+    """Inference settings written into the packaged model, after a drift check."""
+    from chipscale.models.drift import DEFAULT_SAMPLES, DEFAULT_TOLERANCE
+
+    options = [
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]),
+                     help="Run the model under autocast at this precision (default: the file's)."),
+        click.option("--channels-last/--no-channels-last", default=None,
+                     help="NHWC weights and input (default: the file's)."),
+        click.option("--freeze/--no-freeze", default=None,
+                     help="TorchScript: torch.jit.freeze + optimize_for_inference."),
+        click.option("--compile/--no-compile", "compile_", default=None,
+                     help=".pt2: torch.compile at load (eager, and said so, if it cannot)."),
+        click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=None,
+                     help="CUDA: let cuDNN time its algorithms (warm-up at load)."),
+        click.option("--tolerance", type=click.FloatRange(0), default=DEFAULT_TOLERANCE,
+                     show_default=True,
+                     help="Largest score change against fp32 accepted on the sample tiles."),
+        click.option("--sample-source", metavar="RASTER",
+                     help="Raster (path or URL) the sample tiles are read from "
+                          "(default: synthetic tiles)."),
+        click.option("--samples", type=click.IntRange(1), default=DEFAULT_SAMPLES,
+                     show_default=True, help="Sample tiles for the drift check."),
+        click.option("--check-device", default="auto", show_default=True,
+                     help="Device of the drift check (auto: CUDA when available)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @model.command("package")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", help="TorchServe model name, only if the file has none.")
@@ -70,21 +102,100 @@ def _serving_config(options: dict[str, int]) -> ServingConfig:
               show_default=True, help="Where to write NAME.mar.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing archive.")
 @_serving_options
+@_inference_options
 def model_package(
-    path: str, name: str | None, version: str | None, out_dir: str, force: bool, **knobs: int
+    path: str,
+    name: str | None,
+    version: str | None,
+    out_dir: str,
+    force: bool,
+    tolerance: float,
+    sample_source: str | None,
+    samples: int,
+    check_device: str,
+    **knobs: Any,
 ) -> None:
     """Build a TorchServe archive (.mar) of a model file for the GPU hosts.
 
     The archive holds the chipscale handler, the model runtime, the model (its metadata
     inside: the file is the source of truth, --name and --version only fill gaps) and a
     model-config with the knobs below, set for one GPU by default.
+
+    \b
+    --precision and the other inference settings are written into the packaged model's
+    metadata once a drift check passes: the model runs as exported (fp32) and with the
+    settings on the same sample tiles, and the archive is refused (exit 1) when a score
+    moves more than --tolerance. Run it on the GPU kind that will serve (--check-device).
     """
+    from chipscale.extras import require
     from chipscale.models.serving import package_model
 
+    for module in ("torch", "model_archiver"):  # the model extra, before any work
+        require(module, "chipscale model package", extra="model")
+    settings = {k: knobs.pop(k) for k in _SETTING_FLAGS}
+    inference = _checked_settings(path, settings, tolerance, sample_source, samples, check_device)
     config = _serving_config(knobs)
-    mar = package_model(path, out_dir, name=name, version=version, config=config, force=force)
+    mar = package_model(
+        path,
+        out_dir,
+        name=name,
+        version=version,
+        config=config,
+        force=force,
+        inference=inference,
+    )
     click.echo(str(mar))
     click.echo(config.to_yaml().rstrip(), err=True)
+
+
+#: The CLI flags of the inference settings, and each one's InferenceSettings field.
+_SETTING_FLAGS = {
+    "precision": "precision",
+    "channels_last": "channels_last",
+    "freeze": "freeze",
+    "compile_": "compile",
+    "cudnn_benchmark": "cudnn_benchmark",
+}
+
+
+def _checked_settings(
+    path: str,
+    flags: dict[str, Any],
+    tolerance: float,
+    sample_source: str | None,
+    samples: int,
+    device: str,
+) -> Any:
+    """The file's settings with the flags given, after the drift check (None: no flag)."""
+    import dataclasses
+
+    from chipscale.models.drift import DriftRefused, check_drift, sample_tiles
+    from chipscale.models.predictors import read_model_metadata
+    from model_server import chipscale_runtime as rt
+
+    given = {_SETTING_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    if not given:
+        return None
+    meta = read_model_metadata(path)
+    settings = dataclasses.replace(rt.read_metadata(path).inference, **given)
+    if settings.is_default():
+        return settings
+    tiles = sample_tiles(meta, sample_source, samples)
+    report = check_drift(
+        path,
+        settings,
+        tiles,
+        tolerance=tolerance,
+        device=device,
+        samples_from=sample_source or "synthetic tiles",
+    )
+    click.echo(report.line(), err=True)
+    if not report.ok:
+        raise DriftRefused(
+            f"not packaged: the scores drift {report.max_drift:.3g} from fp32, more than the "
+            f"tolerance {tolerance:g} (keep fp32, or raise --tolerance if that drift is fine)"
+        )
+    return settings
 
 
 @click.command()

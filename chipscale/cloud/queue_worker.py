@@ -2,7 +2,8 @@
 per Lambda batch, metrics out.
 
 :meth:`QueueWorker.predict` runs for each message (a message that can never succeed goes to
-the ``rejects`` table and returns); :meth:`QueueWorker.store_packs` writes the batch's rows.
+the ``rejects`` table and returns), reading the next message's pack while it predicts;
+:meth:`QueueWorker.store_packs` writes the batch's rows.
 ``lambdas/sqs_worker.py`` wires it to :class:`chipscale.cloud.sqs_batch.PackBatchProcessor`.
 Rejects, ``error`` rows, retries and the DLQ: docs/design.md, "The failure model".
 """
@@ -24,10 +25,17 @@ from chipscale.grid.packs import DEFAULT_MAX_TILES
 from chipscale.models.predictors import Predictor
 from chipscale.models.torchserve_client import ModelChanged
 from chipscale.pipeline.messages import PackMessage, load_body, parse_message, storable
-from chipscale.pipeline.process import PackOutcome, PackResults, predict_pack
+from chipscale.pipeline.process import (
+    PackOutcome,
+    PackResults,
+    ReadPack,
+    predict_read,
+    read_pack,
+)
+from chipscale.pipeline.read_ahead import ReadAheadSlot
 from chipscale.results import ResultStore
 from chipscale.results.base import job_conflict
-from chipscale.values import MAX_REJECTED_BODY, JobInfo, Rejection
+from chipscale.values import MAX_REJECTED_BODY, JobInfo, ModelInfo, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +134,9 @@ class QueueWorker:
         self._predictor: Predictor | None = None
         self._store: ResultStore | None = None
         self._jobs: dict[str, JobInfo] = {}  # recorded jobs seen (see job_refusal)
+        self._ahead: ReadAheadSlot[tuple[PackMessage, ModelInfo], ReadPack] = ReadAheadSlot(
+            lambda pair: read_pack(*pair)
+        )
 
     @property
     def store(self) -> ResultStore:
@@ -140,7 +151,12 @@ class QueueWorker:
         return self._predictor
 
     def predict(
-        self, message_id: str, body: str, *, remaining_s: float | None = None
+        self,
+        message_id: str,
+        body: str,
+        *,
+        remaining_s: float | None = None,
+        then: tuple[str, str] | None = None,
     ) -> PackResults | None:
         """Validate one message and read and predict its pack, without storing the rows;
         None when the message was rejected for good (and recorded).
@@ -148,7 +164,10 @@ class QueueWorker:
         ``remaining_s`` is the invocation's time left (Lambda's remaining time): the model
         call must end :data:`DEADLINE_MARGIN_S` before it, and a pack is not started at all
         without that margin, which also leaves the time to store the batch's rows.
+        ``then`` (id, body) is the batch's next message, whose pack is read while this one
+        is predicted (:meth:`read_ahead`).
         """
+        ahead = self._ahead.take(message_id)
         settings = self.settings
         try:
             message = parse_message(
@@ -171,11 +190,42 @@ class QueueWorker:
                 raise OutOfTime(f"{remaining_s:.1f} s left in the invocation: pack left for retry")
             deadline = self._clock() + remaining_s - DEADLINE_MARGIN_S
         try:
-            return predict_pack(message, predictor=self.predictor, deadline=deadline)
+            info = self.predictor.info
+            # Read ahead by the previous message: its exception is raised here, as ours.
+            read = ahead() if ahead is not None else None
+            if read is None or read.message != message or read.info != info:
+                read = read_pack(message, info)
+            if then is not None:
+                self.read_ahead(*then)
+            return predict_read(read, predictor=self.predictor, deadline=deadline)
         except ModelChanged:
             # Hosts rolled to another model: the next message starts on the new version.
+            self._ahead.drop()
             self._drop_predictor()
             raise
+
+    def read_ahead(self, message_id: str, body: str) -> None:
+        """Start reading the pack of the batch's next message while this one is predicted.
+
+        Only a message that parses and whose source is allowed is read (a refused source is
+        never opened); its other checks run on its turn, which takes the read or drops it.
+        """
+        settings = self.settings
+        try:
+            message = parse_message(
+                body,
+                default_job=settings.default_job,
+                default_source=settings.default_source,
+                max_tiles=settings.max_tiles,
+            )
+        except InvalidMessageError:
+            return
+        if source_refusal(message.source, settings.allowed_sources) is None:
+            self._ahead.start(message_id, (message, self.predictor.info))
+
+    def end_batch(self) -> None:
+        """Drop a read no message took (its message failed before its turn)."""
+        self._ahead.drop()
 
     def job_refusal(self, message: PackMessage) -> str | None:
         """Why ``message``'s rows may not go into its job, or None: a recorded job keeps the
@@ -261,6 +311,7 @@ class QueueWorker:
 
     def close(self) -> None:
         """Release the connections (tests; a Lambda container just ends)."""
+        self._ahead.close()
         self._drop_predictor()
         store, self._store = self._store, None
         if store is not None:

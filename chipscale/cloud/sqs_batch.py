@@ -3,7 +3,8 @@
 :class:`PackBatchProcessor` is Powertools' BatchProcessor with one write per invocation: a
 record whose rows that write could not store is reported failed, exactly as if its handler
 had raised, so one message's failure never sends its neighbours back (docs/design.md,
-"The failure model").
+"The failure model"). While a record is handled, :attr:`PackBatchProcessor.upcoming` is the
+next one, whose pack the handler reads ahead; ``end`` runs when the batch is done.
 """
 
 from __future__ import annotations
@@ -24,14 +25,30 @@ class PackBatchProcessor(BatchProcessor):
     end of the batch; a handler that returns None (a message rejected for good) has nothing
     to store."""
 
-    def __init__(self, store: StoreBatch, **kwargs: Any) -> None:
+    def __init__(
+        self, store: StoreBatch, *, end: Callable[[], None] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(event_type=EventType.SQS, **kwargs)
         self._store = store
+        self._end = end
         self._held: list[tuple[dict[str, Any], Any]] = []
+        self._position = 0
+        #: The record after the one being handled, if any: the handler reads its pack ahead.
+        self.upcoming: SQSRecord | None = None
 
     def _prepare(self) -> None:
         super()._prepare()  # type: ignore[no-untyped-call]  # Powertools leaves it unannotated
         self._held = []
+        self._position = 0
+        self.upcoming = None
+
+    def _process_record(self, record: dict[str, Any]) -> Any:
+        # Powertools handles the records one after the other, in order.
+        records: list[dict[str, Any]] = self.records
+        self._position += 1
+        nxt = records[self._position] if self._position < len(records) else None
+        self.upcoming = None if nxt is None else SQSRecord(nxt)
+        return super()._process_record(record)
 
     def success_handler(self, record: dict[str, Any], result: Any) -> Any:
         if result is not None:
@@ -39,6 +56,9 @@ class PackBatchProcessor(BatchProcessor):
         return super().success_handler(record, result)
 
     def _clean(self) -> None:
+        self.upcoming = None
+        if self._end is not None:
+            self._end()
         held, self._held = self._held, []
         if held:
             outcomes = self._store([result for _, result in held])

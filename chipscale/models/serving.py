@@ -112,12 +112,15 @@ def package_model(
     version: str | None = None,
     config: ServingConfig | None = None,
     force: bool = False,
+    inference: Any = None,
 ) -> Path:
     """Build ``<out_dir>/<name>.mar`` from a chipscale model file and return its path.
 
     The model's own metadata is the source of truth: ``name`` and ``version`` only fill gaps,
     so a flag that contradicts the file is refused rather than silently serving a model under
-    another identity than the one its results will carry.
+    another identity than the one its results will carry. ``inference`` (an
+    ``InferenceSettings``, checked first with :mod:`chipscale.models.drift`) is written into
+    the packaged copy's metadata; the file itself is not changed.
     """
     from chipscale.models.predictors import read_model_metadata
 
@@ -142,7 +145,10 @@ def package_model(
         config_file.write_text(config.to_yaml())
         # The handler loads the file by its manifest name: keep the suffix (.pt or .pt2).
         serialized = Path(tmp) / f"{name}{model.suffix or '.pt'}"
-        shutil.copyfile(model, serialized)
+        if inference is None:
+            shutil.copyfile(model, serialized)
+        else:
+            _with_settings(model, serialized, inference)
         cmd = [
             archiver,
             "--model-name", name,
@@ -158,6 +164,19 @@ def package_model(
     if done.returncode != 0:
         raise ServingError(f"torch-model-archiver failed: {(done.stderr or done.stdout).strip()}")
     return target
+
+
+def _with_settings(model: Path, out: Path, inference: Any) -> None:
+    """Copy ``model`` to ``out`` with ``inference`` settings in its metadata."""
+    import dataclasses
+
+    from model_server import chipscale_runtime as rt
+
+    try:
+        meta = dataclasses.replace(rt.read_metadata(model), inference=inference)
+        rt.rewrite_metadata(model, out, meta)
+    except rt.ModelRuntimeError as exc:
+        raise ModelFormatError(str(exc)) from exc
 
 
 def _agree(field_name: str, from_file: Any, from_flag: str | None) -> str:

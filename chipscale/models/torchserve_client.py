@@ -9,7 +9,6 @@ its measured defaults: docs/design.md, section 9.3.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -34,14 +33,22 @@ from chipscale.errors import (
     PredictorUnavailable,
 )
 from chipscale.models.model_info import model_info
+from chipscale.models.request_body import (
+    DEFAULT_CONTENT_ENCODING,
+    encode,
+    encoding_refused,
+    negotiate,
+    npy,
+)
 from chipscale.models.scores import non_finite_rows
 from chipscale.retry import RETRY_STATUSES, Backoff, RetryPolicy
 from chipscale.values import ModelInfo
 
 log = logging.getLogger(__name__)
 
-#: Tiles per request and requests in flight, measured with the demo model behind a real
-#: TorchServe on the 2-core dev machine (the class docstring has the figures and the why).
+#: Tiles per request and requests in flight: the best of 4 sizes x 3 depths, measured with
+#: the demo model behind a real TorchServe on the 2-core dev machine (bench/request_shape.py;
+#: figures and why in docs/design.md 9.3; a GPU host re-measures with bench/gpu_serving.py).
 DEFAULT_TILES_PER_REQUEST = 8
 DEFAULT_CONCURRENCY = 4
 #: A little under ``max_request_size`` of model_server/config.properties (128 MiB): the
@@ -132,6 +139,8 @@ class TorchServePredictor:
     - ``retries``, ``backoff``, ``backoff_max``: a failed attempt ``k`` (0-based) waits a
       uniformly random time in ``[0, min(backoff_max, backoff * 2**k)]`` ("full jitter": many
       Lambdas retrying a restarted server do not all come back at once);
+    - ``content_encoding``: ``auto`` (zstd-compressed bodies when the server decodes them,
+      else ``.npy``), ``zstd`` (required) or ``identity`` (never);
     - ``sleep``, ``rng``, ``clock``: injectable for tests.
 
     Defaults, measured: 8 tiles a request, 4 requests in flight. The demo model behind the
@@ -181,6 +190,7 @@ class TorchServePredictor:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        content_encoding: str = DEFAULT_CONTENT_ENCODING,
     ) -> None:
         for name, value in (
             ("tiles_per_request", tiles_per_request),
@@ -206,17 +216,25 @@ class TorchServePredictor:
         try:
             document = self._read_metadata()
             self.info = _model_info(url, document)
+            #: Request bodies go as ``zstd`` or ``identity`` (see ``content_encoding``).
+            self.content_encoding = negotiate(
+                content_encoding, document.get("content_encodings"), url
+            )
         except BaseException:
             self._pool.close()
             raise
         #: The model's metadata document as the server reports it (``chipscale.json``).
         self.metadata: dict[str, Any] = document["metadata"]
+        #: The answering worker's placement and settings (device, precision...); empty from a
+        #: handler older than issue 17.
+        self.worker: dict[str, Any] = document.get("worker") or {}
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="torchserve")
 
     def __repr__(self) -> str:
         return (
             f"TorchServePredictor({self.url!r}, model={self.info.name!r} v{self.info.version}, "
-            f"tiles_per_request={self.tiles_per_request}, concurrency={self.concurrency})"
+            f"tiles_per_request={self.tiles_per_request}, concurrency={self.concurrency}, "
+            f"content_encoding={self.content_encoding!r})"
         )
 
     # ------------------------------------------------------------------------- the port
@@ -338,7 +356,15 @@ class TorchServePredictor:
         """One request (run in the pool): its scores, its refusal, or "too large"."""
         tiles = batch[start:stop]
         what = f"{stop - start} tiles"
-        answer = self._post(_npy(tiles), what, PREDICT_RETRY_STATUSES, deadline)
+        body, headers = encode(tiles, self.content_encoding)
+        answer = self._post(body, what, PREDICT_RETRY_STATUSES, deadline, headers)
+        if (
+            self.content_encoding == "zstd"
+            and answer.status in (400, 415)
+            and encoding_refused(answer.status, _server_message(answer.data))
+        ):  # a host of a mixed fleet that does not decode zstd: send it plain
+            log.warning("%s refused a zstd body: sending it as .npy", self.url)
+            answer = self._post(npy(tiles), what, PREDICT_RETRY_STATUSES, deadline)
         if 200 <= answer.status < 300:
             scores, unscored = self._scores(answer.data, stop - start)
             return _Scored(start, stop, scores, {start + i: r for i, r in unscored.items()})
@@ -369,6 +395,7 @@ class TorchServePredictor:
         what: str,
         retry_statuses: Collection[int],
         deadline: float | None = None,
+        headers: dict[str, str] = _HEADERS,
     ) -> _Answer:
         """POST ``body``, retrying what a retry may fix (until ``deadline``, if given); the
         final answer otherwise."""
@@ -387,7 +414,7 @@ class TorchServePredictor:
                     "POST",
                     self._path,
                     body=body,
-                    headers=_HEADERS,
+                    headers=headers,
                     retries=False,
                     redirect=False,
                     preload_content=True,
@@ -429,8 +456,13 @@ class TorchServePredictor:
 
     # ------------------------------------------------------------------------- answers
 
+    def read_metadata(self) -> dict[str, Any]:
+        """Ask again for the handler's metadata answer (whichever worker takes it answers:
+        ``verify`` samples the workers' devices this way)."""
+        return self._read_metadata()
+
     def _read_metadata(self) -> dict[str, Any]:
-        """The handler's answer to an empty body: ``{"model", "version", "metadata"}``."""
+        """The handler's answer to an empty body: ``{"model", "version", "metadata", "worker"}``."""
         answer = self._post(b"", "the metadata request", RETRY_STATUSES)
         if answer.status != 200:
             raise ChipscaleError(
@@ -539,12 +571,6 @@ def _model_raised(answer: _Answer) -> bool:
     except ValueError:
         return False
     return isinstance(document, dict) and document.get("status") == 500 and "error" in document
-
-
-def _npy(tiles: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, tiles, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def _json(data: bytes) -> Any:

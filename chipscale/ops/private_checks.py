@@ -10,6 +10,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
 import numpy as np
@@ -53,14 +54,27 @@ ENDPOINT_READ_TIMEOUT: Final = 30.0
 DB_CONNECT_TIMEOUT: Final = 5
 
 
+#: Metadata answers the endpoint check asks for, 8 at a time, to see the workers' devices:
+#: each is answered by whichever worker behind the load balancer takes it.
+PLACEMENT_PROBES: Final = 32
+
+#: A stack's endpoint is its GPU fleet: every worker seen must run on a GPU. (The tests stand
+#: a CPU TorchServe in for the fleet and turn this off.)
+STACK_WORKERS_ON_GPU = True
+
+
 def check_endpoint(
     url: str,
     *,
     connect_timeout: float = ENDPOINT_CONNECT_TIMEOUT,
     read_timeout: float = ENDPOINT_READ_TIMEOUT,
+    require_gpu: bool = False,
+    probes: int = PLACEMENT_PROBES,
 ) -> CheckResult:
     """The model endpoint answers its metadata, then scores one tile of the model's own band
-    count and size: the whole path (request, decode, model, answer) with its timings. No
+    count and size: the whole path (request, decode, model, answer) with its timings; then
+    ``probes`` metadata answers say which device each worker that answered runs on, and with
+    ``require_gpu`` (a stack's GPU fleet) any worker not on a GPU fails the check. No
     retries: a smoke test reports the endpoint as it is now."""
     from chipscale.models.torchserve_client import TorchServePredictor
 
@@ -78,6 +92,7 @@ def check_endpoint(
         start = time.perf_counter()
         scores = predictor.predict(tile[np.newaxis])
         predict_ms = (time.perf_counter() - start) * 1000
+        placement = check_placement(predictor, url, require_gpu=require_gpu, probes=probes)
     row = scores[0]
     if row.shape != (len(info.classes),) or not all(math.isfinite(float(s)) for s in row):
         raise CheckFailed(f"{url} answered scores {row.tolist()} for {len(info.classes)} classes")
@@ -87,8 +102,38 @@ def check_endpoint(
         True,
         f"{info.name} v{info.version}: metadata in {metadata_ms:.0f} ms; one "
         f"{info.bands}x{info.tile_size}x{info.tile_size} tile scored in {predict_ms:.0f} ms "
-        f"(top {info.classes[top]!r} {float(row[top]):.2f})",
+        f"(top {info.classes[top]!r} {float(row[top]):.2f}); {placement}",
     )
+
+
+def check_placement(predictor: Any, url: str, *, require_gpu: bool, probes: int) -> str:
+    """Sample the workers' metadata answers; a sentence on their devices, or
+    :class:`CheckFailed` when ``require_gpu`` and a worker runs elsewhere or cannot say."""
+    with ThreadPoolExecutor(min(8, max(1, probes))) as pool:
+        answers = [predictor.worker, *pool.map(lambda _: _worker(predictor), range(probes))]
+    workers = {(w.get("host"), w.get("pid")): w for w in answers}
+    devices = sorted({str(w.get("device", "unknown")) for w in workers.values()})
+    off_gpu = [w for w in workers.values() if not str(w.get("device", "")).startswith("cuda")]
+    seen = f"{len(workers)} worker{'s' if len(workers) != 1 else ''} seen on {', '.join(devices)}"
+    if require_gpu and off_gpu:
+        where = ", ".join(f"{w.get('host', '?')} pid {w.get('pid', '?')}" for w in off_gpu[:5])
+        unknown = any("device" not in w for w in off_gpu)
+        raise CheckFailed(
+            f"{url}: {seen}; not on a GPU: {where}"
+            + (
+                " (a handler older than issue 17 does not report its device: repackage the "
+                "model with this chipscale)"
+                if unknown
+                else ""
+            )
+        )
+    precisions = sorted({str(w["precision"]) for w in workers.values() if "precision" in w})
+    return seen + (f", precision {', '.join(precisions)}" if precisions else "")
+
+
+def _worker(predictor: Any) -> dict[str, Any]:
+    worker = predictor.read_metadata().get("worker")
+    return worker if isinstance(worker, dict) else {}
 
 
 def probe_tile(bands: int, size: int) -> np.ndarray:
@@ -162,13 +207,19 @@ def _schema_problems(conn: Any, schema: str) -> list[str]:
     return problems
 
 
-def private_checks(endpoint_url: str | None, db_url: str | None) -> list[CheckResult]:
+def private_checks(
+    endpoint_url: str | None, db_url: str | None, *, require_gpu: bool = False
+) -> list[CheckResult]:
     """The two checks that need the VPC, run where the caller is (the operations Lambda, or
-    the CLI with ``--endpoint``/``--db``); a missing input fails its check by name."""
+    the CLI with ``--endpoint``/``--db``); a missing input fails its check by name.
+    ``require_gpu``: every worker seen must run on a GPU (a stack's fleet)."""
     return run_checks(
         [
             Check(
-                CHECK_ENDPOINT, lambda: check_endpoint(_given(endpoint_url, "model endpoint URL"))
+                CHECK_ENDPOINT,
+                lambda: check_endpoint(
+                    _given(endpoint_url, "model endpoint URL"), require_gpu=require_gpu
+                ),
             ),
             Check(CHECK_SCHEMA, lambda: check_schema(_given(db_url, "database URL"))),
         ]
@@ -176,8 +227,12 @@ def private_checks(endpoint_url: str | None, db_url: str | None) -> list[CheckRe
 
 
 def verify_action(endpoint_url: str | None, db_url: str | None) -> list[dict[str, Any]]:
-    """The operations Lambda's answer to ``{"action": "verify"}``: the private checks as JSON."""
-    return [result.to_dict() for result in private_checks(endpoint_url, db_url)]
+    """The operations Lambda's answer to ``{"action": "verify"}``: the private checks as JSON
+    (its endpoint is the stack's GPU fleet: every worker must be on a GPU)."""
+    return [
+        result.to_dict()
+        for result in private_checks(endpoint_url, db_url, require_gpu=STACK_WORKERS_ON_GPU)
+    ]
 
 
 def invoke_private_checks(

@@ -1,9 +1,12 @@
 """``chipscale tune``: the per-GPU Lambda concurrency that keeps the GPUs fed, not flooded.
 
-By Little's law from what the run measured: Lambdas per GPU = tiles/s of one saturated GPU x
-seconds a Lambda spends per tile (the wait in TorchServe's queue taken out) x (1 +
-:data:`HEADROOM`), rounded up. ``--apply`` writes the SSM parameter the fleet controller reads
-and the mapping's MaximumConcurrency now. The derivation: docs/design.md.
+By Little's law from what the run measured: Lambdas per GPU = tiles/s of one GPU x seconds a
+Lambda spends per tile x (1 + :data:`HEADROOM`), rounded up. With the GPUs saturated, X is
+their measured tiles/s and W the Lambda duration per tile less TorchServe's queue wait;
+before they are, the feed is modelled (:mod:`chipscale.ops.feed`): X = tiles per busy
+GPU-second (the utilisation law) and W from ReadSeconds, PredictSeconds and WriteSeconds
+per tile, with the worker's read-ahead. ``--apply`` writes the SSM parameter the fleet
+controller reads and the mapping's MaximumConcurrency now. The derivation: docs/design.md.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from chipscale.errors import ChipscaleError
-from chipscale.ops import diagnosis
+from chipscale.ops import diagnosis, feed
 from chipscale.ops.aws import FleetConfigError, aws_reason
 from chipscale.ops.fleet import (
     MAX_MAXIMUM_CONCURRENCY,
@@ -27,12 +30,13 @@ from chipscale.ops.snapshot import Snapshot
 if TYPE_CHECKING:
     from chipscale.ops.stack_outputs import StackOutputs
 
-#: Extra Lambdas over the computed need: durations vary from pack to pack, and a GPU left
-#: without a waiting request for a moment is throughput lost for good; 20 % more Lambdas
-#: cost little next to a GPU.
-HEADROOM = 0.20
-#: Saturated minutes ``tune`` needs before it trusts the throughput of a GPU.
+#: Extra Lambdas over the computed need (:data:`chipscale.ops.feed.HEADROOM`).
+HEADROOM = feed.HEADROOM
+#: Saturated minutes ``tune`` needs before it trusts the throughput of a GPU; with fewer it
+#: models the feed.
 MIN_SATURATED_MINUTES = 3
+#: Below this mean GPU utilisation (%) a minute says too little about the GPU to model it.
+MIN_MODEL_UTIL = 5.0
 
 
 class NotEnoughData(ChipscaleError):
@@ -110,9 +114,18 @@ class Recommendation:
     lambdas_per_gpu: float
     headroom: float
     notes: tuple[str, ...] = field(default=())
+    #: "saturated" (X measured at saturation) or "feed model" (the GPUs were not saturated).
+    method: str = "saturated"
+    #: The feed model's inputs, per tile (None when saturated).
+    read_s_per_tile: float | None = None
+    predict_s_per_tile: float | None = None
+    write_s_per_tile: float | None = None
+    mean_gpu_utilization: float | None = None
 
     def lines(self) -> list[str]:
         """The computation, one step a line, for the terminal."""
+        if self.method != "saturated":
+            return self._model_lines()
         x, w = self.tiles_per_s_per_gpu, self.seconds_per_tile
         t = self.target
         raw = self.duration_s / self.tiles_per_invocation
@@ -138,6 +151,23 @@ class Recommendation:
         ]
         return out
 
+    def _model_lines(self) -> list[str]:
+        x, w, t = self.tiles_per_s_per_gpu, self.seconds_per_tile, self.target
+        r, p = self.read_s_per_tile or 0.0, self.predict_s_per_tile or 0.0
+        return [
+            f"GPUs not saturated     {self.saturated_minutes} of {self.minutes} minutes: "
+            "the feed is modelled",
+            f"X  tiles/s per GPU     {x:,.1f}  (tiles per busy GPU-second, mean utilisation "
+            f"{self.mean_gpu_utilization or 0.0:.0f}%)",
+            f"read / predict / write {r:.4f} / {p:.4f} / {self.write_s_per_tile or 0.0:.4f} "
+            "s per tile",
+            f"W  seconds per tile    max(read, predict) + write = {w:.4f} (read-ahead)",
+            f"Lambdas per GPU        X x W x (1 + {self.headroom:.0%}) = {x:,.1f} x {w:.4f} x "
+            f"{1 + self.headroom:g} = {self.lambdas_per_gpu:.2f} -> {t.per_gpu}",
+            *target_lines(t),
+            *self.notes,
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -161,10 +191,11 @@ def target_lines(t: Target) -> list[str]:
 
 
 def recommend(snapshot: Snapshot, *, headroom: float = HEADROOM) -> Recommendation:
-    """The per-GPU concurrency for the run in ``snapshot`` (derivation in docs/design.md).
+    """The per-GPU concurrency for the run in ``snapshot`` (derivation in docs/design.md):
+    measured at saturation, else modelled from the feed (:func:`model_feed`).
 
-    Raises :class:`NotEnoughData` naming what is missing: too few saturated minutes, no
-    invocations, no tiles, no duration.
+    Raises :class:`NotEnoughData` naming what is missing: no invocations, no tiles, no
+    duration, or (unsaturated) no GPU busy enough to model.
     """
     minutes = snapshot.minutes
     saturated = [
@@ -176,12 +207,7 @@ def recommend(snapshot: Snapshot, *, headroom: float = HEADROOM) -> Recommendati
     ]
     span = f"{snapshot.window.seconds / 60:.0f} minutes of {snapshot.stack}"
     if len(saturated) < MIN_SATURATED_MINUTES:
-        raise NotEnoughData(
-            f"only {len(saturated)} of the last {span} had the GPUs saturated (mean "
-            f"utilisation >= {diagnosis.SATURATED_GPU_UTIL:g}% with tiles done); tune needs "
-            f"{MIN_SATURATED_MINUTES} to measure what a GPU can do: raise the per-GPU "
-            "concurrency by hand (--per-gpu N --apply) until they are, or widen --since"
-        )
+        return model_feed(snapshot, saturated=len(saturated), headroom=headroom)
     worker, queue = snapshot.worker, snapshot.queue
     if worker.invocations <= 0:
         raise NotEnoughData(f"no worker invocations in the last {span}: nothing to measure")
@@ -222,6 +248,68 @@ def recommend(snapshot: Snapshot, *, headroom: float = HEADROOM) -> Recommendati
         lambdas_per_gpu=lambdas,
         headroom=headroom,
         notes=tuple(notes),
+    )
+
+
+def model_feed(
+    snapshot: Snapshot, *, saturated: int = 0, headroom: float = HEADROOM
+) -> Recommendation:
+    """The per-GPU concurrency before the GPUs saturate: X = tiles per busy GPU-second over
+    the minutes with tiles done and GPU utilisation >= :data:`MIN_MODEL_UTIL`, W from the
+    worker's ReadSeconds, PredictSeconds and WriteSeconds per tile
+    (:func:`chipscale.ops.feed.lambdas_per_gpu`)."""
+    span = f"{snapshot.window.seconds / 60:.0f} minutes of {snapshot.stack}"
+    period = snapshot.window.period_s
+    active = [
+        m
+        for m in snapshot.minutes
+        if m.gpus_reporting and m.tiles > 0 and (m.mean_gpu_utilization or 0.0) >= MIN_MODEL_UTIL
+    ]
+    if not active:
+        raise NotEnoughData(
+            f"none of the last {span} had tiles done with the GPUs at least "
+            f"{MIN_MODEL_UTIL:g}% busy (saturated minutes: {saturated} of the "
+            f"{MIN_SATURATED_MINUTES} tune measures from), so there is no feed to model: "
+            "raise the per-GPU concurrency by hand (--per-gpu N --apply), or widen --since"
+        )
+    tiles = sum(m.tiles for m in active)
+    busy_gpu_s = sum(
+        (m.mean_gpu_utilization or 0.0) / 100 * m.gpus_reporting * period for m in active
+    )
+    x = tiles / busy_gpu_s
+    read, predict, write = (
+        sum(m.read_s for m in active) / tiles,
+        sum(m.predict_s for m in active) / tiles,
+        sum(m.write_s for m in active) / tiles,
+    )
+    if predict <= 0:
+        raise NotEnoughData(
+            f"the GPUs were not saturated in the last {span} and the worker reported no "
+            "PredictSeconds, so the feed cannot be modelled: raise the per-GPU concurrency "
+            "by hand (--per-gpu N --apply), or widen --since"
+        )
+    utilization = sum((m.mean_gpu_utilization or 0.0) for m in active) / len(active)
+    predict = max(predict, 1.0 / x)
+    lambdas = feed.lambdas_per_gpu(x, read, predict, write, headroom=headroom)
+    worker, queue = snapshot.worker, snapshot.queue
+    duration_s = (worker.duration_p50_ms or worker.duration_mean_ms or 0.0) / 1000
+    return Recommendation(
+        target=target_for(max(1, math.ceil(lambdas - 1e-9)), snapshot),
+        minutes=snapshot.window.periods,
+        saturated_minutes=saturated,
+        tiles_per_s_per_gpu=x,
+        tiles_per_invocation=queue.tiles / worker.invocations if worker.invocations else 0.0,
+        duration_s=duration_s,
+        duration_stat="p50" if worker.duration_p50_ms is not None else "mean",
+        queue_wait_s_per_tile=None,
+        seconds_per_tile=feed.seconds_per_tile(read, predict, write),
+        lambdas_per_gpu=lambdas,
+        headroom=headroom,
+        method="feed model",
+        read_s_per_tile=read,
+        predict_s_per_tile=predict,
+        write_s_per_tile=write,
+        mean_gpu_utilization=utilization,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from chipscale.ops import private_checks as private
 from chipscale.ops.aws import Fleet, quick_client
 from chipscale.ops.aws_checks import (
     Capacity,
@@ -107,8 +108,13 @@ def stack_checks(
         Check(CHECK_GPU_QUOTA, lambda: check_gpu_quota(quotas, capacity())),
         Check(CHECK_LAMBDA_QUOTA, lambda: check_lambda_quota(quotas, capacity())),
     ]
-    if endpoint_url:
-        checks.append(Check(CHECK_ENDPOINT, lambda: check_endpoint(endpoint_url)))
+    if endpoint_url:  # the stack's GPU fleet, reached from here
+        checks.append(
+            Check(
+                CHECK_ENDPOINT,
+                lambda: check_endpoint(endpoint_url, require_gpu=private.STACK_WORKERS_ON_GPU),
+            )
+        )
     if db_url:
         checks.append(Check(CHECK_SCHEMA, lambda: check_schema(db_url)))
     remote = tuple(

@@ -1,5 +1,7 @@
 """Read, predict, store one pack: ``predict_pack`` (read and predict) and ``process_pack``
-(that, then one write).
+(that, then one write), each also in two steps (``read_pack``, then ``predict_read`` or
+``process_read``) so a worker can read the next pack while this one is predicted
+(:mod:`chipscale.pipeline.read_ahead`).
 
 The local runner calls ``process_pack``; the SQS worker calls ``predict_pack`` per message
 and stores the batch's rows in one write. Permanent failures become ``error`` rows, transient
@@ -12,8 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +88,15 @@ def process_pack(
     ``deadline`` (a :func:`time.monotonic` instant) bounds the prediction: the Lambda passes
     its remaining time so a slow model server fails this pack alone, not the invocation.
     """
-    pack = predict_pack(message, predictor=predictor, bands=bands, deadline=deadline)
+    read = read_pack(message, predictor.info, bands=bands)
+    return process_read(read, predictor=predictor, store=store, deadline=deadline)
+
+
+def process_read(
+    read: ReadPack, *, predictor: Predictor, store: ResultStore, deadline: float | None = None
+) -> PackOutcome:
+    """Predict and store a pack :func:`read_pack` read (the local runner's read-ahead)."""
+    pack = predict_read(read, predictor=predictor, deadline=deadline)
     start = time.perf_counter()
     store.write(pack.results)
     return pack.outcome(time.perf_counter() - start)
@@ -104,50 +113,87 @@ def predict_pack(
 
     A permanent failure becomes ``error`` rows; a transient one raises (module docstring).
     """
-    info = predictor.info
-    seconds: dict[str, float] = {}
-    outputs: dict[Tile, dict[str, float]] = {}
+    read = read_pack(message, predictor.info, bands=bands)
+    return predict_read(read, predictor=predictor, deadline=deadline)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPack:
+    """A pack read and stacked for its model, not yet predicted (:func:`read_pack`): what a
+    read-ahead thread hands to the predicting one."""
+
+    message: PackMessage
+    info: ModelInfo
+    #: The tiles with pixels, in the order of ``batch``'s rows.
+    at_stake: tuple[Tile, ...]
+    batch: np.ndarray | None
+    #: Tiles that cannot be read, with why (their rows are ``error``).
+    errors: dict[Tile, str]
+    read_seconds: float
+
+
+def read_pack(
+    message: PackMessage, info: ModelInfo, *, bands: Sequence[int] | None = None
+) -> ReadPack:
+    """Read one pack's tiles and stack the model's batch; a permanent failure of the source
+    becomes ``errors``, a transient one raises. Safe to run in another thread."""
+    start = time.perf_counter()
     errors: dict[Tile, str] = {}
-    at_stake: Sequence[Tile] = message.tiles  # the tiles a permanent failure marks as errors
+    at_stake: tuple[Tile, ...] = message.tiles
+    batch = None
     try:
-        with _timed(seconds, "read"):
-            reader = cached_reader(message.source, size=info.tile_size, bands=bands)
-            images, errors = _read_images(reader, message.tiles)
-            at_stake = [t for t in message.tiles if t in images and not images[t].is_empty]
-            batch = _stack(info, [images[t] for t in at_stake]) if at_stake else None
-        with _timed(seconds, "predict"):
-            if batch is not None:
-                try:
-                    scores, refused = predictor.predict(batch, deadline=deadline), {}
-                except PartialPrediction as exc:  # only some tiles refused: keep the rest
-                    scores, refused = exc.scores, exc.failed
-                    log.warning("job %s: %s", message.job, exc)
-                # Whatever the predictor, a NaN score is no score (a refused row's is NaN).
-                unscored = {i: r for i, r in non_finite_rows(scores).items() if i not in refused}
-                if unscored:
-                    log.warning(
-                        "job %s: %d tiles got non-finite scores", message.job, len(unscored)
-                    )
-                    refused = {**refused, **unscored}
-                for i, (tile, row) in enumerate(zip(at_stake, scores, strict=True)):
-                    if i in refused:
-                        errors[tile] = refused[i]
-                        continue
-                    outputs[tile] = {
-                        name: round(float(v), SCORE_DECIMALS)
-                        for name, v in zip(info.classes, row, strict=True)
-                    }
+        reader = cached_reader(message.source, size=info.tile_size, bands=bands)
+        images, errors = _read_images(reader, message.tiles)
+        at_stake = tuple(t for t in message.tiles if t in images and not images[t].is_empty)
+        batch = _stack(info, [images[t] for t in at_stake]) if at_stake else None
     except ChipscaleError as exc:
         if not exc.permanent:
             raise
         log.warning("%d tiles of job %s failed: %s", len(at_stake), message.job, exc)
         errors.update(dict.fromkeys(at_stake, str(exc)))
+        at_stake, batch = (), None
+    return ReadPack(message, info, at_stake, batch, errors, time.perf_counter() - start)
 
+
+def predict_read(
+    read: ReadPack, *, predictor: Predictor, deadline: float | None = None
+) -> PackResults:
+    """Predict a pack :func:`read_pack` read: its rows, as :func:`predict_pack` makes them."""
+    message, info, at_stake = read.message, read.info, read.at_stake
+    outputs: dict[Tile, dict[str, float]] = {}
+    errors = dict(read.errors)
+    start = time.perf_counter()
+    try:
+        if read.batch is not None:
+            try:
+                scores, refused = predictor.predict(read.batch, deadline=deadline), {}
+            except PartialPrediction as exc:  # only some tiles refused: keep the rest
+                scores, refused = exc.scores, exc.failed
+                log.warning("job %s: %s", message.job, exc)
+            # Whatever the predictor, a NaN score is no score (a refused row's is NaN).
+            unscored = {i: r for i, r in non_finite_rows(scores).items() if i not in refused}
+            if unscored:
+                log.warning("job %s: %d tiles got non-finite scores", message.job, len(unscored))
+                refused = {**refused, **unscored}
+            for i, (tile, row) in enumerate(zip(at_stake, scores, strict=True)):
+                if i in refused:
+                    errors[tile] = refused[i]
+                    continue
+                outputs[tile] = {
+                    name: round(float(v), SCORE_DECIMALS)
+                    for name, v in zip(info.classes, row, strict=True)
+                }
+    except ChipscaleError as exc:
+        if not exc.permanent:
+            raise
+        log.warning("%d tiles of job %s failed: %s", len(at_stake), message.job, exc)
+        errors.update(dict.fromkeys(at_stake, str(exc)))
+    predict_seconds = time.perf_counter() - start
     results = [
         _result(message.job, t, info, output=outputs.get(t), error=errors.get(t))
         for t in message.tiles
     ]
-    return PackResults(results, seconds.get("read", 0.0), seconds.get("predict", 0.0))
+    return PackResults(results, read.read_seconds, predict_seconds)
 
 
 def _read_images(
@@ -180,15 +226,6 @@ def _read_images(
                 raise
             errors[tile] = str(exc)
     return images, errors
-
-
-@contextmanager
-def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[stage] = time.perf_counter() - start
 
 
 def _stack(info: ModelInfo, images: list[ImageData]) -> np.ndarray:

@@ -1,13 +1,15 @@
 """The local pipeline: cover -> packs -> in-process queue -> worker threads -> store.
 
-Each worker thread calls :func:`chipscale.pipeline.process.process_pack`. A run resumes (it
-skips tiles its job already has ``ok`` or ``empty``), and Ctrl-C drops the packs not yet
-started while the running ones finish their write. Figures: docs/design.md, "The local
+Each worker thread processes packs as :func:`chipscale.pipeline.process.process_pack` does,
+reading its next pack while it predicts one (:mod:`chipscale.pipeline.read_ahead`). A run
+resumes (it skips tiles its job already has ``ok`` or ``empty``), and Ctrl-C drops the packs
+not yet started while the running ones finish their write. Figures: docs/design.md, "The local
 pipeline".
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -21,8 +23,9 @@ from chipscale.errors import ChipscaleError, TransientError
 from chipscale.grid.packs import DEFAULT_MAX_TILES, pack_tiles
 from chipscale.models.predictors import Predictor
 from chipscale.pipeline.messages import PackMessage
-from chipscale.pipeline.process import PackOutcome, process_pack
+from chipscale.pipeline.process import PackOutcome, ReadPack, process_read, read_pack
 from chipscale.pipeline.queues import LocalQueue
+from chipscale.pipeline.read_ahead import read_ahead
 from chipscale.results import ResultStore
 from chipscale.values import JobInfo
 
@@ -99,11 +102,14 @@ def run_local(
     max_tiles: int = DEFAULT_MAX_TILES,
     on_start: Callable[[int, int], None] | None = None,
     on_progress: ProgressCallback | None = None,
+    ahead: bool = True,
 ) -> RunSummary:
     """Process every tile of ``tiles`` not already done for ``job``; return the counts.
 
     ``on_start(todo, skipped)`` is called once the work is known, ``on_progress(n)`` after
-    each pack with its tile count: the CLI draws its progress bar from them.
+    each pack with its tile count: the CLI draws its progress bar from them. Each worker
+    reads its next pack while it predicts one (``ahead``; False: one after the other, as
+    bench/pipeline.py compares).
     """
     info = predictor.info
     all_tiles = list(dict.fromkeys(tiles))
@@ -132,12 +138,20 @@ def run_local(
     lock = threading.Lock()
     stop = threading.Event()
 
+    def read(message: PackMessage) -> ReadPack | None:
+        return None if stop.is_set() else read_pack(message, info, bands=bands)
+
     def consume() -> None:
-        for message in work.messages():
+        stream = (
+            read_ahead(work.messages(), read)
+            if ahead
+            else ((m, functools.partial(read, m)) for m in work.messages())
+        )
+        for message, first_read in stream:
             if stop.is_set():
                 continue
             try:
-                outcome = _with_retries(message, predictor, store, bands, stop)
+                outcome = _with_retries(message, first_read, predictor, store, bands, stop)
             except Exception as exc:  # reported, and the run stops
                 log.debug("pack failed", exc_info=True)
                 with lock:
@@ -189,16 +203,21 @@ def _join(threads: list[threading.Thread]) -> None:
 
 def _with_retries(
     message: PackMessage,
+    first_read: Callable[[], ReadPack | None],
     predictor: Predictor,
     store: ResultStore,
     bands: Sequence[int] | None,
     stop: threading.Event,
 ) -> PackOutcome:
-    """What SQS redelivery does in the cloud: try a transiently failing pack again."""
+    """What SQS redelivery does in the cloud: try a transiently failing pack again, its
+    first attempt on ``first_read`` (read ahead, or read now), the others read again."""
     attempt = 0
     while True:
         try:
-            return process_pack(message, predictor=predictor, store=store, bands=bands)
+            read = first_read() if attempt == 0 else None
+            if read is None:
+                read = read_pack(message, predictor.info, bands=bands)
+            return process_read(read, predictor=predictor, store=store)
         except TransientError as exc:
             if attempt == len(RETRY_DELAYS) or stop.is_set():
                 raise

@@ -131,10 +131,12 @@ def test_default_max_receive_count_is_aws_advice() -> None:
 
 @pytest.fixture(scope="module")
 def big_fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[str]]:
-    """4 g5.xlarge at 4 per GPU: 16 Lambdas planned, above a new account's 10; someone
-    subscribed to the alarms."""
+    """4 g5.xlarge at 4 per GPU (pinned: the default follows the feed model): 16 Lambdas
+    planned, above a new account's 10; someone subscribed to the alarms."""
     outdir = tmp_path_factory.mktemp("cdk.out")
-    template, _ = synth(outdir, maxInstances="4", alarmEmail="ops@example.com")
+    template, _ = synth(
+        outdir, maxInstances="4", perGpuConcurrency="4", alarmEmail="ops@example.com"
+    )
     return template, synth_warnings(outdir)
 
 
@@ -168,5 +170,7 @@ def test_reserved_concurrency_warns_that_a_new_account_cannot_deploy() -> None:
     config = DeploymentConfig(reserved_concurrency=40, max_concurrency=10)
     (warning,) = concurrency_warnings(config)
     assert "at least 140" in warning and "the deploy fails" in warning
-    assert concurrency_warnings(DeploymentConfig()) == []  # 8 planned: fits
-    assert DeploymentConfig().planned_concurrency == 8
+    default = DeploymentConfig()
+    assert concurrency_warnings(default) == []  # the default fleet fits a new account
+    assert default.planned_concurrency == default.per_gpu_concurrency * default.max_instances
+    assert default.planned_concurrency <= NEW_ACCOUNT_CONCURRENCY

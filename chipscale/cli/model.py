@@ -11,7 +11,7 @@ import click
 
 from chipscale.cli.options import F
 from chipscale.errors import ChipscaleError
-from chipscale.models.serving import ServingConfig, TorchServe
+from chipscale.models.serving import DEFAULT_SAMPLES, DEFAULT_TOLERANCE, ServingConfig, TorchServe
 from chipscale.names import INFERENCE_PORT
 
 
@@ -65,8 +65,6 @@ def _serving_config(options: dict[str, int]) -> ServingConfig:
 
 def _inference_options(fn: F) -> F:
     """Inference settings written into the packaged model, after a drift check."""
-    from chipscale.models.drift import DEFAULT_SAMPLES, DEFAULT_TOLERANCE
-
     options = [
         click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]),
                      help="Run the model under autocast at this precision (default: the file's)."),

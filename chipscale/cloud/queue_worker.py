@@ -168,18 +168,12 @@ class QueueWorker:
         is predicted (:meth:`read_ahead`).
         """
         ahead = self._ahead.take(message_id)
-        settings = self.settings
         try:
-            message = parse_message(
-                body,
-                default_job=settings.default_job,
-                default_source=settings.default_source,
-                max_tiles=settings.max_tiles,
-            )
+            message = self._parse(body)
         except InvalidMessageError as exc:
             self._reject(message_id, str(exc), body, job_of(body))
             return None
-        refusal = source_refusal(message.source, settings.allowed_sources)
+        refusal = source_refusal(message.source, self.settings.allowed_sources)
         refusal = refusal or self.job_refusal(message)
         if refusal is not None:
             self._reject(message_id, refusal, body, message.job)
@@ -210,18 +204,22 @@ class QueueWorker:
         Only a message that parses and whose source is allowed is read (a refused source is
         never opened); its other checks run on its turn, which takes the read or drops it.
         """
-        settings = self.settings
         try:
-            message = parse_message(
-                body,
-                default_job=settings.default_job,
-                default_source=settings.default_source,
-                max_tiles=settings.max_tiles,
-            )
+            message = self._parse(body)
         except InvalidMessageError:
             return
-        if source_refusal(message.source, settings.allowed_sources) is None:
+        if source_refusal(message.source, self.settings.allowed_sources) is None:
             self._ahead.start(message_id, (message, self.predictor.info))
+
+    def _parse(self, body: str) -> PackMessage:
+        """The message of ``body`` with this worker's defaults and limit."""
+        settings = self.settings
+        return parse_message(
+            body,
+            default_job=settings.default_job,
+            default_source=settings.default_source,
+            max_tiles=settings.max_tiles,
+        )
 
     def end_batch(self) -> None:
         """Drop a read no message took (its message failed before its turn)."""

@@ -13,11 +13,8 @@ from typing import Any
 import numpy as np
 
 from chipscale.errors import ChipscaleError, ModelFormatError
+from chipscale.models.serving import DEFAULT_SAMPLES, DEFAULT_TOLERANCE
 
-#: Default largest score change accepted (scores are 0..1 probabilities or softmaxed logits).
-DEFAULT_TOLERANCE = 0.01
-#: Default number of sample tiles.
-DEFAULT_SAMPLES = 64
 #: Half the width of the web-mercator world, metres.
 _ORIGIN = 20037508.342789244
 

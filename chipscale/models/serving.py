@@ -42,6 +42,10 @@ RUNTIME_FILES = tuple(
     MODEL_SERVER_DIR / name for name in ("chipscale_runtime.py", "chipscale_metadata.py")
 )
 
+#: The drift check's defaults (chipscale.models.drift), here so the CLI reads them without
+#: numpy: the largest score change accepted (scores are 0..1) and the sample tiles.
+DEFAULT_TOLERANCE = 0.01
+DEFAULT_SAMPLES = 64
 #: TorchServe model names: what its management API accepts.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

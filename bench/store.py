@@ -64,6 +64,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from chipscale.redaction import redact  # noqa: E402
 from chipscale.results import postgres as pg  # noqa: E402
 from chipscale.results.postgres import PostgresStore, setup_database  # noqa: E402
 from chipscale.values import TileResult  # noqa: E402
@@ -473,7 +474,7 @@ def main() -> None:
             "rows": "z18 packs of adjacent tiles, 90% ok with 6 class scores rounded to 6 "
             "decimals as the worker writes them (about 100 B of JSON), 10% empty; every "
             "measurement into an emptied table (inserts)",
-            "connection": f"TCP to {pg.redact_url(args.db).rsplit('/', 1)[0]}, psycopg "
+            "connection": f"TCP to {redact(args.db).rsplit('/', 1)[0]}, psycopg "
             f"{psycopg.__version__}, prepare_threshold=None; with latency: through a relay "
             "process adding the delay in each direction",
             "round_trip_us_select_1": rtt,

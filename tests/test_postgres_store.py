@@ -27,6 +27,7 @@ from mercantile import Tile
 
 from chipscale.errors import StoreError, StoreUnavailable
 from chipscale.ops import private_checks as verify
+from chipscale.redaction import redact
 from chipscale.results import (
     PostgresStore,
     ResultStore,
@@ -89,11 +90,11 @@ def test_open_store_urls(results_db: str) -> None:
 
 
 def test_url_redaction() -> None:
-    assert pg.redact_url("postgresql://u:p%40ss@h/db?sslmode=require&password=x") == (
+    assert redact("postgresql://u:p%40ss@h/db?sslmode=require&password=x") == (
         "postgresql://u:***@h/db?sslmode=require&password=***"
     )
-    assert pg.redact_url("postgresql://u@h:5433/db") == "postgresql://u@h:5433/db"
-    assert pg.redact_url("host=h password='a b' user=u") == "host=h password=*** user=u"
+    assert redact("postgresql://u@h:5433/db") == "postgresql://u@h:5433/db"
+    assert redact("host=h password='a b' user=u") == "host=h password=*** user=u"
 
 
 def test_setup_database_is_idempotent_and_matches_verify(empty_db: str) -> None:

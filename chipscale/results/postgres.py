@@ -186,16 +186,12 @@ def libpq_url(url: str) -> str:
     at = head.rfind("@")
     if head.count("@") > 1 or "/" in head[: max(at, 0)]:
         raise StoreError(
-            f"the database URL {redact_url(url)} holds an unencoded '@' or '/' before its "
+            f"the database URL {redact(url)} holds an unencoded '@' or '/' before its "
             "host: percent-encode them in the user name and password (@ as %40, / as %2F)"
         )
     if scheme.lower().startswith(("postgresql+", "postgres+")):
         return f"postgresql://{rest}"
     return url
-
-
-#: What messages, logs and ``store.url`` show of a URL: see :mod:`chipscale.redaction`.
-redact_url = redact
 
 
 def _is_transient(exc: psycopg.Error) -> bool:
@@ -209,7 +205,7 @@ class _Describer:
     """Turns psycopg errors into chipscale's, in one line, with the password scrubbed."""
 
     def __init__(self, url: str) -> None:
-        self.where = redact_url(url)
+        self.where = redact(url)
         self._secrets = secrets_of(url)
 
     def scrub(self, text: str) -> str:

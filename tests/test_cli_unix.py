@@ -188,3 +188,17 @@ def test_download_with_its_messages_into_a_gone_reader(sqlite_db: str, tmp_path:
     os.close(write_end)
     assert proc.returncode in SIGPIPE_STATUSES
     assert (tmp_path / "out.csv").read_text().count("\n") == 2  # header and the tile
+
+
+QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/q"
+
+
+def test_push_from_a_closed_stdin_is_bad_usage(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [CHIPSCALE, "push", "-", QUEUE, "--dry-run", "--source", "s3://bucket/scene.tif"],
+        capture_output=True,
+        cwd=tmp_path,
+        preexec_fn=lambda: os.close(0),  # as `chipscale push - Q <&-`
+        timeout=120,
+    )
+    assert_one_line_error(done, 2, "standard input is closed")

@@ -62,6 +62,8 @@ def _push_tiles(
         if aoi or bbox:
             raise click.UsageError("give a tile list or --aoi/--bbox, not both")
         if tiles_file == "-":
+            if sys.stdin is None:  # started with its standard input closed (<&-)
+                raise click.UsageError("TILES is -, but standard input is closed")
             return read_tile_stream(sys.stdin.buffer, name="<stdin>")
         return read_tile_list(tiles_file)
     footprint = source if source is not None and not is_xyz_template(source) else None

@@ -83,9 +83,9 @@ def test_the_metadata_answer_reports_the_workers_device(
 def test_torchserve_on_a_gpu_host_without_gpus_never_gets_ready(
     demo_mar: Path, tmp_path: Path
 ) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: TorchServe gives its workers one")
-    server = TorchServe.on_free_ports(demo_mar, tmp_path, extra_env={"CHIPSCALE_GPU_HOST": "1"})
+    # No GPU visible to the workers, on any machine: the flag alone must stop them.
+    hidden = {"CHIPSCALE_GPU_HOST": "1", "CUDA_VISIBLE_DEVICES": ""}
+    server = TorchServe.on_free_ports(demo_mar, tmp_path, extra_env=hidden)
     with pytest.raises(ServingError, match="not READY"):
         server.start(timeout=25)
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.log"))

@@ -10,7 +10,6 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from rasterio.warp import calculate_default_transform, transform_bounds
 
 from chipscale.errors import SourceError
 from chipscale.grid.tilelist import make_tile
+from chipscale.sources.base import ClosesOnExit
 from chipscale.sources.datasets import LONLAT, footprint_lonlat, open_dataset
 from chipscale.sources.gdal_env import gdal_env
 from chipscale.sources.read_errors import source_error
@@ -124,7 +124,7 @@ def group_tiles(tiles: Sequence[Tile], shift: int) -> list[list[Tile]]:
     return list(groups.values())
 
 
-class TileReader:
+class TileReader(ClosesOnExit):
     """Reads tiles from one raster, opened once; the engine behind
     :func:`chipscale.sources.read_tiles` for rasters.
 
@@ -449,14 +449,3 @@ class TileReader:
             if dataset is not None:
                 dataset.close()
         self._overviews = {}
-
-    def __enter__(self) -> TileReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

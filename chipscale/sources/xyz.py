@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from types import TracebackType
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -32,6 +31,7 @@ from chipscale import redaction
 from chipscale.errors import SourceError, SourceUnavailable, one_line
 from chipscale.grid.tilelist import make_tile
 from chipscale.retry import RETRY_STATUSES, Backoff, RetryPolicy, RetrySettingsError, retry_after
+from chipscale.sources.base import ClosesOnExit
 from chipscale.values import ImageData, invalidate_non_finite
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class _Abandoned(Exception):
     """Another tile of the read failed first: this one stops without a result."""
 
 
-class TileEndpointReader:
+class TileEndpointReader(ClosesOnExit):
     """Reads tiles from an XYZ tile endpoint.
 
     Template
@@ -452,17 +452,6 @@ class TileEndpointReader:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
         self._http.clear()
-
-    def __enter__(self) -> TileEndpointReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------- helpers

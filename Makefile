@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ZOOM ?= 19
 
-.PHONY: demo test lint typecheck format bench clean synth soak
+.PHONY: demo demo-segmentation test lint typecheck format bench clean synth soak vendor browser stac-api
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
 
+# The viewer's map library (chipscale view): Leaflet from node_modules (package.json pins it),
+# copied into the package data, checked in, so a pip-installed chipscale serves it offline.
+VENDOR := chipscale/view/static/vendor/leaflet
+vendor: node_modules/.installed
+	rm -rf $(VENDOR) && mkdir -p $(VENDOR)/images
+	cp node_modules/leaflet/dist/leaflet.js node_modules/leaflet/dist/leaflet.css \
+		node_modules/leaflet/LICENSE node_modules/leaflet/package.json $(VENDOR)/
+	cp node_modules/leaflet/dist/images/*.png $(VENDOR)/images/
+
 # Synthesize the stack offline (no AWS credentials, no Docker): cdk.out/chipscale.template.json.
 synth: $(VENV)/.installed-dev node_modules/.installed
 	JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION=20 node_modules/.bin/cdk synth --quiet
@@ -33,8 +42,29 @@ demo: $(VENV)/.installed-cli
 	$(BIN)/chipscale run --source examples/rasterio_cogeo.tif --zoom $(DEMO_ZOOM) \
 		--model examples/demo-model.pt --out demo-out
 
-test: $(VENV)/.installed-dev node_modules/.installed lint
+# The per-pixel demo (a segmentation model with a 16 px margin): class mask and polygons.
+demo-segmentation: $(VENV)/.installed-cli
+	$(BIN)/python examples/build_demo_model.py --task segmentation -o examples/demo-segmentation.pt
+	$(BIN)/chipscale run --source examples/rasterio_cogeo.tif --zoom $(DEMO_ZOOM) \
+		--model examples/demo-segmentation.pt --out demo-seg-out
+
+test: $(VENV)/.installed-dev node_modules/.installed lint browser stac-api
 	$(BIN)/python -m pytest
+
+# The real STAC API of tests/test_stac_sources.py (tests/stac_api.py): PostGIS for the local
+# PostgreSQL (Debian's package) and .venv-stac (stac-fastapi-pgstac, pypgstac, uvicorn at
+# tests/stac-requirements.txt's pins, apart from .venv). Well under a second once done.
+# Without root it says what is missing and the tests report it (a failure under CI=true).
+stac-api:
+	@PYTHON=$(PYTHON) scripts/_stac-test-setup || echo "make stac-api: the STAC API set-up failed (see above)"
+
+# Headless Chromium for tests/test_view_browser.py: Debian's package, driven by Playwright
+# (whose own browser download cannot reach the internet). Without root it is left to the
+# test, which reports it (a failure under CI=true).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+		|| echo "make browser: could not install Debian's chromium (root needed)"
 
 # The reliability soak: tests/reliability's load run (make test runs it at 10,000 tiles) at
 # SOAK_TILES through the whole local stack; 5-6 minutes for 100,000 on 2 cores. Figures:
@@ -68,6 +98,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/store_versions.py
 	$(BIN)/python bench/reliability.py
+	$(BIN)/python bench/viewer.py
 	@if nvidia-smi -L >/dev/null 2>&1; then \
 		$(BIN)/python bench/gpu_serving.py; \
 	else \
@@ -75,4 +106,5 @@ bench: $(VENV)/.installed-dev
 	fi
 
 clean:
-	rm -rf $(VENV) demo-out chipscale-out .pytest_cache examples/demo-model.pt cdk.out
+	rm -rf $(VENV) .venv-stac demo-out demo-seg-out chipscale-out .pytest_cache examples/demo-model.pt \
+		examples/demo-segmentation.pt cdk.out

@@ -164,7 +164,7 @@ def write_copy(conn: psycopg.Connection) -> Callable[[list[TileResult]], None]:
     conn.commit()
 
     def write(pack: list[TileResult]) -> None:
-        columns = pg._result_columns(pack)
+        columns = pg._result_columns(pack)[:10]  # the stage's columns (not assets)
         with conn.cursor() as cursor:
             with cursor.copy("COPY stage FROM STDIN") as copy:
                 for row in zip(*columns, strict=True):

@@ -31,6 +31,9 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "model_archiver": "model",  # torch-model-archiver
     "yaml": "model",  # pyyaml, TorchServe's undeclared need
     "pyarrow": "parquet",
+    "pyogrio": "parquet",
+    "pystac_client": "stac",
+    "pystac": "stac",
 }
 
 _ROOT = Path(__file__).resolve().parents[1]

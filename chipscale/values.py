@@ -14,19 +14,35 @@ from mercantile import Tile
 
 Status = Literal["ok", "empty", "error"]
 
+#: What a model answers (``chipscale.json``'s ``"task"``): scores per tile, a class per pixel,
+#: or boxes.
+Task = Literal["classification", "segmentation", "detection"]
+
 
 @dataclass(frozen=True, slots=True)
 class ImageData:
-    """One tile's pixels: ``data`` is ``(bands, size, size)`` in the source dtype and
-    ``mask`` is ``(size, size)`` bool, True where the pixel is valid."""
+    """One tile's pixels: ``data`` is ``(bands, size + 2 * margin, size + 2 * margin)`` in the
+    source dtype and ``mask`` is ``(size + 2 * margin, size + 2 * margin)`` bool, True where
+    the pixel is valid. The margin holds the source's own neighbouring pixels (the pixels the
+    neighbouring tiles read), not padding. ``assets`` names the assets that supplied the
+    pixels, in the order they were used (a mosaic source; empty for a single raster)."""
 
     data: np.ndarray
     mask: np.ndarray
+    margin: int = 0
+    assets: tuple[str, ...] = ()
+
+    @property
+    def core_mask(self) -> np.ndarray:
+        """The mask of the tile itself, without its margin: ``(size, size)``."""
+        m = self.margin
+        return self.mask[m : self.mask.shape[0] - m, m : self.mask.shape[1] - m] if m else self.mask
 
     @property
     def is_empty(self) -> bool:
-        """True when no pixel is valid: such a tile never reaches the model."""
-        return not bool(self.mask.any())
+        """True when no pixel of the tile itself is valid: such a tile never reaches the model
+        (pixels in its margin alone do not count)."""
+        return not bool(self.core_mask.any())
 
 
 def invalidate_non_finite(data: np.ndarray, mask: np.ndarray, fill: float) -> None:
@@ -57,12 +73,45 @@ class ModelInfo:
     tile_size: int
     #: Every band count the model accepts (e.g. RGB or RGB+NIR); empty means just ``bands``.
     band_counts: tuple[int, ...] = ()
+    #: What the model answers: scores per tile, a class per pixel, or boxes.
+    task: Task = "classification"
+    #: Context in pixels read on each side of a tile: the model takes ``tile_size + 2 * margin``.
+    margin: int = 0
+    #: A segmentation class that is never vectorized into features (its pixels are still
+    #: stored, so the class mask can be rebuilt).
+    background: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TileFeature:
+    """One vector feature a tile produced: a 4-connected region of one class (segmentation)
+    or a box (detection).
+
+    ``wkb`` is the geometry as WKB in the tile's pixel coordinates: ``(column, row)`` with the
+    origin at the top-left corner of the tile itself (its margin excluded), y down, one unit
+    a pixel of the zoom's grid (so a tile spans ``[0, size]``). Segmentation regions have
+    integer vertices, which is what makes the merge across tiles exact. Detection boxes may
+    reach outside ``[0, size]``.
+    """
+
+    cls: str
+    wkb: bytes
+    #: A detection's score; None for a segmentation region.
+    score: float | None = None
+    #: True for a region of the model's ``background`` class: stored (the class mask is
+    #: rebuilt from the features) but never exported as a feature.
+    background: bool = False
+    #: The tile size in pixels the coordinates are measured in (the model's ``tile_size``;
+    #: stored as :attr:`FeatureRow.size`).
+    size: int = 256
 
 
 @dataclass(frozen=True, slots=True)
 class TileResult:
     """One result row before it is stored: the unit of idempotent upsert is
-    ``(job, tile.z, tile.x, tile.y)``."""
+    ``(job, tile.z, tile.x, tile.y)``. Its ``features`` are replaced in the same write (``()``
+    leaves the tile with none); None, a task without features (classification), leaves the
+    stored features alone, so such a write costs no feature statement."""
 
     job: str
     tile: Tile
@@ -71,6 +120,9 @@ class TileResult:
     error: str | None = None
     model_name: str | None = None
     model_version: str | None = None
+    features: tuple[TileFeature, ...] | None = None
+    #: The assets that supplied the tile's pixels (:attr:`ImageData.assets`).
+    assets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,3 +175,22 @@ class ResultRow:
     attempts: int
     created_at: str
     updated_at: str
+    #: The assets that supplied the tile's pixels (empty for a single raster).
+    assets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRow:
+    """One stored feature as read back for the merge and export (:class:`TileFeature` with its
+    tile). ``size`` is the tile size in pixels the geometry's coordinates are measured in."""
+
+    job: str
+    z: int
+    x: int
+    y: int
+    seq: int
+    cls: str
+    wkb: bytes
+    size: int
+    score: float | None = None
+    background: bool = False

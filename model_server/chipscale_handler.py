@@ -1,10 +1,12 @@
-"""TorchServe handler serving any chipscale model: decodes ``.npy`` tiles, answers scores,
-the model's metadata or a per-request refusal as JSON. Loading, checks, scaling and
-sub-batching live in ``chipscale_runtime``, shared with chipscale's in-process predictor.
+"""TorchServe handler serving any chipscale model: decodes ``.npy`` tiles, answers scores
+(or a segmentation model's class masks), the model's metadata or a per-request refusal as
+JSON. Loading, checks, scaling and sub-batching live in ``chipscale_runtime``, shared with
+chipscale's in-process predictor.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -34,6 +36,12 @@ CONTENT_ENCODINGS: tuple[str, ...] = ("zstd",) if zstd is not None else ()
 MAX_DECODED_BYTES = 2**30
 #: numpy's own bound on a .npy header (``np.load``'s ``max_header_size``).
 _MAX_HEADER = 10_000
+#: zstd level of a segmentation answer's masks: 1.6 KB (smooth classes) to 4.6 KB (per-pixel
+#: noise) a 256 x 256 tile instead of 64 KiB; docs/design.md 9.3, bench/mask_encoding.py.
+MASK_ZSTD_LEVEL = 1
+#: The request header listing the mask encodings a client decodes (``zstd, identity``);
+#: without it a segmentation answer is zstd when this host has zstd.
+MASK_ENCODINGS_HEADER = "x-chipscale-mask-encodings"
 #: Defaults for the model-config ``handler:`` section.
 DEFAULT_SUB_BATCH = 32
 DEFAULT_CPU_THREADS = 1
@@ -80,6 +88,10 @@ class HttpRefusal:
 
     def body(self) -> str:
         return json.dumps({"error": self.message, "status": self.status})
+
+
+#: One request's answer: its scores (or masks) and the reasons of its tiles that have none.
+_Outcome = tuple[np.ndarray, dict[int, str]]
 
 
 def decode_tiles(body: Any, encoding: str | None = None) -> np.ndarray | HttpRefusal:
@@ -179,11 +191,24 @@ def decompress(body: bytes | bytearray, encoding: str) -> bytes | bytearray | Ht
 
 def content_encoding(context: Any, i: int) -> str | None:
     """The ``Content-Encoding`` header of request ``i`` (names are matched in any case)."""
+    return request_header(context, i, "content-encoding")
+
+
+def masks_in_zstd(context: Any, i: int) -> bool:
+    """Whether request ``i``'s masks go as zstd: this host has it and the client decodes it
+    (it lists ``zstd`` in :data:`MASK_ENCODINGS_HEADER`, or sends no such header)."""
+    accepted = request_header(context, i, MASK_ENCODINGS_HEADER)
+    listed = accepted is None or "zstd" in (e.strip().lower() for e in accepted.split(","))
+    return zstd is not None and listed
+
+
+def request_header(context: Any, i: int, name: str) -> str | None:
+    """Header ``name`` (lower case) of request ``i``; names are matched in any case."""
     headers = getattr(context, "get_all_request_header", None)
     if headers is None:
         return None
     for key, value in (headers(i) or {}).items():
-        if isinstance(value, str) and str(key).lower() == "content-encoding":
+        if isinstance(value, str) and str(key).lower() == name:
             return value
     return None
 
@@ -207,6 +232,11 @@ class ChipscaleHandler:
       batcher put in the same handler call as this one; a tile the model answered NaN or inf for
       has ``null`` scores and its reason in ``"errors": {"ROW": reason}`` (never a ``NaN``
       literal, which is not JSON);
+    - a segmentation model (metadata ``task``) answers ``"masks"`` instead of ``"scores"``:
+      ``{"shape": [N, S, S], "dtype": "uint8", "encoding": "zstd" or "identity", "data":
+      base64}``, the tiles' class indices (argmax of the central S x S) in one zstd frame
+      unless the request's ``X-Chipscale-Mask-Encodings`` header leaves zstd out;
+      a tile whose output held NaN or inf is all 255 with its reason in ``"errors"``;
     - errors are per request, JSON ``{"error": message, "status": code}``: 400 a body that is not
       a numeric ``.npy`` array of tiles (or a corrupt zstd stream), 413 a zstd body expanding
       past :data:`MAX_DECODED_BYTES`, 415 an encoding this host does not decode, 422 tiles that
@@ -285,8 +315,10 @@ class ChipscaleHandler:
         for i, outcome in self._score(tiles).items():
             if isinstance(outcome, HttpRefusal):
                 answers[i] = outcome
+            elif runtime.metadata.task == "segmentation":
+                answers[i] = self._masks_body(*outcome, batch_info, masks_in_zstd(context, i))
             else:
-                answers[i] = self._scores_body(outcome, batch_info)
+                answers[i] = self._scores_body(outcome[0], batch_info)
         if len(data) > 1 or any(isinstance(a, HttpRefusal) for a in answers):
             log.info(
                 "batch of %d requests, %d tiles, %d rejected",
@@ -296,20 +328,21 @@ class ChipscaleHandler:
             )
         return [self._finish(context, i, answer) for i, answer in enumerate(answers)]
 
-    def _score(self, tiles: dict[int, np.ndarray]) -> dict[int, np.ndarray | HttpRefusal]:
-        """Scores per request: all stacked through the model at once, and only when that fails
-        each request alone, so the request that breaks the model is the only one refused."""
+    def _score(self, tiles: dict[int, np.ndarray]) -> dict[int, _Outcome | HttpRefusal]:
+        """Scores (or masks, with the reasons of the tiles that have none) per request: all
+        stacked through the model at once, and only when that fails each request alone, so
+        the request that breaks the model is the only one refused."""
         assert self.runtime is not None
         if not tiles:
             return {}
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, t in tiles.items():  # np.concatenate needs one dtype and band count
             groups.setdefault((t.dtype.str, t.shape[1:]), []).append(i)
-        results: dict[int, np.ndarray | HttpRefusal] = {}
+        results: dict[int, _Outcome | HttpRefusal] = {}
         for members in groups.values():
             stacked = [tiles[i] for i in members]
             try:
-                scores = self.runtime.predict(
+                scores, failed = self._predict(
                     stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
                 )
             except Exception as exc:
@@ -321,8 +354,17 @@ class ChipscaleHandler:
                 continue
             offsets = np.cumsum([0] + [len(t) for t in stacked])
             for i, start, stop in zip(members, offsets[:-1], offsets[1:], strict=True):
-                results[i] = scores[start:stop]
+                mine = {row - start: why for row, why in failed.items() if start <= row < stop}
+                results[i] = (scores[start:stop], mine)
         return results
+
+    def _predict(self, batch: np.ndarray) -> _Outcome:
+        """The model's answer for a batch: ``(N, classes)`` scores, or a segmentation model's
+        ``(N, S, S)`` masks and the reason of each tile that has none."""
+        assert self.runtime is not None
+        if self.runtime.metadata.task == "segmentation":
+            return self.runtime.predict_masks(batch)
+        return self.runtime.predict(batch), {}
 
     def _failure(self, exc: Exception) -> HttpRefusal:
         # TorchScript errors span pages with the cause on the last line; HTTP reason phrases
@@ -358,6 +400,37 @@ class ChipscaleHandler:
         if errors:
             body["errors"] = errors
         return json.dumps(body, allow_nan=False)
+
+    def _masks_body(
+        self,
+        masks: np.ndarray,
+        failed: dict[int, str],
+        batch_info: dict[str, int],
+        compress: bool,
+    ) -> str:
+        """The 200 answer of a segmentation model: its masks (base64) in one zstd frame when
+        ``compress``, and the reason of each tile whose output was not finite (mask all 255)."""
+        assert self.runtime is not None
+        meta = self.runtime.metadata
+        raw = np.ascontiguousarray(masks, dtype=np.uint8).tobytes()
+        data = zstd.compress(raw, level=MASK_ZSTD_LEVEL) if compress and zstd else raw
+        if failed:
+            log.warning("the model returned non-finite scores for %d tiles", len(failed))
+        body: dict[str, Any] = {
+            "model": meta.name,
+            "version": meta.version,
+            "classes": list(meta.classes),
+            "masks": {
+                "shape": list(masks.shape),
+                "dtype": "uint8",
+                "encoding": "zstd" if compress and zstd else "identity",
+                "data": base64.b64encode(data).decode("ascii"),
+            },
+            "batch": batch_info,
+        }
+        if failed:
+            body["errors"] = {str(row): why for row, why in sorted(failed.items())}
+        return json.dumps(body)
 
     @staticmethod
     def _finish(context: Any, i: int, answer: str | HttpRefusal | None) -> str:

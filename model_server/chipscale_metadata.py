@@ -11,12 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "DETECTION_NOT_YET",
     "FLOAT_DTYPE_NAMES",
     "INPUT_DTYPE_NAMES",
+    "KNOWN_FIELDS",
+    "MAX_SEGMENTATION_CLASSES",
     "METADATA_FILE",
     "METADATA_FORMAT",
     "OUTPUT_KINDS",
     "PRECISIONS",
+    "TASKS",
     "InferenceSettings",
     "MetadataError",
     "ModelFileError",
@@ -36,6 +40,34 @@ INPUT_DTYPE_NAMES = (*FLOAT_DTYPE_NAMES, "uint8")
 OUTPUT_KINDS = ("scores", "logits")
 #: ``inference.precision`` values: fp32 runs the model as exported; fp16/bf16 under autocast.
 PRECISIONS = ("fp32", "fp16", "bf16")
+#: ``task`` values: scores per tile (the default), a class per pixel, boxes (not yet run).
+TASKS = ("classification", "segmentation", "detection")
+#: A segmentation mask is uint8 and 255 means "no class": at most 255 classes.
+MAX_SEGMENTATION_CLASSES = 255
+#: What loading or saving a detection model says until its runtime exists.
+DETECTION_NOT_YET = (
+    "detection models (metadata task 'detection') are not yet supported by this runtime: "
+    "classification and segmentation are"
+)
+#: Every field a metadata document may hold (any other is refused).
+KNOWN_FIELDS = (
+    "format",
+    "name",
+    "version",
+    "classes",
+    "bands",
+    "band_counts",
+    "band_names",
+    "tile_size",
+    "input_dtype",
+    "scaling",
+    "output",
+    "description",
+    "inference",
+    "task",
+    "margin",
+    "background",
+)
 
 
 class ModelRuntimeError(Exception):
@@ -231,7 +263,19 @@ class ModelMetadata:
           "inference": {"precision": "bf16", "channels_last": true}  # optional, how the runtime
                      # runs it (InferenceSettings; default fp32, as exported): precision
                      # fp32|fp16|bf16, channels_last, cudnn_benchmark, freeze, compile
+          "task": "segmentation",           # optional: "classification" (default; output
+                                            # (N, classes)), "segmentation" (output (N, classes,
+                                            # S + 2 margin, S + 2 margin): per-pixel scores or
+                                            # logits; at most 255 classes) or "detection"
+                                            # (known, not yet run)
+          "margin": 16,                     # optional, default 0: pixels of context read on
+                                            # each side; the model takes S + 2 margin square
+          "background": "other"             # optional, a class never vectorized
+                                            # (segmentation and detection only)
         }
+
+    Fields left at their defaults (``task``, ``margin``, ``background``, ``inference``) are not
+    written, so files made before them stay byte-for-byte the same.
     """
 
     name: str
@@ -246,6 +290,22 @@ class ModelMetadata:
     output: Literal["scores", "logits"] = "scores"
     description: str = ""
     inference: InferenceSettings = field(default_factory=InferenceSettings)
+    task: Literal["classification", "segmentation", "detection"] = "classification"
+    margin: int = 0
+    background: str | None = None
+
+    @property
+    def input_size(self) -> int:
+        """The side of the square the model takes: ``tile_size + 2 * margin``."""
+        return self.tile_size + 2 * self.margin
+
+    def output_shape(self, n: int) -> tuple[tuple[int, ...], str]:
+        """The output shape the model must return for ``n`` tiles, and its axes in words."""
+        if self.task == "segmentation":
+            size, m = self.input_size, self.margin
+            side = f"{self.tile_size} + 2 x margin {m}" if m else "tile_size"
+            return (n, len(self.classes), size, size), f"(N, len(classes), {side}, {side})"
+        return (n, len(self.classes)), "(N, len(classes))"
 
     def __post_init__(self) -> None:
         # Accept lists from callers; store tuples so the value stays hashable and frozen.
@@ -301,6 +361,31 @@ class ModelMetadata:
         if self.output not in OUTPUT_KINDS:
             found.append(f"'output' must be one of {list(OUTPUT_KINDS)}, got {self.output!r}")
         found.extend(self.inference.problems())
+        found.extend(self._task_problems())
+        return found
+
+    def _task_problems(self) -> list[str]:
+        found: list[str] = []
+        if self.task not in TASKS:
+            found.append(f"'task' must be one of {list(TASKS)}, got {self.task!r}")
+        if not isinstance(self.margin, int) or isinstance(self.margin, bool) or self.margin < 0:
+            found.append(f"'margin' must be an integer >= 0, got {self.margin!r}")
+        if self.background is not None:
+            if self.task == "classification":
+                found.append(
+                    "'background' names a class never vectorized: it applies to segmentation "
+                    "and detection models, not classification"
+                )
+            elif self.background not in self.classes:
+                found.append(
+                    f"'background' {self.background!r} is not one of the classes "
+                    f"{list(self.classes)}"
+                )
+        if self.task == "segmentation" and len(self.classes) > MAX_SEGMENTATION_CLASSES:
+            found.append(
+                f"a segmentation model has at most {MAX_SEGMENTATION_CLASSES} classes (masks are "
+                f"uint8, 255 is no class), got {len(self.classes)}"
+            )
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -321,6 +406,12 @@ class ModelMetadata:
             data["band_names"] = list(self.band_names)
         if not self.inference.is_default():  # files without settings stay byte-for-byte as before
             data["inference"] = self.inference.to_dict()
+        if self.task != "classification":  # likewise for the defaults below
+            data["task"] = self.task
+        if self.margin:
+            data["margin"] = self.margin
+        if self.background is not None:
+            data["background"] = self.background
         return data
 
     def to_json(self) -> str:
@@ -342,20 +433,14 @@ class ModelMetadata:
         missing = [key for key in required if data.get(key) in (None, "", [])]
         if missing:
             raise MetadataError("model metadata is missing required fields: " + ", ".join(missing))
-        known = {
-            "format",
-            *required,
-            "band_counts",
-            "band_names",
-            "input_dtype",
-            "scaling",
-            "output",
-            "description",
-            "inference",
-        }
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(KNOWN_FIELDS))
         if unknown:
-            raise MetadataError("model metadata has unknown fields: " + ", ".join(unknown))
+            raise MetadataError(
+                "model metadata has unknown fields: "
+                + ", ".join(unknown)
+                + "; the known fields are "
+                + ", ".join(KNOWN_FIELDS)
+            )
         classes = data["classes"]
         if isinstance(classes, str) or not isinstance(classes, Sequence):
             raise MetadataError(f"'classes' must be a list of names, got {classes!r}")
@@ -372,6 +457,9 @@ class ModelMetadata:
             output=data.get("output", "scores"),
             description=data.get("description", ""),
             inference=InferenceSettings.from_dict(data.get("inference")),
+            task=data.get("task", "classification"),
+            margin=data.get("margin", 0),
+            background=data.get("background"),
         )
 
     @classmethod

@@ -231,6 +231,19 @@ def results_db(empty_db: str) -> str:
     return empty_db
 
 
+@pytest.fixture(scope="session")
+def stac_api(pg_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real STAC API on loopback (stac-fastapi-pgstac over a pgstac database of its own,
+    tests/stac_api.py): ``.url``, ``.add_collection(id, items)``, ``.searches()``, ..."""
+    from stac_api import StacApiUnavailable, running_stac_api
+
+    try:
+        with running_stac_api(pg_admin, tmp_path_factory.mktemp("stac-api")) as api:
+            yield api
+    except StacApiUnavailable as exc:
+        unavailable(f"the STAC API: {exc}")
+
+
 def postgres_bin() -> Path | None:
     """The newest PostgreSQL server binaries on this machine (Debian's layout)."""
     found = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if Path(p, "initdb").exists()]

@@ -70,7 +70,7 @@ def test_db_setup_is_idempotent_through_the_lambda(operations: Any, results_db: 
     import psycopg
 
     with psycopg.connect(results_db, autocommit=True) as conn:
-        conn.execute("DROP TABLE results, jobs, rejects, schema_version")
+        conn.execute("DROP TABLE results, jobs, rejects, features, schema_version")
     first = operations.handler({"action": "db-setup"}, CONTEXT)["summary"]
     again = operations.handler({"action": "db-setup"}, CONTEXT)["summary"]
     assert first.startswith("created") and "up to date" in again

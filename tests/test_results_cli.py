@@ -64,7 +64,7 @@ def filled(results_db: str) -> str:
 
 def test_db_setup_directly_and_through_the_stack(empty_db: str, stack: str) -> None:
     with psycopg.connect(empty_db, autocommit=True) as conn:  # the stack's fixture set it up
-        conn.execute("DROP TABLE results, jobs, rejects, schema_version")
+        conn.execute("DROP TABLE results, jobs, rejects, features, schema_version")
     first = run("db-setup", "--db", empty_db)
     assert first.exit_code == 0 and "created the results schema" in first.output
     assert "up to date" in run("db-setup", "--db", empty_db).output

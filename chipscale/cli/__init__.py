@@ -21,10 +21,12 @@ from chipscale.cli.dead_letters import redrive_command
 from chipscale.cli.gpu_monitor import monitor
 from chipscale.cli.local_run import run
 from chipscale.cli.model import model, serve
+from chipscale.cli.plan import plan, profile
 from chipscale.cli.smoke_test import verify
 from chipscale.cli.sqs_push import push
 from chipscale.cli.store import convert_geojson, db_setup, download, status
 from chipscale.cli.tiling import cover, tile
+from chipscale.cli.view import view
 from chipscale.cli.wheelhouse_build import wheelhouse
 from chipscale.errors import ChipscaleError, one_line
 from chipscale.pipes import die_of_sigpipe, reader_gone
@@ -115,7 +117,7 @@ def cli(verbose: int, quiet: bool) -> None:
 
 for command in (
     cover, tile, run, db_setup, download, status, convert_geojson, model, serve, verify, push,
-    redrive_command, monitor, tune, wheelhouse,
+    redrive_command, monitor, tune, wheelhouse, plan, profile, view,
 ):  # fmt: skip
     cli.add_command(command)
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from chipscale.atomic import refuse_overwrite
+from chipscale.cli.mosaic_options import (
+    MosaicChoice,
+    job_mosaic,
+    mosaic_options,
+    pack_refs,
+    source_or_stac,
+)
 from chipscale.cli.options import (
     aoi_option,
     bands_option,
@@ -29,7 +36,12 @@ DEFAULT_OUT = "chipscale-out"
 
 
 @click.command()
-@click.option("--source", required=True, help="Raster to run over: path, http(s) or s3:// URL.")
+@click.option(
+    "--source",
+    help="Raster to run over: path, http(s) or s3:// URL; or a mosaic: a .txt COG list or a "
+    "STAC .json/.geojson item collection (or search a STAC API with --stac).",
+)
+@mosaic_options
 @zoom_option
 @aoi_option
 @click.option(
@@ -71,7 +83,7 @@ DEFAULT_OUT = "chipscale-out"
 )
 @click.option("--no-preview", is_flag=True, help="Skip preview.png.")
 def run(
-    source: str,
+    source: str | None,
     zoom: int,
     aoi: str | None,
     tiles_file: str | None,
@@ -83,6 +95,7 @@ def run(
     workers: int,
     threads: int | None,
     no_preview: bool,
+    **mosaic: Any,
 ) -> None:
     """Run a model over every tile of SOURCE at ZOOM and export the results.
 
@@ -99,19 +112,33 @@ def run(
 
     if aoi and tiles_file:
         raise click.UsageError("give --aoi or --tiles, not both")
+    choice = MosaicChoice.of(mosaic)
+    source_or_stac(source, choice)
+    choice.check_plain(source)
+    label = choice.label(source)  # a mosaic's job source; None for one raster
     out = Path(out_dir)
-    job = job or default_job_name(source, zoom)
+    job = job or default_job_name(source or choice.collection or "stac", zoom)
     db = db or f"sqlite:///{out / 'results.db'}"
     written = ["results.csv", "results.geojson"] + ([] if no_preview else ["preview.png"])
-    inputs = [source, tiles_file] if tiles_file else [source]
+    inputs = [s for s in (source, tiles_file) if s]
     refuse_overwrite([out / n for n in written], store=store_files(db), inputs=inputs)
 
     # The model first: a wrong model file fails before any work on the area.
     predictor = open_predictor(model, threads=threads or default_model_threads())
+    if predictor.info.task == "segmentation":  # its regions, merged across tiles, too
+        written.insert(2, "features.geojson")
+        refuse_overwrite([out / "features.geojson"], store=store_files(db), inputs=inputs)
     if not no_preview:  # and what the end needs, before the work, not after
         from chipscale.extras import require
 
         require("matplotlib", "chipscale run's preview.png (--no-preview skips it)")
+    frozen = None
+    if label is not None:  # the job's asset list: frozen with it, or resolved and frozen now
+        from chipscale.grid.cover import read_aoi
+
+        with open_store(db) as store:
+            existing = store.get_job(job)
+        frozen = job_mosaic(choice, source, existing=existing, area=read_aoi(aoi) if aoi else None)
     if tiles_file:
         tiles = list(read_tile_list(tiles_file))
         other = {t.z for t in tiles} - {zoom}
@@ -119,13 +146,18 @@ def run(
             raise click.BadParameter(
                 f"{tiles_file} has tiles at zoom {sorted(other)}, not {zoom}", param_hint="--tiles"
             )
+    elif frozen is not None:
+        from chipscale.sources.mosaic_source import cover_mosaic
+
+        tiles = list(cover_mosaic(zoom, frozen, aoi=aoi))
     else:
         tiles = list(cover_tiles(zoom, source=source, aoi=aoi))
-    click.echo(printable(f"{plural(len(tiles), 'tile')} at zoom {zoom} over {source}"), err=True)
+    shown = label or source
+    click.echo(printable(f"{plural(len(tiles), 'tile')} at zoom {zoom} over {shown}"), err=True)
     with open_store(db) as store, tile_progress(markup(f"job {job}")) as progress:
         summary = run_local(
             job=job,
-            source=source,
+            source=label or str(source),
             tiles=tiles,
             zoom=zoom,
             predictor=predictor,
@@ -134,6 +166,8 @@ def run(
             workers=workers,
             on_start=progress.start,
             on_progress=progress.advance,
+            extra=None if frozen is None else frozen.frozen(),
+            pack_assets=None if frozen is None else pack_refs(frozen),
         )
         progress.stop()
         _print_summary(summary, store.counts(job), predictor.info.name, store.url)
@@ -143,16 +177,24 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         for name in ("results.csv", "results.geojson"):
             export_results(store, job, out / name)
+        segmented = "features.geojson" in written
+        if segmented:
+            from chipscale.results.export_features import export_features
+
+            export_features(store, job, out / "features.geojson", "geojson")
         if not no_preview:
+            from chipscale.results.feature_merge import merge_regions
             from chipscale.results.preview import render_preview
 
             classes = list(predictor.info.classes)
             render_preview(
-                source,
+                # a mosaic's preview is drawn over its first asset
+                str(source) if frozen is None else frozen.assets[0].href,
                 store.iter_results(job),
                 classes,
                 out / "preview.png",
                 title=f"{job} - {predictor.info.name}",
+                regions=merge_regions(store.iter_features(job)) if segmented else None,
             )
     click.echo(printable(f"Wrote {', '.join(str(out / n) for n in written)}"), err=True)
 

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from chipscale.cli.local_run import default_job_name
+from chipscale.cli.mosaic_options import (
+    MosaicChoice,
+    area_of,
+    job_mosaic,
+    mosaic_options,
+    pack_refs,
+)
 from chipscale.cli.options import aoi_option, bbox_option, db_option
 from chipscale.cloud.push_send import DEFAULT_CONCURRENCY
 from chipscale.errors import ChipscaleError
@@ -30,6 +37,34 @@ if TYPE_CHECKING:
     from chipscale.cloud.push_plan import PushPlan
     from chipscale.cloud.push_send import BatchSender
     from chipscale.ops.operations_client import StackOperations
+    from chipscale.sources.mosaic_source import MosaicSource
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+_SOURCE_OPTIONS = (
+    click.option(
+        "--source",
+        help="What the worker reads: a COG (path, http(s) or s3:// URL), an XYZ tile URL "
+        "template https://host/{z}/{x}/{y}.jpg, or a mosaic (a .txt COG list, a STAC .json "
+        "collection; or --stac). Without TILES, its footprint is covered.",
+    ),
+    mosaic_options,
+    click.option(
+        "--worker-source",
+        is_flag=True,
+        help="Without --source, send messages with no source: the worker reads its configured "
+        "default (CHIPSCALE_DEFAULT_SOURCE), as chip-n-scale did. On by default for sqs-push.",
+    ),
+)
+
+
+def source_options(command: F) -> F:
+    """``--source``, the mosaic options and ``--worker-source`` (push's and plan's); the
+    command takes ``source``, ``worker_source`` and the mosaic options as ``**mosaic``."""
+    for option in reversed(_SOURCE_OPTIONS):
+        command = option(command)
+    return command
 
 
 def _push_inputs(tiles_file: str | None, queue_url: str | None) -> tuple[str | None, str | None]:
@@ -52,9 +87,11 @@ def _push_tiles(
     source: str | None,
     aoi: str | None,
     bbox: tuple[float, float, float, float] | None,
+    mosaic: MosaicSource | None = None,
 ) -> Iterable[Tile]:
     """The tiles to push: a tile list (``-`` is stdin), or the cover of the source's
-    footprint, the AOI and the bbox intersected (as ``chipscale cover`` does)."""
+    footprint (a mosaic's: the union of its assets'), the AOI and the bbox intersected (as
+    ``chipscale cover`` does)."""
     from chipscale.cloud.push import is_xyz_template
     from chipscale.grid.tilelist import read_tile_stream
 
@@ -66,6 +103,12 @@ def _push_tiles(
                 raise click.UsageError("TILES is -, but standard input is closed")
             return read_tile_stream(sys.stdin.buffer, name="<stdin>")
         return read_tile_list(tiles_file)
+    if mosaic is not None:
+        if zoom is None:
+            raise click.UsageError("--zoom is needed to cover an area")
+        from chipscale.sources.mosaic_source import cover_mosaic
+
+        return cover_mosaic(zoom, mosaic, aoi=aoi, bbox=bbox)
     footprint = source if source is not None and not is_xyz_template(source) else None
     if footprint is None and aoi is None and bbox is None:
         raise click.UsageError(
@@ -77,6 +120,66 @@ def _push_tiles(
     from chipscale.sources.footprint import cover as cover_tiles
 
     return cover_tiles(zoom, source=footprint, aoi=aoi, bbox=bbox)
+
+
+def _push_source(
+    source: str | None,
+    mosaic: dict[str, Any],
+    job: str | None,
+    *,
+    worker_source: bool,
+    required: bool = True,
+) -> tuple[MosaicChoice, str | None, str | None]:
+    """``--source``, the mosaic options, ``--worker-source`` and ``--job`` checked (push's
+    and plan's): the mosaic choice, the job's source text (a mosaic's label) and a mosaic's
+    list or collection file as given (None for a search or a plain source). ``required``:
+    no source at all is an error (without ``--worker-source``)."""
+    from chipscale.cloud import push as push_lib
+
+    choice = MosaicChoice.of(mosaic)
+    if choice.stac is not None and (source is not None or worker_source):
+        raise click.UsageError("give --source, --worker-source or --stac, not two of them")
+    choice.check_plain(source)
+    label = choice.label(source)  # a mosaic's job source; None otherwise
+    listed = source if label is not None else None
+    if label is not None:
+        source = label
+    elif source is not None:
+        try:
+            push_lib.validate_source(source)
+        except ChipscaleError as exc:
+            raise click.BadParameter(str(exc), param_hint="--source") from None
+    elif required and not worker_source:
+        raise click.UsageError(
+            "give --source (the COG or XYZ URL the worker reads), or --worker-source to use "
+            "the worker's configured default source"
+        )
+    if job is not None:
+        try:
+            push_lib.validate_job(job)
+        except ChipscaleError as exc:
+            raise click.BadParameter(str(exc), param_hint="--job") from None
+    return choice, source, listed
+
+
+def _push_mosaic(
+    choice: MosaicChoice,
+    listed: str | None,
+    *,
+    job: str | None,
+    tiles_file: str | None,
+    aoi: str | None,
+    bbox: tuple[float, float, float, float] | None,
+    zoom: int | None,
+    db: str | None,
+) -> tuple[str | None, MosaicSource | None]:
+    """A mosaic job's name and asset list: frozen with the job ``db`` records, else resolved
+    now (the search limited to the AOI and bbox); ``(job, None)`` without a mosaic."""
+    if choice.label(listed) is None:
+        return job, None
+    job = job or _push_job_name(listed or choice.collection, tiles_file, aoi, zoom)
+    existing = _recorded_job(db, job) if db else None
+    return job, job_mosaic(choice, listed, existing=existing, area=area_of(aoi, bbox))
 
 
 def _push_queue(
@@ -141,9 +244,12 @@ def _record_push(
     source: str | None,
     plan: PushPlan,
     summary: PushSummary | None,
+    frozen: dict[str, Any] | None = None,
+    /,
     **details: object,
 ) -> None:
-    """Record the job (see chipscale.cloud.job_record.record_job), or say it was not."""
+    """Record the job (see chipscale.cloud.job_record.record_job), or say it was not;
+    ``frozen`` (a mosaic's asset list) goes into its ``extra``."""
     from chipscale.cloud.job_record import push_record
 
     if jobs is None:
@@ -157,7 +263,7 @@ def _record_push(
         source=source,
         zoom=plan.zoom,
         tiles_total=plan.total,
-        extra=push_record(summary, **details),
+        extra={**push_record(summary, **details), **(frozen or {})},
     )
 
 
@@ -165,17 +271,7 @@ def _record_push(
 @click.argument("tiles_file", metavar="[TILES]", required=False)
 @click.argument("queue_url", metavar="[QUEUE_URL]", required=False)
 @click.option("--stack", help="Push to this deployed stack's queue (from its outputs).")
-@click.option(
-    "--source",
-    help="What the worker reads: a COG (path, http(s) or s3:// URL) or an XYZ tile URL "
-    "template https://host/{z}/{x}/{y}.jpg. Without TILES, a COG's footprint is covered.",
-)
-@click.option(
-    "--worker-source",
-    is_flag=True,
-    help="Without --source, send messages with no source: the worker reads its configured "
-    "default (CHIPSCALE_DEFAULT_SOURCE), as chip-n-scale did. On by default for sqs-push.",
-)
+@source_options
 @aoi_option
 @bbox_option
 @click.option(
@@ -229,6 +325,7 @@ def push(
     region: str | None,
     endpoint_url: str | None,
     as_json: bool,
+    **mosaic: Any,
 ) -> None:
     """Send tiles to the queue, packed: adjacent tiles share a message, ten messages share
     a request (chip-n-scale's sqs-push made one request per tile).
@@ -246,26 +343,15 @@ def push(
     from chipscale.cloud.push_send import BatchSender, sqs_client
 
     tiles_file, queue_url = _push_inputs(tiles_file, queue_url)
-    if source is not None:
-        try:
-            push_lib.validate_source(source)
-        except ChipscaleError as exc:
-            raise click.BadParameter(str(exc), param_hint="--source") from None
-    elif not worker_source:
-        raise click.UsageError(
-            "give --source (the COG or XYZ URL the worker reads), or --worker-source to use "
-            "the worker's configured default source"
-        )
-    if job is not None:
-        try:
-            push_lib.validate_job(job)
-        except ChipscaleError as exc:
-            raise click.BadParameter(str(exc), param_hint="--job") from None
+    choice, source, listed = _push_source(source, mosaic, job, worker_source=worker_source)
     if resume and not (db or stack):
         raise click.UsageError("--resume needs --db (or DATABASE_URL) or --stack: the results")
-    tiles = _push_tiles(tiles_file, zoom=zoom, source=source, aoi=aoi, bbox=bbox)
     queue_url, region = _push_queue(queue_url, stack, region, dry_run)
     jobs = _push_jobs(db, stack, region) if (resume or not dry_run) else None
+    job, frozen = _push_mosaic(
+        choice, listed, job=job, tiles_file=tiles_file, aoi=aoi, bbox=bbox, zoom=zoom, db=db
+    )
+    tiles = _push_tiles(tiles_file, zoom=zoom, source=source, aoi=aoi, bbox=bbox, mosaic=frozen)
     if max_tiles_per_message > DEFAULT_MAX_TILES:
         click.echo(
             f"Note: messages of up to {max_tiles_per_message} tiles: the worker must run with "
@@ -283,10 +369,13 @@ def push(
             assert queue_url is not None
             client = sqs_client(region=region, endpoint_url=endpoint_url, concurrency=concurrency)
             sender = BatchSender(client, queue_url)
-            _record_push(jobs, job, source, plan, None, queue=queue_url)
+            stored = None if frozen is None else frozen.frozen()
+            _record_push(jobs, job, source, plan, None, stored, queue=queue_url)
         details = {"queue": queue_url, "max_tiles_per_message": max_tiles_per_message}
         try:
-            summary = _run_push(plan, job, source, sender, max_tiles_per_message, concurrency)
+            summary = _run_push(
+                plan, job, source, sender, max_tiles_per_message, concurrency, frozen
+            )
         except push_lib.PushAborted as exc:  # record what did go before the one-line error
             _record_push(jobs, job, source, plan, exc.summary, state="aborted", **details)
             raise
@@ -310,6 +399,7 @@ def _run_push(
     sender: BatchSender | None,
     max_tiles: int,
     concurrency: int,
+    frozen: MosaicSource | None = None,
 ) -> PushSummary:
     """Run the push under a progress bar; a push stopped by an error still reports what
     it sent before failing."""
@@ -328,6 +418,7 @@ def _run_push(
                 max_tiles_per_message=max_tiles,
                 concurrency=concurrency,
                 on_progress=progress.advance,
+                candidates=None if frozen is None else pack_refs(frozen),
             )
     except PushAborted as exc:
         click.echo(_push_summary_line(exc.summary), err=True)
@@ -347,3 +438,14 @@ def _push_job_name(
     if zoom is None:
         return default_job_name(name, 0).removesuffix("-z0")  # mixed zooms: no -zZOOM
     return default_job_name(name, zoom)
+
+
+def _recorded_job(db: str, job: str) -> Any:
+    """The job as ``--db`` records it (None when new): a mosaic's frozen asset list."""
+    from chipscale.results import open_store
+
+    try:
+        with open_store(db, create=False) as store:
+            return store.get_job(job)
+    except ChipscaleError:  # no store yet: the push creates it
+        return None

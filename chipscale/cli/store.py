@@ -57,7 +57,14 @@ def db_setup(db: str | None, stack: str | None, region: str | None) -> None:
     "-o",
     "--output",
     required=True,
-    help="results.csv, results.geojson or results.parquet (GeoParquet: the parquet extra).",
+    help="results.csv, .geojson, .parquet (GeoParquet), .fgb (FlatGeobuf; these two: the "
+    "parquet extra), or mask.tif (a segmentation job's class mask as a COG).",
+)
+@click.option(
+    "--layer",
+    type=click.Choice(["tiles", "features"]),
+    help="tiles: one row per tile; features: one polygon per region merged across tiles "
+    "(the default for a segmentation job, except CSV).",
 )
 @class_option
 @min_score_option
@@ -67,16 +74,18 @@ def download(
     region: str | None,
     job: str | None,
     output: str,
+    layer: str | None,
     class_name: str | None,
     min_score: float | None,
 ) -> None:
     """Export results as CSV (one column per class), GeoJSON tile polygons or GeoParquet,
-    streamed.
+    streamed; for a segmentation job, its regions merged across tile borders (GeoJSON,
+    GeoParquet, FlatGeobuf) or its class mask (a .tif COG).
 
     With --stack the export is written in the VPC to the stack's results bucket, then
-    downloaded here with a progress bar (GeoParquet: a CSV export, converted here).
+    downloaded here with a progress bar (GeoParquet and FlatGeobuf: converted here).
     """
-    from chipscale.results.export import export_results, format_for
+    from chipscale.results.export import export_job, format_for
 
     _db_or_stack(db, stack)
     from chipscale.results import open_store, store_files
@@ -87,17 +96,20 @@ def download(
         from chipscale.ops.operations_client import StackOperations
 
         answer = StackOperations.for_stack(stack, region=region).download(
-            output, fmt=fmt, job=job, class_name=class_name, min_score=min_score
+            output, fmt=fmt, job=job, class_name=class_name, min_score=min_score, layer=layer
         )
         where = f"s3://{answer['bucket']}/{answer['key']}"
+        what = str(answer.get("unit", "row"))
         click.echo(
-            printable(f"{plural(answer['rows'], 'row')} -> {output} (from {where})"), err=True
+            printable(f"{plural(answer['rows'], what)} -> {output} (from {where})"), err=True
         )
         return
     assert db is not None  # _db_or_stack: no --stack, so a --db
     with open_store(db, create=False) as store:
-        count = export_results(store, job, output, class_name=class_name, min_score=min_score)
-    click.echo(printable(f"{plural(count, 'row')} -> {output}"), err=True)
+        count, what = export_job(
+            store, job, output, layer=layer, class_name=class_name, min_score=min_score
+        )
+    click.echo(printable(f"{plural(count, what)} -> {output}"), err=True)
 
 
 @click.command()
@@ -112,8 +124,19 @@ def download(
     help='Machine-readable output: {"jobs": [...], "queue": null}, the queue\'s view in '
     '"queue" with --stack.',
 )
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="A `chipscale plan --json` file: show the job's actual against planned (with --job).",
+)
 def status(
-    db: str | None, stack: str | None, region: str | None, job: str | None, as_json: bool
+    db: str | None,
+    stack: str | None,
+    region: str | None,
+    job: str | None,
+    as_json: bool,
+    plan_file: str | None = None,
 ) -> None:
     """How far each job is: tiles, pushed, ok, empty, error, remaining and rejected messages.
 
@@ -142,9 +165,13 @@ def status(
         with open_store(db, create=False) as store:
             report = job_reports(store, job)
             where = store.url
+    versus = _versus_plan(plan_file, job, report)
     if as_json:
         # One shape for scripts: the queue is null when the results were read directly.
-        click.echo(json.dumps({"jobs": report, "queue": queue}, indent=2))
+        body = {"jobs": report, "queue": queue}
+        if versus is not None:
+            body["planned"] = versus
+        click.echo(json.dumps(body, indent=2))
         return
     from rich.table import Table
 
@@ -157,11 +184,31 @@ def status(
     for row in report:
         table.add_row(*(cell("-" if row.get(c) is None else row[c]) for c in columns))
     console().print(table)
+    if versus is not None:
+        from chipscale.cli.plan import versus_lines
+
+        for line in versus_lines(versus):
+            click.echo(line)
     if queue is not None:
         from chipscale.ops.sqs_queues import describe_queue_view
 
         for line in describe_queue_view(queue, stack=stack):
             click.echo(line)  # whole lines: a console would wrap the redrive hint
+
+
+def _versus_plan(
+    plan_file: str | None, job: str | None, report: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The job's actual against the plan in ``plan_file`` (None without one)."""
+    if plan_file is None:
+        return None
+    if job is None or len(report) != 1:
+        raise click.UsageError("--plan needs --job: the plan is of one job")
+    from datetime import UTC, datetime
+
+    from chipscale.ops.plan import actual_vs_planned, read_plan
+
+    return actual_vs_planned(report[0], read_plan(plan_file), datetime.now(UTC))
 
 
 @click.command("convert-geojson")

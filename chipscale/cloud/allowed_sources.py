@@ -132,6 +132,28 @@ def source_refusal(source: str, allowed: Sequence[str]) -> str | None:
     return f"source {source!r} is outside the allowed sources: {listed}"
 
 
+def pack_refusal(
+    source: str, assets: Sequence[tuple[str, str]], allowed: Sequence[str]
+) -> str | None:
+    """Why the worker must not read a message's pack, or None when it may: its ``source``,
+    or, for a mosaic pack, each of its candidate ``assets`` (``(id, href)``; the source then
+    only names the job's list or search and is never read). The reason names the first asset
+    refused.
+
+    >>> pack_refusal("naip.txt", [("a", "s3://tiles/a.tif")], ["s3://tiles/"]) is None
+    True
+    >>> pack_refusal("naip.txt", [("b", "s3://other/b.tif")], ["s3://tiles/"])
+    "asset 'b': source 's3://other/b.tif' is outside the allowed sources: s3://tiles/"
+    """
+    if not assets:
+        return source_refusal(source, allowed)
+    for asset_id, href in assets:
+        refusal = source_refusal(href, allowed)
+        if refusal is not None:
+            return f"asset {asset_id!r}: {refusal}"
+    return None
+
+
 def _decoded(text: str) -> str:
     """``text`` percent-decoded until nothing changes (a server may decode it again)."""
     while True:

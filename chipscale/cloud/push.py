@@ -20,6 +20,7 @@ from chipscale.cloud.push_send import (
     DEFAULT_CONCURRENCY,
     BatchOutcome,
     BatchSender,
+    Candidates,
     Entry,
     PushError,
     batch_entries,
@@ -190,15 +191,24 @@ def run_push(
     max_tiles_per_message: int = DEFAULT_MAX_TILES,
     concurrency: int = DEFAULT_CONCURRENCY,
     on_progress: Callable[[int], None] | None = None,
+    candidates: Candidates | None = None,
 ) -> PushSummary:
-    """Pack, batch and send the plan's tiles; ``sender=None`` is a dry run (no AWS at all).
+    """Pack, batch and send the plan's tiles; ``sender=None`` is a dry run (no AWS at all),
+    packed the same way, so its counts are the push's. ``candidates``: a mosaic pack's
+    candidate assets, which its message carries.
 
     Raises :class:`PushAborted` (with the summary so far) when a batch meets an error that
     no retry fixes; entries that failed for good are counted in the summary, not raised.
     """
     started = time.monotonic()
     tally = _Tally()
-    entries = pack_entries(plan.tiles(), job=job, source=source, max_tiles=max_tiles_per_message)
+    entries = pack_entries(
+        plan.tiles(),
+        job=job,
+        source=source,
+        max_tiles=max_tiles_per_message,
+        candidates=candidates,
+    )
     batches = batch_entries(entries)
     progress = on_progress or (lambda _tiles: None)
 

@@ -15,7 +15,7 @@ from mercantile import Tile
 
 from chipscale.errors import ChipscaleError, one_line
 from chipscale.grid.packs import DEFAULT_MAX_TILES, pack_tiles
-from chipscale.pipeline.messages import SCHEMA_VERSION, PackMessage
+from chipscale.pipeline.messages import SCHEMA_VERSION, AssetRef, PackMessage
 from chipscale.retry import Backoff, RetryPolicy
 
 #: Default batches in flight (chip-n-scale's PROMISE_THRESHOLD played the same role).
@@ -63,29 +63,64 @@ class Entry:
     size: int
 
 
-def message_body(job: str, source: str | None, tiles: Sequence[Tile]) -> str:
+#: A mosaic pack's candidate assets, in priority order (what its message carries).
+Candidates = Callable[[tuple[Tile, ...]], tuple[AssetRef, ...]]
+
+
+def message_body(
+    job: str, source: str | None, tiles: Sequence[Tile], assets: Sequence[AssetRef] = ()
+) -> str:
     """The v1 JSON body of a pack. Without a source the ``source`` key is left out, so the
-    worker uses its configured default (chip-n-scale's way: the imagery is the stack's)."""
+    worker uses its configured default (chip-n-scale's way: the imagery is the stack's).
+    A mosaic pack carries its candidate ``assets``."""
     if source is not None:
-        return PackMessage(job=job, source=source, tiles=tuple(tiles)).to_json()
+        message = PackMessage(job=job, source=source, tiles=tuple(tiles), assets=tuple(assets))
+        return message.to_json()
     body = {"v": SCHEMA_VERSION, "job": job, "tiles": [[t.x, t.y, t.z] for t in tiles]}
     return json.dumps(body, separators=(",", ":"))
 
 
 def pack_entries(
-    tiles: Iterable[Tile], *, job: str, source: str | None, max_tiles: int = DEFAULT_MAX_TILES
+    tiles: Iterable[Tile],
+    *,
+    job: str,
+    source: str | None,
+    max_tiles: int = DEFAULT_MAX_TILES,
+    candidates: Candidates | None = None,
 ) -> Iterator[Entry]:
     """Sorted tiles as message entries, one pack each (see
-    :func:`chipscale.grid.packs.pack_tiles`)."""
+    :func:`chipscale.grid.packs.pack_tiles`). A mosaic pack carries its ``candidates``; one
+    whose message would pass SQS's limit is split in halves (in tile order, so each half
+    stays together) until it fits."""
     for pack in pack_tiles(tiles, max_tiles, presorted=True):
-        body = message_body(job, source, pack)
-        size = len(body.encode("utf-8"))
-        if size > MAX_BATCH_BYTES:
-            raise PushError(
-                f"a message of {len(pack)} tiles is {size:,} bytes, over SQS's "
-                f"{MAX_BATCH_BYTES:,}-byte limit: lower --max-tiles-per-message"
-            )
+        yield from _entries(tuple(pack), job, source, candidates)
+
+
+def _entries(
+    pack: tuple[Tile, ...], job: str, source: str | None, candidates: Candidates | None
+) -> Iterator[Entry]:
+    assets = candidates(pack) if candidates is not None else ()
+    body = message_body(job, source, pack, assets)
+    size = len(body.encode("utf-8"))
+    if size <= MAX_BATCH_BYTES:
         yield Entry(body=body, tiles=len(pack), size=size)
+        return
+    if assets and len(pack) > 1:
+        half = len(pack) // 2
+        yield from _entries(pack[:half], job, source, candidates)
+        yield from _entries(pack[half:], job, source, candidates)
+        return
+    if assets:
+        tile = pack[0]
+        raise PushError(
+            f"tile {tile.z}/{tile.x}/{tile.y} has {len(assets):,} candidate assets, a "
+            f"{size:,}-byte message, over SQS's {MAX_BATCH_BYTES:,}-byte limit: use a higher "
+            "zoom or fewer assets (--max-items, --aoi)"
+        )
+    raise PushError(
+        f"a message of {len(pack)} tiles is {size:,} bytes, over SQS's "
+        f"{MAX_BATCH_BYTES:,}-byte limit: lower --max-tiles-per-message"
+    )
 
 
 def batch_entries(

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from chipscale import names
-from chipscale.cloud.allowed_sources import check_prefix, source_refusal
+from chipscale.cloud.allowed_sources import check_prefix, pack_refusal
+from chipscale.cloud.allowed_sources import source_refusal as source_refusal  # re-exported
 from chipscale.cloud.job_record import WORKER_DEFAULT_SOURCE
 from chipscale.errors import ChipscaleError, InvalidMessageError, TransientError
 from chipscale.grid.packs import DEFAULT_MAX_TILES
@@ -99,6 +100,12 @@ class WorkerSettings:
         )
 
 
+def message_refusal(message: PackMessage, allowed: Sequence[str]) -> str | None:
+    """Why the worker must not read ``message``'s pack (its source, or every candidate asset
+    of a mosaic pack: :func:`~chipscale.cloud.allowed_sources.pack_refusal`), or None."""
+    return pack_refusal(message.source, [(a.id, a.href) for a in message.assets], allowed)
+
+
 def job_of(body: str) -> str | None:
     """The job named by a body that failed validation, if it is readable at all (for status)."""
     try:
@@ -173,7 +180,7 @@ class QueueWorker:
         except InvalidMessageError as exc:
             self._reject(message_id, str(exc), body, job_of(body))
             return None
-        refusal = source_refusal(message.source, self.settings.allowed_sources)
+        refusal = message_refusal(message, self.settings.allowed_sources)
         refusal = refusal or self.job_refusal(message)
         if refusal is not None:
             self._reject(message_id, refusal, body, message.job)
@@ -208,7 +215,7 @@ class QueueWorker:
             message = self._parse(body)
         except InvalidMessageError:
             return
-        if source_refusal(message.source, self.settings.allowed_sources) is None:
+        if message_refusal(message, self.settings.allowed_sources) is None:
             self._ahead.start(message_id, (message, self.predictor.info))
 
     def _parse(self, body: str) -> PackMessage:

@@ -71,8 +71,11 @@ def check_drift(
         expected, got = reference.predict(tiles), candidate.predict(tiles)
     except rt.ModelRuntimeError as exc:
         raise ModelFormatError(str(exc)) from exc
-    diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-    diff[~np.isfinite(diff)] = np.inf
+    if expected.dtype == np.uint8:  # segmentation masks: the share of each tile's pixels
+        diff = (got != expected).reshape(len(tiles), -1).mean(axis=1)  # whose class moved
+    else:
+        diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+        diff[~np.isfinite(diff)] = np.inf
     return DriftReport(
         settings=candidate.inference.to_dict(),
         tiles=len(tiles),
@@ -91,8 +94,9 @@ def sample_tiles(
     about its native resolution, mostly-valid tiles only), or deterministic synthetic tiles
     with structure when no source is given."""
     bands, size = int(metadata["bands"]), int(metadata["tile_size"])
+    margin = int(metadata.get("margin") or 0)  # the model takes size + 2 * margin
     if source is None:
-        return _synthetic(bands, size, count)
+        return _synthetic(bands, size + 2 * margin, count)
     from chipscale.tiles import read_tiles, source_info
 
     info = source_info(source)
@@ -101,7 +105,7 @@ def sample_tiles(
     data = [
         image.data
         for _, image in read_tiles(
-            source, _spread(info, size, count), size, list(range(1, bands + 1))
+            source, _spread(info, size, count), size, list(range(1, bands + 1)), margin=margin
         )
         if image.mask.mean() > 0.5
     ]

@@ -6,9 +6,9 @@ holds it and as the TorchServe handler sends it) read as chipscale's
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast, get_args
 
-from chipscale.values import ModelInfo
+from chipscale.values import ModelInfo, Task
 
 
 def model_info(
@@ -19,12 +19,22 @@ def model_info(
 
     Raises KeyError, TypeError or ValueError for a document that lacks or garbles a field.
 
-    >>> model_info({"name": "m", "version": "1", "classes": ["a", "b"], "bands": 3,
-    ...             "tile_size": 256})
-    ModelInfo(name='m', version='1', classes=('a', 'b'), bands=3, tile_size=256, band_counts=(3,))
+    >>> info = model_info({"name": "m", "version": "1", "classes": ["a", "b"], "bands": 3,
+    ...                    "tile_size": 256})
+    >>> info.classes, info.band_counts, info.task, info.margin, info.background
+    (('a', 'b'), (3,), 'classification', 0, None)
     """
     classes = tuple(str(c) for c in metadata["classes"])
     bands = int(metadata["bands"])
+    task = str(metadata.get("task") or "classification")
+    if task not in get_args(Task):
+        raise ValueError(f"'task' {task!r} (known: {', '.join(get_args(Task))})")
+    margin = int(metadata.get("margin") or 0)
+    if margin < 0:
+        raise ValueError(f"'margin' {margin} (must be >= 0)")
+    background = metadata.get("background")
+    if background is not None and str(background) not in classes:
+        raise ValueError(f"'background' {background!r} (not one of the classes)")
     return ModelInfo(
         name=str(name or metadata["name"]),
         version=str(version or metadata["version"]),
@@ -32,4 +42,7 @@ def model_info(
         bands=bands,
         tile_size=int(metadata["tile_size"]),
         band_counts=tuple(int(b) for b in metadata.get("band_counts") or (bands,)),
+        task=cast(Task, task),
+        margin=margin,
+        background=None if background is None else str(background),
     )

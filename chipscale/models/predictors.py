@@ -1,8 +1,10 @@
 """The Predictor port and its in-process adapter.
 
 A predictor turns a batch of tiles ``(N, bands, size, size)`` into ``(N, classes)`` float32
-scores. The worker only sees this port; :func:`open_predictor` picks the adapter from a spec
-(the demo model, a model file, a TorchServe URL). The in-process adapter runs
+scores, or for a segmentation model (``info.task``) with margin m, ``(N, bands, S + 2m,
+S + 2m)`` into ``(N, S, S)`` uint8 class indices (255: no class). The worker only sees this
+port; :func:`open_predictor` picks the adapter from a spec (the demo model, a model file, a
+TorchServe URL). The in-process adapter runs
 ``model_server.chipscale_runtime``, the same code the TorchServe handler runs, so input
 checks, scaling and sub-batching behave alike in both.
 """
@@ -16,7 +18,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from chipscale.errors import ChipscaleError, ModelFormatError, PredictorUnavailable
+from chipscale.errors import (
+    ChipscaleError,
+    ModelFormatError,
+    PartialPrediction,
+    PredictorUnavailable,
+)
 from chipscale.models.model_info import model_info
 from chipscale.values import ModelInfo
 
@@ -33,13 +40,19 @@ class Predictor(Protocol):
     info: ModelInfo
 
     def predict(self, batch: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
-        """``(N, bands, size, size)`` in the source dtype -> ``(N, classes)`` float32 scores.
+        """``(N, bands, size, size)`` in the source dtype -> ``(N, classes)`` float32 scores;
+        a segmentation model: ``(N, S, S)`` uint8 class indices of the tiles' central S x S
+        (size is ``S + 2 * info.margin``).
 
         ``deadline`` is a :func:`time.monotonic` instant a remote predictor must answer by; an
         in-process model has no network to wait on and ignores it.
 
         Raises :class:`~chipscale.errors.PredictorUnavailable` for transient failures and
-        :class:`~chipscale.errors.ModelFormatError` when the batch does not fit the model.
+        :class:`~chipscale.errors.ModelFormatError` when the batch does not fit the model or
+        the model's output does not fit its metadata (its text names both shapes).
+        :class:`~chipscale.errors.PartialPrediction` carries the answers of the tiles that
+        have one when others have none: a segmentation tile whose scores were not finite (its
+        mask is all 255), a tile a server refused.
         """
         ...
 
@@ -95,7 +108,9 @@ class InProcessPredictor:
         if runtime is None:
             raise ChipscaleError(f"predictor for {self.path} is closed")
         try:
-            return runtime.predict(batch)
+            if runtime.metadata.task != "segmentation":
+                return runtime.predict(batch)
+            masks, failed = runtime.predict_masks(batch)
         except (rt.BatchShapeError, rt.ModelFileError) as exc:
             # Permanent: tiles that can never fit this model (wrong bands or size), or a model
             # that broke its contract (output shape).
@@ -108,6 +123,9 @@ class InProcessPredictor:
                     f"out of memory running {self.info.name} (lower sub_batch): {exc}"
                 ) from exc
             raise
+        if failed:  # as the TorchServe adapter does: the other tiles keep their masks
+            raise PartialPrediction(masks, failed)
+        return masks
 
     def close(self) -> None:
         self.runtime = None

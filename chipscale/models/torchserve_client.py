@@ -32,6 +32,7 @@ from chipscale.errors import (
     PartialPrediction,
     PredictorUnavailable,
 )
+from chipscale.models.mask_answer import answer_headers, decode_masks, empty_answer
 from chipscale.models.model_info import model_info
 from chipscale.models.request_body import (
     DEFAULT_CONTENT_ENCODING,
@@ -223,6 +224,8 @@ class TorchServePredictor:
         except BaseException:
             self._pool.close()
             raise
+        #: Headers the answers need (a segmentation model's: the mask encodings decoded here).
+        self._answer_headers = answer_headers(self.info)
         #: The model's metadata document as the server reports it (``chipscale.json``).
         self.metadata: dict[str, Any] = document["metadata"]
         #: The answering worker's placement and settings (device, precision...); empty from a
@@ -240,7 +243,8 @@ class TorchServePredictor:
     # ------------------------------------------------------------------------- the port
 
     def predict(self, batch: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
-        """``(N, bands, size, size)`` -> ``(N, classes)`` float32, in the batch's order.
+        """``(N, bands, size, size)`` -> ``(N, classes)`` float32, in the batch's order (a
+        segmentation model: ``(N, S, S)`` uint8 class indices, decoded from its answer).
 
         ``deadline`` (a :func:`time.monotonic` instant) bounds the whole call, retries
         included: a Lambda passes its remaining time, so a slow host fails this pack alone
@@ -256,7 +260,7 @@ class TorchServePredictor:
         if not isinstance(batch, np.ndarray) or batch.ndim != 4:
             shape = getattr(batch, "shape", type(batch).__name__)
             raise ModelFormatError(f"a batch must be (N, bands, size, size), got {shape}")
-        scores = np.full((len(batch), len(self.info.classes)), np.nan, dtype=np.float32)
+        scores = empty_answer(self.info, len(batch))
         refused: dict[int, str] = {}
         unscored: dict[int, str] = {}
         pending = {self._submit(executor, batch, rows, deadline) for rows in self._chunks(batch)}
@@ -279,8 +283,12 @@ class TorchServePredictor:
             for future in pending:  # the pack fails whole: send no more of it
                 future.cancel()
             raise
-        for row, reason in non_finite_rows(scores).items():  # NaN is no score: refuse it
-            refused.setdefault(row, unscored.get(row, reason))
+        if self.info.task == "segmentation":  # a tile the server has no mask for
+            failed = unscored
+        else:  # NaN is no score: refuse it
+            failed = {r: unscored.get(r, why) for r, why in non_finite_rows(scores).items()}
+        for row, reason in failed.items():
+            refused.setdefault(row, reason)
         if refused:
             raise PartialPrediction(scores, refused)
         return scores
@@ -357,6 +365,7 @@ class TorchServePredictor:
         tiles = batch[start:stop]
         what = f"{stop - start} tiles"
         body, headers = encode(tiles, self.content_encoding)
+        headers = {**headers, **self._answer_headers}
         answer = self._post(body, what, PREDICT_RETRY_STATUSES, deadline, headers)
         if (
             self.content_encoding == "zstd"
@@ -364,7 +373,8 @@ class TorchServePredictor:
             and encoding_refused(answer.status, _server_message(answer.data))
         ):  # a host of a mixed fleet that does not decode zstd: send it plain
             log.warning("%s refused a zstd body: sending it as .npy", self.url)
-            answer = self._post(npy(tiles), what, PREDICT_RETRY_STATUSES, deadline)
+            plain = {**_HEADERS, **self._answer_headers}
+            answer = self._post(npy(tiles), what, PREDICT_RETRY_STATUSES, deadline, plain)
         if 200 <= answer.status < 300:
             scores, unscored = self._scores(answer.data, stop - start)
             return _Scored(start, stop, scores, {start + i: r for i, r in unscored.items()})
@@ -478,12 +488,14 @@ class TorchServePredictor:
         return document
 
     def _scores(self, data: bytes, tiles: int) -> tuple[np.ndarray, dict[int, str]]:
-        """The ``(tiles, classes)`` scores of a 200 answer, after checking whose they are,
-        and the server's reason for each row it has no scores for (``null``, read as NaN)."""
+        """The ``(tiles, classes)`` scores of a 200 answer (a segmentation model: its
+        ``(tiles, S, S)`` masks), after checking whose they are, and the server's reason for
+        each row it has no scores for (``null``, read as NaN; a mask of 255)."""
         document = _json(data)
-        if not isinstance(document, dict) or "scores" not in document:
+        key = "masks" if self.info.task == "segmentation" else "scores"
+        if not isinstance(document, dict) or key not in document:
             raise ChipscaleError(
-                f"TorchServe at {self.url} answered 200 without scores: {_excerpt(data)}"
+                f"TorchServe at {self.url} answered 200 without {key}: {_excerpt(data)}"
             )
         info = self.info
         model, version = document.get("model"), document.get("version")
@@ -499,6 +511,8 @@ class TorchServePredictor:
                 f"TorchServe at {self.url} answered classes {classes}, expected "
                 f"{list(info.classes)}"
             )
+        if key == "masks":
+            return decode_masks(document[key], tiles, info, self.url), _unscored(document, tiles)
         rows = document["scores"]
         if isinstance(rows, list):
             rows = [[math.nan] * len(info.classes) if row is None else row for row in rows]
@@ -514,13 +528,7 @@ class TorchServePredictor:
                 f"TorchServe at {self.url} answered scores of shape {scores.shape} for "
                 f"{tiles} tiles, expected {expected} (tiles, classes)"
             )
-        errors = document.get("errors")
-        unscored = {
-            int(row): " ".join(str(reason).split())
-            for row, reason in (errors.items() if isinstance(errors, dict) else ())
-            if str(row).isdigit() and int(row) < tiles
-        }
-        return scores, unscored
+        return scores, _unscored(document, tiles)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -558,6 +566,16 @@ def _model_info(url: str, document: dict[str, Any]) -> ModelInfo:
             f"{url} is not a chipscale TorchServe endpoint: its model metadata lacks or "
             f"garbles {exc}"
         ) from exc
+
+
+def _unscored(document: dict[str, Any], tiles: int) -> dict[int, str]:
+    """The server's reason for each row of an answer it has no scores (or mask) for."""
+    errors = document.get("errors")
+    return {
+        int(row): " ".join(str(reason).split())
+        for row, reason in (errors.items() if isinstance(errors, dict) else ())
+        if str(row).isdigit() and int(row) < tiles
+    }
 
 
 def _model_raised(answer: _Answer) -> bool:

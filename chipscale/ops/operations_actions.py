@@ -18,8 +18,11 @@ from typing import Any
 
 from chipscale.ops.operations_client import OperationError
 
-#: Export formats the ``export`` action writes, by the suffix the CLI asked for.
-EXPORT_FORMATS = ("csv", "geojson")
+#: Export formats the ``export`` action writes, by the suffix the CLI asked for (``mask``: a
+#: segmentation job's class-mask COG).
+EXPORT_FORMATS = ("csv", "geojson", "mask")
+#: Formats the CLI converts from an export (this bundle has neither pyarrow nor pyogrio).
+CONVERTED_FORMATS = ("geoparquet", "flatgeobuf")
 #: Key prefixes in the results bucket (the stack may expire them with a lifecycle rule).
 EXPORT_PREFIX = "exports/"
 DONE_TILES_PREFIX = "resume/"
@@ -75,11 +78,16 @@ def _status(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, A
 
 
 def _export(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, Any]:
+    """Tiles, merged features or the class mask (:func:`~chipscale.results.export.export_job`)
+    into the results bucket. ``convert_to`` (GeoParquet, FlatGeobuf) picks the layer for that
+    format and writes what the CLI converts: tiles as CSV, features as full-precision GeoJSON."""
     from chipscale.results import open_store
-    from chipscale.results.export import export_results
+    from chipscale.results.export import choose_layer, export_job
 
-    fmt = event.get("format", "csv")
-    if fmt not in EXPORT_FORMATS:
+    fmt, convert_to = event.get("format", "csv"), event.get("convert_to")
+    if fmt not in EXPORT_FORMATS or (
+        convert_to is not None and convert_to not in CONVERTED_FORMATS
+    ):
         # This bundle has no pyarrow: `chipscale download --stack` asks for csv and converts.
         hint = (
             "; GeoParquet is converted from a csv export by the CLI" if fmt == "geoparquet" else ""
@@ -87,20 +95,26 @@ def _export(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, A
         raise ValueError(f"format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}{hint}")
     job = event.get("job")
     bucket = env.bucket()
-    key = f"{EXPORT_PREFIX}{safe_key_part(job or 'all-jobs')}/{_stamp()}.{fmt}"
     with tempfile.TemporaryDirectory() as tmp:  # Lambda's /tmp: ephemeral storage
-        path = Path(tmp) / f"results.{fmt}"
         with open_store(env.db_url(), create=False) as store:
-            rows = export_results(
+            layer = choose_layer(store, job, convert_to or fmt, event.get("layer"))
+            suffix = {"features": "geojson", "mask": "tif"}.get(layer, "csv" if convert_to else fmt)
+            path = Path(tmp) / f"results.{suffix}"
+            rows, unit = export_job(
                 store,
                 job,
                 path,
+                layer=None if layer == "mask" else layer,
                 class_name=event.get("class_name"),
                 min_score=event.get("min_score"),
+                precision=None if convert_to else 7,
             )
+        key = f"{EXPORT_PREFIX}{safe_key_part(job or 'all-jobs')}/{_stamp()}.{suffix}"
         size = path.stat().st_size
         env.s3.upload_file(str(path), bucket, key)
-    return {"bucket": bucket, "key": key, "rows": rows, "bytes": size}
+    return {
+        "bucket": bucket, "key": key, "rows": rows, "bytes": size, "layer": layer, "unit": unit
+    }  # fmt: skip
 
 
 def _record_job(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, Any]:

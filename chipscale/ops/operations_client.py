@@ -119,42 +119,50 @@ class StackOperations:
         job: str | None = None,
         class_name: str | None = None,
         min_score: float | None = None,
+        layer: str | None = None,
     ) -> dict[str, Any]:
-        """Export in the VPC, then download the export to ``dest``; returns the answer."""
-        export = {"job": job, "class_name": class_name, "min_score": min_score}
-        if fmt == "geoparquet":
-            return self._download_geoparquet(dest, export)
+        """Export in the VPC, then download the export to ``dest``; returns the answer
+        (``rows``: how many ``unit`` s: rows, features or mask tiles)."""
+        export = {"job": job, "class_name": class_name, "min_score": min_score, "layer": layer}
+        if fmt in ("geoparquet", "flatgeobuf"):
+            return self._download_converted(dest, fmt, export)
         answer = self.call("export", format=fmt, **export)
         download_object(self._s3, answer["bucket"], answer["key"], dest)
         return dict(answer)
 
-    def _download_geoparquet(
-        self, dest: str | os.PathLike[str], export: dict[str, Any]
+    def _download_converted(
+        self, dest: str | os.PathLike[str], fmt: str, export: dict[str, Any]
     ) -> dict[str, Any]:
-        """The Lambda's bundle stays lean, without pyarrow: it exports CSV (thresholds
-        applied), downloaded beside ``dest`` and converted here. The answer's ``rows`` are
-        the GeoParquet's."""
+        """The Lambda's bundle stays lean, without pyarrow or pyogrio: it exports tiles as CSV
+        (thresholds applied) or merged features as full-precision GeoJSON, downloaded beside
+        ``dest`` and converted here. The answer's ``rows`` are the converted file's."""
         from chipscale.results.export_csv import read_csv_rows
+        from chipscale.results.export_features import read_features_geojson, write_features
         from chipscale.results.export_geoparquet import require_pyarrow, write_geoparquet
 
         require_pyarrow()  # before the export, not after its download
+        if fmt == "flatgeobuf":
+            from chipscale.extras import require
+
+            require("pyogrio", "FlatGeobuf export")
         target = Path(dest)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, csv_path = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".csv.part"
-        )
+        fd, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         os.close(fd)
         try:
-            answer = self.call("export", format="csv", **export)
-            download_object(self._s3, answer["bucket"], answer["key"], csv_path)
-            classes, rows = read_csv_rows(csv_path)
-            try:
-                written = write_geoparquet(rows, target, classes)
-            finally:
-                close = getattr(rows, "close", None)
-                if close is not None:
-                    close()
+            answer = self.call("export", format="csv", convert_to=fmt, **export)
+            download_object(self._s3, answer["bucket"], answer["key"], part)
+            if answer.get("layer") == "features":
+                written = write_features(read_features_geojson(part), target, fmt)
+            else:
+                classes, rows = read_csv_rows(part)
+                try:
+                    written = write_geoparquet(rows, target, classes)
+                finally:
+                    close = getattr(rows, "close", None)
+                    if close is not None:
+                        close()
         finally:
             with contextlib.suppress(OSError):
-                os.unlink(csv_path)
+                os.unlink(part)
         return {**answer, "rows": written}

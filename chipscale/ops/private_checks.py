@@ -35,6 +35,7 @@ RESULTS_SCHEMA: Final[Mapping[str, tuple[str, ...] | None]] = {
     "jobs": ("job",),
     "results": ("job", "z", "x", "y"),
     "rejects": ("message_id",),
+    "features": ("job", "z", "x", "y", "seq"),
     "schema_version": ("version",),
 }
 

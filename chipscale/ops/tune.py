@@ -5,19 +5,19 @@ Lambda spends per tile x (1 + :data:`HEADROOM`), rounded up. With the GPUs satur
 their measured tiles/s and W the Lambda duration per tile less TorchServe's queue wait;
 before they are, the feed is modelled (:mod:`chipscale.ops.feed`): X = tiles per busy
 GPU-second (the utilisation law) and W from ReadSeconds, PredictSeconds and WriteSeconds
-per tile, with the worker's read-ahead. ``--apply`` writes the SSM parameter the fleet
-controller reads and the mapping's MaximumConcurrency now. The derivation: docs/design.md.
+per tile, with the worker's read-ahead. Both go through :mod:`chipscale.ops.system_model`,
+the model ``chipscale plan`` solves, so the two agree. ``--apply`` writes the SSM parameter
+the fleet controller reads and the mapping's MaximumConcurrency now. The derivation: docs/design.md.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from chipscale.errors import ChipscaleError
-from chipscale.ops import diagnosis, feed
+from chipscale.ops import diagnosis, feed, system_model
 from chipscale.ops.aws import FleetConfigError, aws_reason
 from chipscale.ops.fleet import (
     MAX_MAXIMUM_CONCURRENCY,
@@ -233,10 +233,10 @@ def recommend(snapshot: Snapshot, *, headroom: float = HEADROOM) -> Recommendati
     else:
         notes.append("no PredictSeconds from the worker: TorchServe's queue wait not taken out")
     seconds_per_tile = max(per_tile - (wait or 0.0), gpu_time)
-    lambdas = x * seconds_per_tile * (1 + headroom)
-    per_gpu = max(1, math.ceil(lambdas - 1e-9))
+    # Little's law with W measured: the system model's rule (read 0, predict W, write 0).
+    lambdas = system_model.lambdas_per_gpu(x, 0.0, seconds_per_tile, 0.0, headroom=headroom)
     return Recommendation(
-        target=target_for(per_gpu, snapshot),
+        target=target_for(system_model.per_gpu(lambdas), snapshot),
         minutes=snapshot.window.periods,
         saturated_minutes=len(saturated),
         tiles_per_s_per_gpu=x,
@@ -290,11 +290,11 @@ def model_feed(
         )
     utilization = sum((m.mean_gpu_utilization or 0.0) for m in active) / len(active)
     predict = max(predict, 1.0 / x)
-    lambdas = feed.lambdas_per_gpu(x, read, predict, write, headroom=headroom)
+    lambdas = system_model.lambdas_per_gpu(x, read, predict, write, headroom=headroom)
     worker, queue = snapshot.worker, snapshot.queue
     duration_s = (worker.duration_p50_ms or worker.duration_mean_ms or 0.0) / 1000
     return Recommendation(
-        target=target_for(max(1, math.ceil(lambdas - 1e-9)), snapshot),
+        target=target_for(system_model.per_gpu(lambdas), snapshot),
         minutes=snapshot.window.periods,
         saturated_minutes=saturated,
         tiles_per_s_per_gpu=x,

@@ -1,8 +1,11 @@
 """Queue messages: schema version 1, parsed once at the edge.
 
 ``{"v": 1, "job": "<job id>", "source": "<COG url>", "tiles": [[x, y, z], ...]}`` carries one
-pack. chip-n-scale's single-tile ``{"x": .., "y": .., "z": ..}`` is accepted too; its job and
-source then come from the worker's configuration.
+pack. A pack of a mosaic job also carries its candidate assets, in priority order:
+``"assets": [["<id>", "<COG url>", [west, south, east, north]], ...]``; its ``source`` then
+names the job's source (a list, a collection, a search) and is never read. chip-n-scale's
+single-tile ``{"x": .., "y": .., "z": ..}`` is accepted too; its job and source then come from
+the worker's configuration.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from chipscale.grid.tilelist import make_tile
 SCHEMA_VERSION = 1
 MAX_JOB_LENGTH = 200
 MAX_SOURCE_LENGTH = 2048
-_V1_KEYS = frozenset({"v", "job", "source", "tiles"})
+_V1_KEYS = frozenset({"v", "job", "source", "tiles", "assets"})
+#: Candidate assets a message may carry (a pack of mosaic tiles rarely touches more than ten).
+MAX_MESSAGE_ASSETS = 2000
+MAX_ASSET_ID_LENGTH = 1024
 #: Characters a job or source never needs and the stores cannot keep: control characters
 #: (PostgreSQL text refuses NUL) and lone surrogates (no UTF-8 encoding exists), both
 #: reachable through JSON escapes. A message carrying one could never be stored, so it is
@@ -41,21 +47,38 @@ _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 60, 60, 40
 
 
 @dataclass(frozen=True, slots=True)
+class AssetRef:
+    """A candidate asset of a mosaic pack, as a message carries it: its id (recorded as
+    provenance), its href (what the worker reads) and its lon/lat bbox."""
+
+    id: str
+    href: str
+    bbox: tuple[float, float, float, float]
+
+    def to_json(self) -> list[Any]:
+        return [self.id, self.href, [round(v, 7) for v in self.bbox]]
+
+
+@dataclass(frozen=True, slots=True)
 class PackMessage:
-    """One validated queue message: a pack of tiles of one job over one source."""
+    """One validated queue message: a pack of tiles of one job over one source, or over
+    ``assets`` (a mosaic's candidates for the pack, in priority order) when there are any."""
 
     job: str
     source: str
     tiles: tuple[Tile, ...]
+    assets: tuple[AssetRef, ...] = ()
 
     def to_json(self) -> str:
         """The compact JSON body sent to the queue."""
-        body = {
+        body: dict[str, Any] = {
             "v": SCHEMA_VERSION,
             "job": self.job,
             "source": self.source,
             "tiles": [[t.x, t.y, t.z] for t in self.tiles],
         }
+        if self.assets:
+            body["assets"] = [asset.to_json() for asset in self.assets]
         return json.dumps(body, separators=(",", ":"))
 
 
@@ -101,7 +124,36 @@ def parse_message(
             tiles[make_tile(*raw)] = None
         except InvalidTileError as exc:
             raise InvalidMessageError(f"tiles[{index}]: {exc}") from None
-    return PackMessage(job=job, source=source, tiles=tuple(tiles))
+    assets = _parse_assets(doc["assets"]) if "assets" in doc else ()
+    return PackMessage(job=job, source=source, tiles=tuple(tiles), assets=assets)
+
+
+def _parse_assets(raw: Any) -> tuple[AssetRef, ...]:
+    """A message's ``assets``: a non-empty list of ``[id, href, [w, s, e, n]]``, distinct ids."""
+    if not isinstance(raw, list) or not raw:
+        raise InvalidMessageError("assets must be a non-empty list of [id, href, bbox]")
+    if len(raw) > MAX_MESSAGE_ASSETS:
+        raise InvalidMessageError(
+            f"message carries {len(raw)} assets, more than {MAX_MESSAGE_ASSETS}"
+        )
+    assets: dict[str, AssetRef] = {}
+    for index, item in enumerate(raw):
+        if not isinstance(item, list) or len(item) != 3:
+            raise InvalidMessageError(f"assets[{index}] = {quote(item)} is not [id, href, bbox]")
+        asset_id = _text(item[0], f"assets[{index}] id", MAX_ASSET_ID_LENGTH)
+        href = _text(item[1], f"assets[{index}] href", MAX_SOURCE_LENGTH)
+        bbox = item[2]
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
+        ):
+            raise InvalidMessageError(f"assets[{index}] bbox {quote(bbox)} is not [w, s, e, n]")
+        if asset_id in assets:
+            raise InvalidMessageError(f"assets[{index}] repeats the id {quote(asset_id)}")
+        west, south, east, north = (float(v) for v in bbox)
+        assets[asset_id] = AssetRef(asset_id, href, (west, south, east, north))
+    return tuple(assets.values())
 
 
 def load_body(body: str | bytes) -> Any:

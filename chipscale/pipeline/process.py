@@ -15,18 +15,25 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from mercantile import Tile
 
-from chipscale.errors import ChipscaleError, PartialPrediction, SourceError, storable_text
+from chipscale.errors import (
+    ChipscaleError,
+    ModelFormatError,
+    PartialPrediction,
+    SourceError,
+    storable_text,
+)
 from chipscale.models.predictors import Predictor
 from chipscale.models.scores import non_finite_rows
 from chipscale.pipeline.messages import PackMessage
+from chipscale.pipeline.vectorize import segment
 from chipscale.results import ResultStore
 from chipscale.sources import TileSource, cached_reader
-from chipscale.values import ImageData, ModelInfo, Status, TileResult
+from chipscale.values import ImageData, ModelInfo, Status, TileFeature, TileResult
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +137,10 @@ class ReadPack:
     #: Tiles that cannot be read, with why (their rows are ``error``).
     errors: dict[Tile, str]
     read_seconds: float
+    #: A segmentation model's: the tiles' core masks ``(N, S, S)``, rows as ``batch``'s.
+    valid: np.ndarray | None = None
+    #: The assets that supplied each tile's pixels (a mosaic's), stored with its row.
+    assets: dict[Tile, tuple[str, ...]] = field(default_factory=dict)
 
 
 def read_pack(
@@ -140,19 +151,39 @@ def read_pack(
     start = time.perf_counter()
     errors: dict[Tile, str] = {}
     at_stake: tuple[Tile, ...] = message.tiles
-    batch = None
+    batch = valid = None
+    assets: dict[Tile, tuple[str, ...]] = {}
     try:
-        reader = cached_reader(message.source, size=info.tile_size, bands=bands)
+        reader = _pack_source(message, info, bands)
         images, errors = _read_images(reader, message.tiles)
+        assets = {t: image.assets for t, image in images.items() if image.assets}
         at_stake = tuple(t for t in message.tiles if t in images and not images[t].is_empty)
         batch = _stack(info, [images[t] for t in at_stake]) if at_stake else None
+        if at_stake and info.task == "segmentation":
+            valid = np.stack([images[t].core_mask for t in at_stake])
     except ChipscaleError as exc:
         if not exc.permanent:
             raise
         log.warning("%d tiles of job %s failed: %s", len(at_stake), message.job, exc)
         errors.update(dict.fromkeys(at_stake, str(exc)))
-        at_stake, batch = (), None
-    return ReadPack(message, info, at_stake, batch, errors, time.perf_counter() - start)
+        at_stake, batch, valid = (), None, None
+    seconds = time.perf_counter() - start
+    return ReadPack(message, info, at_stake, batch, errors, seconds, valid, assets)
+
+
+def _pack_source(message: PackMessage, info: ModelInfo, bands: Sequence[int] | None) -> TileSource:
+    """The message's source, or a mosaic of its candidate assets when it carries any."""
+    if not message.assets:
+        return cached_reader(message.source, size=info.tile_size, bands=bands, margin=info.margin)
+    from chipscale.sources.mosaic_source import pack_reader
+
+    return pack_reader(
+        message.assets,
+        source=message.source,
+        size=info.tile_size,
+        bands=bands,
+        margin=info.margin,
+    )
 
 
 def predict_read(
@@ -161,6 +192,11 @@ def predict_read(
     """Predict a pack :func:`read_pack` read: its rows, as :func:`predict_pack` makes them."""
     message, info, at_stake = read.message, read.info, read.at_stake
     outputs: dict[Tile, dict[str, float]] = {}
+    # A segmentation model's rows always carry features, () for none: a redelivered tile's
+    # stored polygons are replaced whatever its status (None: classification, none kept).
+    features: dict[Tile, tuple[TileFeature, ...]] | None = (
+        {} if info.task == "segmentation" else None
+    )
     errors = dict(read.errors)
     start = time.perf_counter()
     try:
@@ -170,30 +206,81 @@ def predict_read(
             except PartialPrediction as exc:  # only some tiles refused: keep the rest
                 scores, refused = exc.scores, exc.failed
                 log.warning("job %s: %s", message.job, exc)
-            # Whatever the predictor, a NaN score is no score (a refused row's is NaN).
-            unscored = {i: r for i, r in non_finite_rows(scores).items() if i not in refused}
-            if unscored:
-                log.warning("job %s: %d tiles got non-finite scores", message.job, len(unscored))
-                refused = {**refused, **unscored}
-            for i, (tile, row) in enumerate(zip(at_stake, scores, strict=True)):
-                if i in refused:
-                    errors[tile] = refused[i]
-                    continue
-                outputs[tile] = {
-                    name: round(float(v), SCORE_DECIMALS)
-                    for name, v in zip(info.classes, row, strict=True)
-                }
+            if features is not None:
+                _segment(read, scores, refused, outputs, features, errors)
+            else:
+                _score(read, scores, refused, outputs, errors)
     except ChipscaleError as exc:
         if not exc.permanent:
             raise
         log.warning("%d tiles of job %s failed: %s", len(at_stake), message.job, exc)
         errors.update(dict.fromkeys(at_stake, str(exc)))
+        outputs.clear()
     predict_seconds = time.perf_counter() - start
     results = [
-        _result(message.job, t, info, output=outputs.get(t), error=errors.get(t))
+        _result(
+            message.job,
+            t,
+            info,
+            output=outputs.get(t),
+            error=errors.get(t),
+            features=None if features is None else features.get(t, ()),
+            assets=read.assets.get(t, ()),
+        )
         for t in message.tiles
     ]
     return PackResults(results, read.read_seconds, predict_seconds)
+
+
+def _score(
+    read: ReadPack,
+    scores: np.ndarray,
+    refused: dict[int, str],
+    outputs: dict[Tile, dict[str, float]],
+    errors: dict[Tile, str],
+) -> None:
+    """A classification model's ``(N, classes)`` scores into rounded outputs (or errors)."""
+    # Whatever the predictor, a NaN score is no score (a refused row's is NaN).
+    unscored = {i: r for i, r in non_finite_rows(scores).items() if i not in refused}
+    if unscored:
+        log.warning("job %s: %d tiles got non-finite scores", read.message.job, len(unscored))
+        refused = {**refused, **unscored}
+    for i, (tile, row) in enumerate(zip(read.at_stake, scores, strict=True)):
+        if i in refused:
+            errors[tile] = refused[i]
+            continue
+        outputs[tile] = {
+            name: round(float(v), SCORE_DECIMALS)
+            for name, v in zip(read.info.classes, row, strict=True)
+        }
+
+
+def _segment(
+    read: ReadPack,
+    masks: np.ndarray,
+    refused: dict[int, str],
+    outputs: dict[Tile, dict[str, float]],
+    features: dict[Tile, tuple[TileFeature, ...]],
+    errors: dict[Tile, str],
+) -> None:
+    """A segmentation model's ``(N, S, S)`` class masks into per-class pixel fractions and
+    polygons (:mod:`chipscale.pipeline.vectorize`), pixels outside a tile's core mask
+    without a class; a mask of another shape is a permanent error of the whole pack."""
+    size = read.info.tile_size
+    expected = (len(read.at_stake), size, size)
+    if read.valid is None or tuple(np.shape(masks)) != expected:
+        raise ModelFormatError(
+            f"segmentation model {read.info.name} answered shape {tuple(np.shape(masks))}, "
+            f"expected {expected} (tiles, {size}, {size}) class indices"
+        )
+    for i, (tile, mask) in enumerate(zip(read.at_stake, masks, strict=True)):
+        if i in refused:
+            errors[tile] = refused[i]
+            continue
+        try:
+            outputs[tile], features[tile] = segment(mask, read.valid[i], read.info, SCORE_DECIMALS)
+        except ModelFormatError as exc:
+            errors[tile] = str(exc)
 
 
 def _read_images(
@@ -254,6 +341,8 @@ def _result(
     *,
     output: dict[str, float] | None = None,
     error: str | None = None,
+    features: tuple[TileFeature, ...] | None = None,
+    assets: tuple[str, ...] = (),
 ) -> TileResult:
     status: Status = "error" if error is not None else "ok" if output is not None else "empty"
     return TileResult(
@@ -264,4 +353,6 @@ def _result(
         error=None if error is None else storable_text(error),
         model_name=info.name,
         model_version=info.version,
+        features=features if error is None else None if features is None else (),
+        assets=assets,
     )

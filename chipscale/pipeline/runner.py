@@ -16,13 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from mercantile import Tile
 
 from chipscale.errors import ChipscaleError, TransientError
 from chipscale.grid.packs import DEFAULT_MAX_TILES, pack_tiles
 from chipscale.models.predictors import Predictor
-from chipscale.pipeline.messages import PackMessage
+from chipscale.pipeline.messages import AssetRef, PackMessage
 from chipscale.pipeline.process import PackOutcome, ReadPack, process_read, read_pack
 from chipscale.pipeline.queues import LocalQueue
 from chipscale.pipeline.read_ahead import read_ahead
@@ -103,13 +104,16 @@ def run_local(
     on_start: Callable[[int, int], None] | None = None,
     on_progress: ProgressCallback | None = None,
     ahead: bool = True,
+    extra: dict[str, Any] | None = None,
+    pack_assets: Callable[[tuple[Tile, ...]], tuple[AssetRef, ...]] | None = None,
 ) -> RunSummary:
     """Process every tile of ``tiles`` not already done for ``job``; return the counts.
 
     ``on_start(todo, skipped)`` is called once the work is known, ``on_progress(n)`` after
     each pack with its tile count: the CLI draws its progress bar from them. Each worker
     reads its next pack while it predicts one (``ahead``; False: one after the other, as
-    bench/pipeline.py compares).
+    bench/pipeline.py compares). ``extra`` is recorded with the job (a mosaic's frozen asset
+    list); ``pack_assets`` gives a mosaic pack's candidate assets, which its message carries.
     """
     info = predictor.info
     all_tiles = list(dict.fromkeys(tiles))
@@ -124,6 +128,7 @@ def run_local(
             model_version=info.version,
             tiles_total=len(all_tiles),
             classes=info.classes,
+            extra=dict(extra or {}),
         )
     )
     done = store.done_tiles(job)
@@ -172,7 +177,8 @@ def run_local(
         thread.start()
     try:
         for pack in pack_tiles(todo, max_tiles, presorted=False):
-            message = PackMessage(job=job, source=source, tiles=pack)
+            assets = pack_assets(pack) if pack_assets is not None else ()
+            message = PackMessage(job=job, source=source, tiles=pack, assets=assets)
             while not work.send(message):
                 if stop.is_set():
                     break

@@ -19,7 +19,10 @@ import orjson
 from mercantile import Tile
 
 from chipscale.errors import JobConflict, StoreError
-from chipscale.values import JobInfo, Rejection, ResultRow, TileResult
+from chipscale.values import FeatureRow, JobInfo, Rejection, ResultRow, TileResult
+
+#: A block of tiles of one zoom, inclusive on every side: ``(z, xmin, ymin, xmax, ymax)``.
+TileWindow = tuple[int, int, int, int, int]
 
 #: The values of ``results.status``, in the order counts and legends show them.
 STATUSES: tuple[str, ...] = ("ok", "empty", "error")
@@ -81,6 +84,30 @@ class ResultStore(Protocol):
         self, job: str | None = None, *, status: str | None = None
     ) -> Iterator[ResultRow]:
         """Stream result rows ordered by ``(job, z, x, y)``, optionally of one status."""
+        ...
+
+    def iter_features(
+        self,
+        job: str,
+        *,
+        classes: Sequence[str] | None = None,
+        background: bool = False,
+        window: TileWindow | None = None,
+    ) -> Iterator[FeatureRow]:
+        """Stream a job's stored features ordered by ``(z, x, y, seq)`` (constant memory):
+        only those of ``classes`` when given, background regions only when ``background``,
+        only tiles inside ``window`` when given (an indexed range scan)."""
+        ...
+
+    def has_features(self, job: str) -> bool:
+        """True when any tile of the job stored a feature (a segmentation or detection job)."""
+        ...
+
+    def results_in(
+        self, job: str, window: TileWindow, *, limit: int | None = None
+    ) -> list[ResultRow]:
+        """The result rows of the tiles inside ``window`` (an indexed range scan), at most
+        ``limit`` of them, ordered by ``(x, y)``."""
         ...
 
     def close(self) -> None:

@@ -1,6 +1,8 @@
 """Result export: what ``chipscale download`` and ``convert-geojson`` run. The format comes
-from the file name (CSV, GeoJSON or GeoParquet); rows stream from the store through the
-score thresholds into the writer, in constant memory."""
+from the file name (CSV, GeoJSON, GeoParquet, FlatGeobuf, or a ``.tif`` class mask); rows
+stream from the store through the score thresholds into the writer, in constant memory. A
+segmentation job exports its merged regions (:mod:`chipscale.results.export_features`) unless
+the ``tiles`` layer is asked for."""
 
 from __future__ import annotations
 
@@ -13,9 +15,23 @@ from chipscale.results.base import ResultStore
 from chipscale.results.export_csv import read_csv_rows, write_csv
 from chipscale.results.export_geojson import write_geojson
 from chipscale.results.export_geoparquet import write_geoparquet
-from chipscale.results.export_rows import ExportError, PathLike, classes_for, filter_rows
+from chipscale.results.export_rows import (
+    ExportError,
+    PathLike,
+    classes_for,
+    filter_rows,
+    has_assets,
+)
 
-__all__ = ["FORMATS", "csv_to_geojson", "export_results", "format_for"]
+__all__ = [
+    "FORMATS",
+    "LAYERS",
+    "choose_layer",
+    "csv_to_geojson",
+    "export_job",
+    "export_results",
+    "format_for",
+]
 
 FORMATS = {
     ".csv": "csv",
@@ -23,12 +39,17 @@ FORMATS = {
     ".json": "geojson",
     ".parquet": "geoparquet",
     ".geoparquet": "geoparquet",
+    ".fgb": "flatgeobuf",
+    ".tif": "mask",
+    ".tiff": "mask",
 }
+#: What a download holds: one row per tile, or one feature per merged region.
+LAYERS = ("tiles", "features")
 
 
 def format_for(path: PathLike) -> str:
-    """``"csv"``, ``"geojson"`` or ``"geoparquet"`` from a file name's suffix, else
-    :class:`ExportError`."""
+    """``"csv"``, ``"geojson"``, ``"geoparquet"``, ``"flatgeobuf"`` or ``"mask"`` from a file
+    name's suffix, else :class:`ExportError`."""
     suffix = Path(path).suffix.lower()
     try:
         return FORMATS[suffix]
@@ -37,6 +58,71 @@ def format_for(path: PathLike) -> str:
             f"Cannot tell the export format of {os.fspath(path)!r}: name it "
             f"{', '.join('*' + s for s in FORMATS)}"
         ) from None
+
+
+def choose_layer(store: ResultStore, job: str | None, fmt: str, layer: str | None) -> str:
+    """``"tiles"``, ``"features"`` or ``"mask"`` (a ``.tif``): features by default for a job
+    that stored some (a segmentation job) in a format that holds them; a one-line
+    :class:`ExportError` for a layer the format or the selection cannot hold."""
+    if fmt == "mask":
+        if layer == "tiles":
+            raise ExportError(
+                "a .tif is the class mask: name the file *.csv, *.geojson or *.parquet for tiles"
+            )
+        if job is None:
+            raise ExportError("a class mask is one job's: give --job")
+        return "mask"
+    if layer is None:
+        wants = job is not None and fmt != "csv" and store.has_features(job)
+        layer = "features" if wants else "tiles"
+    if layer == "features":
+        if job is None:
+            raise ExportError("features are exported one job at a time: give --job")
+        if fmt == "csv":
+            raise ExportError("features are written as *.geojson, *.parquet or *.fgb, not CSV")
+    elif fmt == "flatgeobuf":
+        raise ExportError(
+            "a .fgb holds features: --layer features (tiles: *.csv, *.geojson, *.parquet)"
+        )
+    return layer
+
+
+def export_job(
+    store: ResultStore,
+    job: str | None,
+    path: PathLike,
+    *,
+    layer: str | None = None,
+    class_name: str | None = None,
+    min_score: float | None = None,
+    precision: int | None = 7,
+) -> tuple[int, str]:
+    """What ``chipscale download`` writes: tiles, merged features or the class mask, by
+    :func:`choose_layer`; ``class_name`` filters every layer (``precision``: decimals of a
+    features GeoJSON, None for all). Returns how many were written and what they are
+    (``"row"``, ``"feature"`` or ``"tile"``)."""
+    fmt = format_for(path)
+    chosen = choose_layer(store, job, fmt, layer)
+    if chosen == "tiles":
+        return export_results(store, job, path, class_name=class_name, min_score=min_score), "row"
+    assert job is not None  # choose_layer
+    if min_score is not None:
+        raise ExportError("--min-score filters tiles by score: with features, use --layer tiles")
+    info = store.get_job(job)
+    if info is None:
+        known = ", ".join(repr(i.job) for i in store.jobs()) or "(none)"
+        raise ExportError(f"No job {job!r} in {store.url}: the jobs are {known}")
+    if class_name is not None and info.classes and class_name not in info.classes:
+        listed = ", ".join(repr(name) for name in info.classes)
+        raise ExportError(f"Unknown class {class_name!r}: the known classes are {listed}")
+    classes = None if class_name is None else [class_name]
+    if chosen == "mask":
+        from chipscale.results.mask_cog import write_mask_cog
+
+        return write_mask_cog(store, job, path, classes=classes), "tile"
+    from chipscale.results.export_features import export_features
+
+    return export_features(store, job, path, fmt, classes=classes, precision=precision), "feature"
 
 
 def export_results(
@@ -53,6 +139,8 @@ def export_results(
     Written atomically (see :mod:`chipscale.atomic`). Returns how many rows were written.
     """
     fmt = format_for(path)
+    if fmt not in _WRITERS:
+        raise ExportError(f"tiles are written as *.csv, *.geojson or *.parquet, not {fmt}")
     if job is not None and store.get_job(job) is None and store.counts(job)["total"] == 0:
         known = ", ".join(repr(info.job) for info in store.jobs()) or "(none)"
         raise ExportError(f"No job {job!r} in {store.url}: the jobs are {known}")
@@ -61,7 +149,7 @@ def export_results(
     rows = filter_rows(
         store.iter_results(job, status=status), class_name, min_score, classes=classes
     )
-    return _WRITERS[fmt](rows, path, classes)
+    return _WRITERS[fmt](rows, path, classes, assets=has_assets(store, job))
 
 
 #: Each format's writer: (rows, where to, the class columns) -> how many rows it wrote.

@@ -11,6 +11,7 @@ from typing import Literal, TextIO
 
 from chipscale.grid.tilelist import make_tile
 from chipscale.results.export_rows import (
+    ASSETS_COLUMN,
     FIXED_HEAD,
     FIXED_TAIL,
     ExportError,
@@ -27,17 +28,27 @@ from chipscale.values import ResultRow
 _QUOTINGS: tuple[Literal[0, 1, 2, 3], ...] = (csv.QUOTE_MINIMAL, csv.QUOTE_ALL)
 
 
-def write_csv(rows: Iterable[ResultRow], out: TextIO | PathLike, classes: Sequence[str]) -> int:
-    """Write rows as CSV (header first, text cells formula-safe); return how many were written."""
+def write_csv(
+    rows: Iterable[ResultRow],
+    out: TextIO | PathLike,
+    classes: Sequence[str],
+    *,
+    assets: bool = False,
+) -> int:
+    """Write rows as CSV (header first, text cells formula-safe); return how many were
+    written. ``assets``: add the ``assets`` column (a JSON list of asset ids)."""
     classes = check_classes(classes)
     count = 0
     with open_output(out) as handle:
         writers = [csv.writer(handle, lineterminator="\n", quoting=q) for q in _QUOTINGS]
-        writers[0].writerow([*FIXED_HEAD, *map(spreadsheet_text, classes), *FIXED_TAIL])
+        extra = [ASSETS_COLUMN] if assets else []
+        writers[0].writerow([*FIXED_HEAD, *map(spreadsheet_text, classes), *FIXED_TAIL, *extra])
         for row in rows:
             head, class_values = row_values(row, classes)
             scores = ["" if v is None else repr(v) for v in class_values]
             text = [row.job, row.model_name or "", row.model_version or "", row.error or ""]
+            if assets:
+                text.append(json.dumps(list(row.assets), ensure_ascii=False))
             job, *tail = map(spreadsheet_text, text)
             writers["\r" in "".join(text)].writerow([job, *head[1:], *scores, *tail])
             count += 1

@@ -31,9 +31,15 @@ def tile_polygon(z: int, x: int, y: int) -> dict[str, Any]:
     return {"type": "Polygon", "coordinates": [ring]}
 
 
-def write_geojson(rows: Iterable[ResultRow], out: TextIO | PathLike, classes: Sequence[str]) -> int:
+def write_geojson(
+    rows: Iterable[ResultRow],
+    out: TextIO | PathLike,
+    classes: Sequence[str],
+    *,
+    assets: bool = False,
+) -> int:
     """Write rows as an RFC 7946 FeatureCollection, one feature a line, streamed; return how
-    many features were written."""
+    many features were written. ``assets``: add each tile's ``assets`` (a list of ids)."""
     classes = check_classes(classes)
     count = 0
     with open_output(out) as handle:
@@ -45,6 +51,8 @@ def write_geojson(rows: Iterable[ResultRow], out: TextIO | PathLike, classes: Se
             properties.update(
                 model_name=row.model_name, model_version=row.model_version, error=row.error
             )
+            if assets:
+                properties["assets"] = list(row.assets)
             feature = {
                 "type": "Feature",
                 "geometry": tile_polygon(row.z, row.x, row.y),

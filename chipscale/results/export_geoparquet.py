@@ -13,6 +13,7 @@ import mercantile
 
 from chipscale.extras import missing_message
 from chipscale.results.export_rows import (
+    ASSETS_COLUMN,
     FIXED_TAIL,
     ExportError,
     PathLike,
@@ -51,9 +52,10 @@ def require_pyarrow() -> tuple[Any, Any]:
     return pa, pq
 
 
-def _geoparquet_schema(pa: Any, classes: Sequence[str]) -> Any:
+def _geoparquet_schema(pa: Any, classes: Sequence[str], assets: bool = False) -> Any:
     """The CSV's columns with real types, then the footprint and its bbox covering. Fixed
-    columns are required (never null); scores and the tail are nullable, as blank in CSV."""
+    columns are required (never null); scores and the tail are nullable, as blank in CSV.
+    ``assets``: a mosaic's provenance column, a list of asset ids."""
     corners = [pa.field(name, pa.float64(), nullable=False) for name in _BBOX_FIELDS]
     return pa.schema(
         [
@@ -65,6 +67,7 @@ def _geoparquet_schema(pa: Any, classes: Sequence[str]) -> Any:
             pa.field("status", pa.string(), nullable=False),
             *(pa.field(name, pa.float64()) for name in classes),
             *(pa.field(name, pa.string()) for name in FIXED_TAIL),
+            *([pa.field(ASSETS_COLUMN, pa.list_(pa.string()), nullable=False)] if assets else []),
             pa.field("geometry", pa.binary(), nullable=False),
             pa.field("bbox", pa.struct(corners), nullable=False),
         ]
@@ -117,7 +120,9 @@ def _parquet_batch(
     appends = [column.append for column in columns]
     for row in itertools.islice(rows, size):
         head, class_values = row_values(row, classes)
-        tail = (row.model_name, row.model_version, row.error)
+        tail: tuple[Any, ...] = (row.model_name, row.model_version, row.error)
+        if ASSETS_COLUMN in schema.names:
+            tail = (*tail, list(row.assets))
         values = (*head, *class_values, *tail, *mercantile.bounds(row.x, row.y, row.z))
         for append, value in zip(appends, values, strict=True):
             append(value)
@@ -144,6 +149,7 @@ def write_geoparquet(
     classes: Sequence[str],
     *,
     batch_rows: int = GEOPARQUET_BATCH_ROWS,
+    assets: bool = False,
 ) -> int:
     """Write rows as GeoParquet 1.1 (zstd), ``batch_rows`` rows a row group, so memory stays
     flat however many rows come; return how many rows were written.
@@ -158,7 +164,7 @@ def write_geoparquet(
     classes = check_classes(classes, reserved=GEOMETRY_COLUMNS)
     if batch_rows < 1:
         raise ExportError(f"batch_rows must be at least 1, not {batch_rows}")
-    schema = _geoparquet_schema(pa, classes)
+    schema = _geoparquet_schema(pa, classes, assets)
     rows = iter(rows)
     count = 0
     extent: tuple[float, float, float, float] | None = None

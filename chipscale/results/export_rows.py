@@ -4,6 +4,9 @@ atomically). Columns, in this order (GeoParquet adds ``geometry`` and ``bbox``):
 
     job, z, x, y, quadkey, status, <one per class: its score>, model_name, model_version, error
 
+and, for a mosaic job, ``assets``: the ids of the assets that supplied each tile's pixels
+(CSV: a JSON list; GeoJSON: a list; GeoParquet: a list of strings).
+
 A model output is read as ``{"scores": {class: score}}``, ``{class: score}``, or a list of
 scores in class order (``{"scores": [...]}`` or chip-n-scale's bare list).
 """
@@ -25,6 +28,8 @@ from chipscale.values import ResultRow
 
 FIXED_HEAD = ("job", "z", "x", "y", "quadkey", "status")
 FIXED_TAIL = ("model_name", "model_version", "error")
+#: The provenance column of a mosaic job's export, after :data:`FIXED_TAIL`.
+ASSETS_COLUMN = "assets"
 
 PathLike = str | os.PathLike[str]
 
@@ -158,9 +163,18 @@ def row_values(row: ResultRow, classes: Sequence[str]) -> tuple[list[Any], list[
     return head, class_values
 
 
+def has_assets(store: ResultStore, job: str | None = None) -> bool:
+    """Whether the export carries the ``assets`` column: the job (any job, for all) is a
+    mosaic's, with its asset list frozen in its ``extra``."""
+    jobs = [store.get_job(job)] if job is not None else store.jobs()
+    return any(info is not None and ASSETS_COLUMN in info.extra for info in jobs)
+
+
 def check_classes(classes: Sequence[str], reserved: Sequence[str] = ()) -> list[str]:
     classes = list(classes)
-    clash = [name for name in classes if name in (*FIXED_HEAD, *FIXED_TAIL, *reserved)]
+    clash = [
+        name for name in classes if name in (*FIXED_HEAD, *FIXED_TAIL, ASSETS_COLUMN, *reserved)
+    ]
     if clash:
         raise ExportError(f"Class names {clash} clash with the export's fixed columns")
     if len(set(classes)) != len(classes):

@@ -56,7 +56,16 @@ def job_report(store: ResultStore, info: JobInfo) -> dict[str, Any]:
         **{status: counts[status] for status in ("ok", "empty", "error")},
         "remaining": remaining(total, counts),
         "rejected": len(store.rejects(info.job)),
+        "pushed_at": pushed_at(info),
     }
+
+
+def pushed_at(info: JobInfo) -> str | None:
+    """When the job's last push started (ISO-8601 UTC), None without a push: the start
+    ``status --plan`` measures tiles/s and time so far from."""
+    push = info.extra.get("push") if isinstance(info.extra, dict) else None
+    at = push.get("at") if isinstance(push, dict) else None
+    return at if isinstance(at, str) else None
 
 
 def job_reports(store: ResultStore, job: str | None = None) -> list[dict[str, Any]]:

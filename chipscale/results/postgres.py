@@ -22,14 +22,30 @@ from chipscale.redaction import redact, scrub, secrets_of
 from chipscale.results.base import (
     DONE_STATUSES,
     STATUSES,
+    TileWindow,
     check_status,
     dump_json,
     job_conflict,
     results_filter,
     validate_results,
 )
+from chipscale.results.feature_rows import (
+    feature_row,
+    feature_rows,
+    features_query,
+    has_features_query,
+    window_query,
+)
+from chipscale.results.postgres_features import feature_parameters, write_with_features_sql
 from chipscale.results.postgres_schema import SCHEMA_VERSION, migrate, newer_schema
-from chipscale.values import MAX_REJECTED_BODY, JobInfo, Rejection, ResultRow, TileResult
+from chipscale.values import (
+    MAX_REJECTED_BODY,
+    FeatureRow,
+    JobInfo,
+    Rejection,
+    ResultRow,
+    TileResult,
+)
 
 T = TypeVar("T")
 
@@ -46,6 +62,7 @@ class _Field(NamedTuple):
     kind: str  # its PostgreSQL type as sent
     may_be_scalar: bool  # sent once when every row of the pack has the same value
     select: str = "{}"  # the expression that stores it
+    omitted: str | None = None  # left out (its column's default) when every row has this
 
 
 #: The columns a write sends, in order (see :func:`_write_parameters`).
@@ -60,11 +77,11 @@ _RESULT_FIELDS: Final = (
     _Field("model_version", "text", True),
     _Field("error", "text", True),
     _Field("n", "int", True),
+    _Field("assets", "text", True, "{}::json", omitted="[]"),
 )
 
 _INSERT = """
-INSERT INTO results AS r (job, z, x, y, status, output, model_name, model_version, error,
-                          attempts, created_at, updated_at)
+INSERT INTO results AS r ({columns}, created_at, updated_at)
 SELECT {select}, now(), now()
 FROM unnest({arrays}) AS t({names})
 """
@@ -76,28 +93,38 @@ _ON_CONFLICT = """ON CONFLICT (job, z, x, y) DO UPDATE SET
     model_version = excluded.model_version,
     error = excluded.error,
     attempts = r.attempts + excluded.attempts,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at,
+    assets = excluded.assets
 """
 
 
 @functools.cache
-def _write_sql(uniform: tuple[bool, ...], *, upsert: bool) -> str:
+def _write_sql(uniform: tuple[bool | None, ...], *, upsert: bool) -> str:
     """:data:`_INSERT`, with :data:`_ON_CONFLICT` when ``upsert``, taking the columns flagged
-    in ``uniform`` as scalar parameters and the others as arrays to unnest; its parameters
-    are the scalars, then the arrays (:func:`_write_parameters`)."""
-    select, arrays, names = [], [], []
+    True in ``uniform`` as scalar parameters, those flagged None not at all (their default,
+    which the upsert's ``excluded`` holds too) and the others as arrays to unnest; its
+    parameters are the scalars, then the arrays (:func:`_write_parameters`)."""
+    columns, select, arrays, names = [], [], [], []
     for field, once in zip(_RESULT_FIELDS, uniform, strict=True):
+        if once is None:
+            continue
+        columns.append("attempts" if field.name == "n" else field.name)
         if once:
             select.append(field.select.format(f"%b::{field.kind}"))
         else:
             select.append(field.select.format(field.name))
             arrays.append(f"%b::{field.kind}[]")
             names.append(field.name)
-    sql = _INSERT.format(select=", ".join(select), arrays=", ".join(arrays), names=", ".join(names))
+    sql = _INSERT.format(
+        columns=", ".join(columns),
+        select=", ".join(select),
+        arrays=", ".join(arrays),
+        names=", ".join(names),
+    )
     return sql + _ON_CONFLICT if upsert else sql
 
 
-def _write_parameters(columns: list[list[Any]]) -> tuple[tuple[bool, ...], list[Any]]:
+def _write_parameters(columns: list[list[Any]]) -> tuple[tuple[bool | None, ...], list[Any]]:
     """Which columns go once (the ``uniform`` of :func:`_write_sql`) and the parameters
     writing ``columns`` (see :func:`_result_columns`).
 
@@ -105,14 +132,15 @@ def _write_parameters(columns: list[list[Any]]) -> tuple[tuple[bool, ...], list[
     status, no error and a first attempt: those columns go once, as scalars, instead of as
     arrays of one repeated value: a quarter less work per write, client and server (the
     figures are in docs/design.md). The keys and outputs stay arrays: the row count comes
-    from them.
+    from them. A column that is its default on every row (no assets) is not sent at all.
     """
     uniform = tuple(
-        field.may_be_scalar and all(value == column[0] for value in column)
+        None if once and field.omitted is not None and column[0] == field.omitted else once
         for field, column in zip(_RESULT_FIELDS, columns, strict=True)
+        for once in [field.may_be_scalar and all(value == column[0] for value in column)]
     )
     scalars = [column[0] for column, once in zip(columns, uniform, strict=True) if once]
-    arrays = [column for column, once in zip(columns, uniform, strict=True) if not once]
+    arrays = [column for column, once in zip(columns, uniform, strict=True) if once is False]
     return uniform, [*scalars, *arrays]
 
 
@@ -162,7 +190,7 @@ def _iso(column: str) -> str:
 _JOB_COLUMNS = "job, source, zoom, model_name, model_version, classes, tiles_total, extra"
 _RESULT_COLUMNS = (
     "job, z, x, y, status, output, error, model_name, model_version, attempts, "
-    f"{_iso('created_at')}, {_iso('updated_at')}"
+    f"{_iso('created_at')}, {_iso('updated_at')}, assets"
 )
 
 # SQLSTATE classes a retry may fix: connection exception, transaction rollback (deadlock,
@@ -390,14 +418,21 @@ class PostgresStore:
             return
         validate_results(results)
         uniform, params = _write_parameters(_result_columns(results))
+        replaced, features = feature_rows(results)
+        if replaced:  # the same statement replaces the tiles' features (none: classification)
+            params += feature_parameters(replaced, features)
+
+        def sql(upsert: bool) -> str:
+            plain = _write_sql(uniform, upsert=upsert)
+            return write_with_features_sql(plain) if replaced else plain
 
         def insert_else_upsert(conn: psycopg.Connection) -> None:
             try:
-                conn.execute(_write_sql(uniform, upsert=False), params)
+                conn.execute(sql(upsert=False), params)
             except pg_errors.UniqueViolation:
                 # A tile of the pack is stored already (a redelivery, a rerun): nothing of
                 # the failed statement was kept, so the same rows go again as an upsert.
-                conn.execute(_write_sql(uniform, upsert=True), params)
+                conn.execute(sql(upsert=True), params)
 
         self._call(f"writing {len(results)} results", insert_else_upsert)
 
@@ -475,9 +510,44 @@ class PostgresStore:
         self._check_open()
         where, params = results_filter(job, status, "%s")
         query = f"SELECT {_RESULT_COLUMNS} FROM results {where} ORDER BY job, z, x, y"
-        return self._stream(query, params)
+        return self._stream(query, params, _result_row, "streaming results")
 
-    def _stream(self, query: str, params: Sequence[Any]) -> Iterator[ResultRow]:
+    def iter_features(
+        self,
+        job: str,
+        *,
+        classes: Sequence[str] | None = None,
+        background: bool = False,
+        window: TileWindow | None = None,
+    ) -> Iterator[FeatureRow]:
+        """Stream a job's features ordered by ``(z, x, y, seq)``; see
+        :meth:`ResultStore.iter_features`. A scan of the primary key's index on a connection
+        of its own, as :meth:`iter_results`."""
+        self._check_open()
+        query, params = features_query(job, classes, background, window, "%s")
+        return self._stream(query, params, feature_row, "streaming features")
+
+    def has_features(self, job: str) -> bool:
+        """True when any tile of the job stored a feature."""
+        rows = self._read(f"reading features of job {job!r}", has_features_query("%s"), (job,))
+        return bool(rows[0][0])
+
+    def results_in(
+        self, job: str, window: TileWindow, *, limit: int | None = None
+    ) -> list[ResultRow]:
+        """The rows of the tiles inside ``window``, ordered by ``(x, y)``: a range scan of
+        the primary key's index (x bounds it, y is checked in the index), up to ``limit``."""
+        query, params = window_query(_RESULT_COLUMNS, job, window, limit, "%s")
+        rows = self._read(f"reading results of job {job!r}", query, params)
+        return [_result_row(row) for row in rows]
+
+    def _stream(
+        self,
+        query: str,
+        params: Sequence[Any],
+        make: Callable[[tuple[Any, ...]], T],
+        doing: str,
+    ) -> Iterator[T]:
         try:
             with (
                 _connect(self._dsn, autocommit=False, connect_timeout=self._timeout) as conn,
@@ -486,9 +556,9 @@ class PostgresStore:
                 cursor.itersize = ITERSIZE
                 cursor.execute(query, params)
                 for row in cursor:
-                    yield ResultRow(*row)
+                    yield make(row)
         except psycopg.Error as exc:
-            raise self._describe.error(exc, "streaming results") from None
+            raise self._describe.error(exc, doing) from None
 
     def close(self) -> None:
         """Release the connection; later calls raise StoreError. Safe to call twice."""
@@ -517,8 +587,8 @@ def _result_columns(results: Sequence[TileResult]) -> list[list[Any]]:
         key = (result.job, tile.z, tile.x, tile.y)
         seen = merged.get(key)
         merged[key] = (result, seen[1] + 1 if seen else 1)
-    columns: list[list[Any]] = [[] for _ in range(10)]
-    (jobs, zs, xs, ys, statuses, outputs, names, versions, errors, counts) = columns
+    columns: list[list[Any]] = [[] for _ in range(11)]
+    (jobs, zs, xs, ys, statuses, outputs, names, versions, errors, counts, assets) = columns
     for (job, z, x, y), (result, count) in sorted(merged.items()):
         jobs.append(job)
         zs.append(z)
@@ -530,6 +600,7 @@ def _result_columns(results: Sequence[TileResult]) -> list[list[Any]]:
         versions.append(result.model_version)
         errors.append(result.error)
         counts.append(count)
+        assets.append(dump_json(list(result.assets)) if result.assets else "[]")
     return columns
 
 
@@ -551,6 +622,14 @@ def _reject_columns(rejections: Sequence[Rejection]) -> list[list[Any]]:
         columns[3].append(storable_text(rejection.body[:MAX_REJECTED_BODY]))
         columns[4].append(count)
     return columns
+
+
+def _result_row(row: tuple[Any, ...]) -> ResultRow:
+    job, z, x, y, status, output, error, name, version, attempts, created, updated, assets = row
+    return ResultRow(
+        job, z, x, y, status, output, error, name, version, attempts, created, updated,
+        tuple(assets or ()),
+    )  # fmt: skip
 
 
 def _job_info(row: tuple[Any, ...]) -> JobInfo:

@@ -12,7 +12,7 @@ from chipscale.errors import StoreError
 
 #: Bump with a migration in :data:`MIGRATIONS` when the schema changes. The numbering is
 #: the SQLite adapter's: a version means the same tables in both stores.
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 # Key columns use the "C" collation: the byte order of UTF-8, as SQLite compares text, so
 # both stores list jobs and results in the same order (and memcmp keeps inserts cheap).
@@ -79,16 +79,43 @@ DROP INDEX IF EXISTS results_job_status;
 CREATE INDEX results_not_ok ON results (job, status, z, x, y) WHERE status <> 'ok';
 """
 
+# The assets that supplied a tile's pixels, and the vector features of segmentation and
+# detection tiles (no PostGIS: geometry as WKB), replaced in the same statement as the tile's
+# row. ADD COLUMN with a constant default rewrites no row, however large the table. The
+# primary key's index serves a job's stream in tile order, windows and deletes by tile.
+_ADD_FEATURES = """
+ALTER TABLE results ADD COLUMN IF NOT EXISTS assets json NOT NULL DEFAULT '[]';
+CREATE TABLE IF NOT EXISTS features (
+    job           text COLLATE "C" NOT NULL,
+    z             integer NOT NULL,
+    x             bigint NOT NULL,
+    y             bigint NOT NULL,
+    seq           integer NOT NULL,
+    class         text NOT NULL,
+    score         double precision,
+    size          integer NOT NULL,
+    background    boolean NOT NULL DEFAULT false,
+    geom          bytea NOT NULL,
+    PRIMARY KEY (job, z, x, y, seq)
+);
+"""
+
 #: ``{from_version: sql}``: applied in order, from 0 (an empty schema), to bring a database
 #: up to SCHEMA_VERSION. A new database replays them all, so a migrated database and a new
 #: one cannot drift apart.
-MIGRATIONS: Final[dict[int, str]] = {0: _CREATE_V1, 1: _ADD_REJECTS, 2: _INDEX_NOT_OK}
+MIGRATIONS: Final[dict[int, str]] = {
+    0: _CREATE_V1,
+    1: _ADD_REJECTS,
+    2: _INDEX_NOT_OK,
+    3: _ADD_FEATURES,
+}
 
 #: Every table the schema holds, with its primary key: what ``chipscale verify`` checks.
 TABLES: Final[dict[str, tuple[str, ...]]] = {
     "jobs": ("job",),
     "results": ("job", "z", "x", "y"),
     "rejects": ("message_id",),
+    "features": ("job", "z", "x", "y", "seq"),
     "schema_version": ("version",),
 }
 

@@ -1,7 +1,9 @@
 """A picture of the predictions over the image: the quick look after a local run.
 
 The source is read once, downsampled into web mercator (a WarpedVRT read with ``out_shape``,
-so GDAL uses the overviews), and each tile is drawn over it coloured by its top class.
+so GDAL uses the overviews), and each tile is drawn over it coloured by its top class; for a
+segmentation job, the regions merged across tiles are drawn instead, filled by class, over
+the tiles' outlines.
 matplotlib is imported inside :func:`render_preview`: it is in the ``local`` extra, not in the
 worker's Lambda bundle.
 """
@@ -13,7 +15,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mercantile
 import numpy as np
@@ -29,13 +31,18 @@ from chipscale.sources.gdal_env import gdal_env
 from chipscale.sources.images import stretch_to_uint8
 from chipscale.values import ResultRow
 
+if TYPE_CHECKING:
+    from chipscale.results.feature_merge import Region
+
 __all__ = ["render_preview"]
 
 #: Above this many tiles, tiles are painted into a raster overlay instead of drawn as
 #: rectangles: matplotlib slows down badly with hundreds of thousands of patches.
 MAX_PATCHES = 20_000
 
-_EMPTY, _ERROR = -1, -2
+_EMPTY, _ERROR, _OUTLINE = -1, -2, -3
+#: Half the web-mercator world's width, in metres.
+_HALF_WORLD = 20037508.342789244
 EMPTY_EDGE = "#3a3a3a"
 
 
@@ -95,12 +102,15 @@ def render_preview(
     *,
     max_size: int = 1024,
     title: str | None = None,
+    regions: Iterable[Region] | None = None,
 ) -> Path:
     """Draw the image with each tile over it, coloured by its top class, and save a PNG.
 
     ``ok`` tiles are filled (semi-transparent) in their top class's colour, ``empty`` tiles
     only outlined, ``error`` tiles hatched in red. The legend gives each class's tile count.
-    Rows are read once; only five numbers a tile are kept.
+    Rows are read once; only five numbers a tile are kept. With ``regions`` (a segmentation
+    job's, merged), ``ok`` tiles are only outlined and the regions are drawn filled by class,
+    the legend counting regions.
 
     Returns the path of the PNG.
     """
@@ -138,7 +148,7 @@ def render_preview(
         if top not in index:  # a class the caller did not list: give it a colour too
             index[top] = len(names)
             names.append(top)
-        codes.append(index[top])
+        codes.append(_OUTLINE if regions is not None else index[top])
 
     box_array = np.frombuffer(boxes, dtype="float64").reshape(-1, 4)
     code_array = np.frombuffer(codes, dtype="int32")
@@ -179,6 +189,11 @@ def render_preview(
         )
 
     counts = Counter(code_array.tolist())
+    if regions is not None:
+        counts = _draw_regions(ax, regions, index, names, colors, cmap)
+        counts.update(
+            {_EMPTY: int((code_array == _EMPTY).sum()), _ERROR: int((code_array == _ERROR).sum())}
+        )
     handles: list[Any] = [
         Patch(facecolor=(*colors[i][:3], 0.5), edgecolor=colors[i], label=f"{name} ({counts[i]:,})")
         for i, name in enumerate(names)
@@ -203,7 +218,7 @@ def render_preview(
         handles=handles,
         loc="upper left",
         bbox_to_anchor=(fig_w / (fig_w + 2.6) + 0.005, 0.98),
-        title="top class (tiles)",
+        title="top class (tiles)" if regions is None else "regions",
         frameon=True,
         fontsize=10,
         title_fontsize=10,
@@ -237,6 +252,8 @@ def _draw_patches(
     for code, rects in by_code.items():
         if code == _EMPTY:
             style = dict(facecolor="none", edgecolor=EMPTY_EDGE, linestyle="--", linewidth=width)
+        elif code == _OUTLINE:
+            style = dict(facecolor="none", edgecolor="#ffffff", linewidth=width * 0.5, alpha=0.5)
         elif code == _ERROR:
             style = dict(
                 facecolor=(*error_color[:3], 0.15),
@@ -268,6 +285,7 @@ def _draw_raster(
     palette = {i: (*c[:3], 0.45) for i, c in enumerate(colors)}
     palette[_ERROR] = (*error_color[:3], 0.7)
     palette[_EMPTY] = (0.2, 0.2, 0.2, 0.12)
+    palette[_OUTLINE] = (1.0, 1.0, 1.0, 0.0)
     cols0 = np.floor((boxes[:, 0] - west) / scale).astype(int).clip(0, width)
     cols1 = np.ceil((boxes[:, 2] - west) / scale).astype(int).clip(0, width)
     rows0 = np.floor((north - boxes[:, 3]) / scale).astype(int).clip(0, height)
@@ -275,3 +293,47 @@ def _draw_raster(
     for c0, c1, r0, r1, code in zip(cols0, cols1, rows0, rows1, codes.tolist(), strict=True):
         overlay[r0 : max(r1, r0 + 1), c0 : max(c1, c0 + 1)] = palette[code]
     ax.imshow(overlay, extent=(west, east, south, north), interpolation="nearest")
+
+
+def _draw_regions(
+    ax: Any,
+    regions: Iterable[Region],
+    index: dict[str, int],
+    names: list[str],
+    colors: list[Any],
+    cmap: Any,
+) -> Counter[int]:
+    """Each region a filled outline (holes kept) in its class's colour, in web-mercator
+    metres; returns the count of regions per class index."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.colors import to_rgba
+    from matplotlib.path import Path as MplPath
+
+    by_class: dict[int, list[Any]] = {}
+    for region in regions:
+        if region.cls not in index:
+            index[region.cls] = len(names)
+            names.append(region.cls)
+            name = region.cls
+            colors.append(
+                to_rgba(CLASS_COLORS[name]) if name in CLASS_COLORS else cmap(len(names) % cmap.N)
+            )
+        res = 2 * _HALF_WORLD / (2**region.z * region.size)
+        rings = [region.polygon.exterior, *region.polygon.interiors]
+        paths = []
+        for ring in rings:
+            xy = np.asarray(ring.coords)
+            paths.append(
+                MplPath(
+                    np.column_stack([xy[:, 0] * res - _HALF_WORLD, _HALF_WORLD - xy[:, 1] * res]),
+                    closed=True,
+                )
+            )
+        by_class.setdefault(index[region.cls], []).append(MplPath.make_compound_path(*paths))
+    for code, paths in by_class.items():
+        color = colors[code]
+        width = 0.4 if len(paths) > 2000 else 0.9
+        ax.add_collection(
+            PathCollection(paths, facecolor=(*color[:3], 0.45), edgecolor=color, linewidth=width)
+        )
+    return Counter({code: len(paths) for code, paths in by_class.items()})

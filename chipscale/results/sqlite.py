@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from mercantile import Tile
 
@@ -21,6 +21,7 @@ from chipscale.errors import StoreError, StoreUnavailable
 from chipscale.results.base import (
     DONE_STATUSES,
     STATUSES,
+    TileWindow,
     check_status,
     dump_json,
     job_conflict,
@@ -29,11 +30,27 @@ from chipscale.results.base import (
     utc_now,
     validate_results,
 )
-from chipscale.values import MAX_REJECTED_BODY, JobInfo, Rejection, ResultRow, TileResult
+from chipscale.results.feature_rows import (
+    feature_row,
+    feature_rows,
+    features_query,
+    has_features_query,
+    window_query,
+)
+from chipscale.values import (
+    MAX_REJECTED_BODY,
+    FeatureRow,
+    JobInfo,
+    Rejection,
+    ResultRow,
+    TileResult,
+)
+
+R = TypeVar("R")
 
 #: Bump with a migration in :data:`MIGRATIONS` when the schema changes. The numbering is
 #: the PostgreSQL adapter's: a version means the same tables in both stores.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _CREATE_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -89,18 +106,44 @@ _DROP_STATUS_INDEX = """
 DROP INDEX IF EXISTS results_job_status;
 """
 
+# Version 4: the assets that supplied a tile's pixels (JSON list), and the vector features
+# of segmentation and detection tiles, written in the same transaction as the tile's row.
+# A rowid table: a polygon's WKB can take kilobytes, and WITHOUT ROWID suits small rows.
+# Its primary key's index serves the job's stream in tile order and the deletes by tile.
+_ADD_FEATURES = """
+ALTER TABLE results ADD COLUMN assets TEXT NOT NULL DEFAULT '[]';
+CREATE TABLE IF NOT EXISTS features (
+    job           TEXT NOT NULL,
+    z             INTEGER NOT NULL,
+    x             INTEGER NOT NULL,
+    y             INTEGER NOT NULL,
+    seq           INTEGER NOT NULL,             -- the feature's number within its tile
+    class         TEXT NOT NULL,
+    score         REAL,                         -- a detection's score
+    size          INTEGER NOT NULL,             -- tile size: the unit of geom's coordinates
+    background    INTEGER NOT NULL DEFAULT 0,   -- a region of the model's background class
+    geom          BLOB NOT NULL,                -- WKB in the tile's pixel coordinates
+    PRIMARY KEY (job, z, x, y, seq)
+);
+"""
+
 #: ``{from_version: sql}``: applied in order, from 0 (a new file), to bring a file up to
 #: SCHEMA_VERSION. A new file replays them all, so an upgraded file and a new one cannot
 #: drift apart.
-MIGRATIONS: dict[int, str] = {0: _CREATE_V1, 1: _ADD_REJECTS, 2: _DROP_STATUS_INDEX}
+MIGRATIONS: dict[int, str] = {
+    0: _CREATE_V1,
+    1: _ADD_REJECTS,
+    2: _DROP_STATUS_INDEX,
+    3: _ADD_FEATURES,
+}
 
 #: The whole schema as one script (for reading): every migration in order.
 SCHEMA = "".join(MIGRATIONS[v] for v in range(SCHEMA_VERSION))
 
 _UPSERT_RESULT = """
 INSERT INTO results (job, z, x, y, status, output, model_name, model_version, error,
-                     attempts, created_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)
+                     attempts, created_at, updated_at, assets)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)
 ON CONFLICT (job, z, x, y) DO UPDATE SET
     status = excluded.status,
     output = excluded.output,
@@ -108,7 +151,15 @@ ON CONFLICT (job, z, x, y) DO UPDATE SET
     model_version = excluded.model_version,
     error = excluded.error,
     attempts = results.attempts + 1,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at,
+    assets = excluded.assets
+"""
+
+_DELETE_FEATURES = "DELETE FROM features WHERE job = ? AND z = ? AND x = ? AND y = ?"
+
+_INSERT_FEATURE = """
+INSERT INTO features (job, z, x, y, seq, class, score, size, background, geom)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 _UPSERT_REJECT = """
@@ -142,7 +193,7 @@ ON CONFLICT (job) DO UPDATE SET
 _JOB_COLUMNS = "job, source, zoom, model_name, model_version, classes, tiles_total, extra"
 _RESULT_COLUMNS = (
     "job, z, x, y, status, output, error, model_name, model_version, attempts, "
-    "created_at, updated_at"
+    "created_at, updated_at, assets"
 )
 
 # Primary result codes (the low byte of sqlite_errorcode) that a retry may fix.
@@ -354,14 +405,19 @@ class SQLiteStore:
                 r.error,
                 now,
                 now,
+                dump_json(list(r.assets)) if r.assets else "[]",
             )
             for r in results
         ]
+        replaced, features = feature_rows(results)
         with self._lock:
             self._check_open()
             try:
                 with self._immediate():
                     self._conn.executemany(_UPSERT_RESULT, params)
+                    if replaced:  # none for classification: no statement
+                        self._conn.executemany(_DELETE_FEATURES, replaced)
+                        self._conn.executemany(_INSERT_FEATURE, features)
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path, f"writing {len(params)} results") from None
 
@@ -440,17 +496,51 @@ class SQLiteStore:
         self._check_open()
         where, params = results_filter(job, status, "?")
         sql = f"SELECT {_RESULT_COLUMNS} FROM results {where} ORDER BY job, z, x, y"
-        return self._stream(sql, params)
+        return self._stream(sql, params, _result_row, "streaming results")
 
-    def _stream(self, sql: str, params: Sequence[Any]) -> Iterator[ResultRow]:
+    def iter_features(
+        self,
+        job: str,
+        *,
+        classes: Sequence[str] | None = None,
+        background: bool = False,
+        window: TileWindow | None = None,
+    ) -> Iterator[FeatureRow]:
+        """Stream a job's features ordered by ``(z, x, y, seq)``; see
+        :meth:`ResultStore.iter_features`. A range scan of the primary key, on a read-only
+        connection of its own, as :meth:`iter_results`."""
+        self._check_open()
+        sql, params = features_query(job, classes, background, window, "?")
+        return self._stream(sql, params, feature_row, "streaming features")
+
+    def has_features(self, job: str) -> bool:
+        """True when any tile of the job stored a feature."""
+        rows = self._read(has_features_query("?"), (job,))
+        return bool(rows[0][0])
+
+    def results_in(
+        self, job: str, window: TileWindow, *, limit: int | None = None
+    ) -> list[ResultRow]:
+        """The rows of the tiles inside ``window``, ordered by ``(x, y)``: a range scan of
+        the primary key (x bounds the scan, y is checked on the way), stopping at ``limit``."""
+        sql, params = window_query(_RESULT_COLUMNS, job, window, limit, "?")
+        return [_result_row(row) for row in self._read(sql, params)]
+
+    def _stream(
+        self,
+        sql: str,
+        params: Sequence[Any],
+        make: Callable[[tuple[Any, ...]], R],
+        doing: str,
+    ) -> Iterator[R]:
         conn = self._connect(readonly=True)
         try:
             try:
                 cursor = conn.execute(sql, params)
                 for row in cursor:
-                    yield _result_row(row)
+                    yield make(row)
             except sqlite3.Error as exc:
-                raise _translate(exc, self.path, "streaming results") from None
+                raise _translate(exc, self.path, doing) from None
         finally:
             conn.close()
 
@@ -487,7 +577,7 @@ def _job_info(row: tuple[Any, ...]) -> JobInfo:
 
 def _result_row(row: tuple[Any, ...]) -> ResultRow:
     (job, z, x, y, status, output, error, model_name, model_version, attempts, created, updated) = (
-        row
+        row[:12]
     )
     return ResultRow(
         job=job,
@@ -502,4 +592,5 @@ def _result_row(row: tuple[Any, ...]) -> ResultRow:
         attempts=attempts,
         created_at=created,
         updated_at=updated,
+        assets=tuple(load_json(row[12]) or ()),
     )

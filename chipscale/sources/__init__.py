@@ -13,8 +13,10 @@ from typing import Any
 from mercantile import Tile
 from rasterio.enums import Resampling
 
+from chipscale.sources.assets import is_asset_list
 from chipscale.sources.base import TileSource
 from chipscale.sources.cog import MAX_WINDOW, TileReader
+from chipscale.sources.mosaic import open_mosaic
 from chipscale.sources.xyz import TileEndpointReader, is_tile_endpoint
 from chipscale.values import ImageData
 
@@ -36,14 +38,41 @@ def open_tile_source(
     bands: Sequence[int] | None = None,
     resampling: Resampling | str = Resampling.nearest,
     max_window: int = MAX_WINDOW,
+    margin: int = 0,
+    asset_key: str | None = None,
+    order: str = "listed",
 ) -> TileSource:
     """An open reader of ``source``: a :class:`~chipscale.sources.xyz.TileEndpointReader` for
     an XYZ tile endpoint (:func:`~chipscale.sources.xyz.is_tile_endpoint`; ``max_window``
     does not apply to it), else a :class:`~chipscale.sources.cog.TileReader` (a local path,
-    an http(s) or an ``s3://`` URL of a raster)."""
+    an http(s) or an ``s3://`` URL of a raster). ``margin``: pixels of context read on each
+    side of every tile (see :func:`read_tiles`). A ``.txt`` COG list or a ``.json`` /
+    ``.geojson`` STAC collection is a :class:`~chipscale.sources.mosaic.MosaicReader`
+    (``asset_key``: the items' asset to read; ``order``: see
+    :data:`~chipscale.sources.assets.Order`)."""
+    if is_asset_list(source):
+        return open_mosaic(
+            source,
+            asset_key=asset_key,
+            order=order,
+            size=size,
+            bands=bands,
+            resampling=resampling,
+            max_window=max_window,
+            margin=margin,
+        )
     if is_tile_endpoint(source):
-        return TileEndpointReader(source, size=size, bands=bands, resampling=resampling)
-    return TileReader(source, size=size, bands=bands, resampling=resampling, max_window=max_window)
+        return TileEndpointReader(
+            source, size=size, bands=bands, resampling=resampling, margin=margin
+        )
+    return TileReader(
+        source,
+        size=size,
+        bands=bands,
+        resampling=resampling,
+        max_window=max_window,
+        margin=margin,
+    )
 
 
 def read_tiles(
@@ -54,6 +83,7 @@ def read_tiles(
     *,
     resampling: Resampling | str = Resampling.nearest,
     max_window: int = MAX_WINDOW,
+    margin: int = 0,
 ) -> Iterator[tuple[Tile, ImageData]]:
     """Yield ``(tile, ImageData)`` for every distinct tile, reading packs with one warp each.
 
@@ -63,11 +93,21 @@ def read_tiles(
     ``bands``: 1-based band indexes; default every band but an alpha band.
     ``data`` is ``(bands, size, size)`` in the source dtype, ``mask`` is ``(size, size)``
     bool, True where valid. A tile that misses the source has an all-False mask.
+    ``margin`` m: each tile also holds m pixels of context on each side, the source's own
+    neighbouring pixels (those the neighbouring tiles read): ``data`` is
+    ``(bands, size + 2m, size + 2m)``, ``mask`` ``(size + 2m, size + 2m)`` and
+    ``ImageData.margin`` is m; beyond the source data is 0 and the mask False. Rasters still
+    read each pack with one warp (its window grows by m pixels on each side).
     Raises :class:`~chipscale.errors.SourceError` when the source cannot be read and
     :class:`~chipscale.errors.InvalidTileError` for a tile off the grid.
     """
     with open_tile_source(
-        source, size=size, bands=bands, resampling=resampling, max_window=max_window
+        source,
+        size=size,
+        bands=bands,
+        resampling=resampling,
+        max_window=max_window,
+        margin=margin,
     ) as reader:
         yield from reader.read(tiles)
 
@@ -79,9 +119,12 @@ def read_tile(
     bands: Sequence[int] | None = None,
     *,
     resampling: Resampling | str = Resampling.nearest,
+    margin: int = 0,
 ) -> ImageData:
     """Read one tile (the CLI's ``chipscale tile``); see :func:`read_tiles`."""
-    with open_tile_source(source, size=size, bands=bands, resampling=resampling) as reader:
+    with open_tile_source(
+        source, size=size, bands=bands, resampling=resampling, margin=margin
+    ) as reader:
         return reader.tile(tile)
 
 
@@ -93,7 +136,11 @@ _local = threading.local()
 
 
 def cached_reader(
-    source: str | os.PathLike[str], *, size: int = 256, bands: Sequence[int] | None = None
+    source: str | os.PathLike[str],
+    *,
+    size: int = 256,
+    bands: Sequence[int] | None = None,
+    margin: int = 0,
 ) -> TileSource:
     """An open reader of ``source`` (:func:`open_tile_source`) from this thread's small LRU
     cache.
@@ -106,10 +153,10 @@ def cached_reader(
         getattr(_local, "readers", None) or OrderedDict()
     )
     _local.readers = cache
-    key = (os.fspath(source), size, tuple(bands) if bands is not None else None)
+    key = (os.fspath(source), size, tuple(bands) if bands is not None else None, margin)
     reader = cache.pop(key, None)
     if reader is None:
-        reader = open_tile_source(source, size=size, bands=bands)
+        reader = open_tile_source(source, size=size, bands=bands, margin=margin)
         while len(cache) >= READER_CACHE_SIZE:
             cache.popitem(last=False)[1].close()
     cache[key] = reader

@@ -18,8 +18,10 @@ class TileSource(Protocol):
     """Reads web-mercator tiles of one source, opened once. Not thread-safe: one per thread.
 
     Every tile comes back as :class:`~chipscale.values.ImageData`: ``data`` is
-    ``(bands, size, size)``, ``mask`` ``(size, size)`` bool, True where valid; a tile that
-    misses the source has an all-False mask. A source that cannot be read raises
+    ``(bands, size + 2 * margin, size + 2 * margin)``, ``mask`` the same without bands, bool,
+    True where valid; a tile that misses the source has an all-False mask. The margin holds
+    the source's own neighbouring pixels (those the neighbouring tiles read), not padding;
+    beyond the source its data is 0 and its mask False. A source that cannot be read raises
     :class:`~chipscale.errors.SourceError` (``SourceUnavailable`` when a retry may succeed).
     """
 
@@ -27,6 +29,8 @@ class TileSource(Protocol):
     source: str
     #: Tile size in pixels.
     size: int
+    #: Pixels of context read on each side of every tile (0: the tile alone).
+    margin: int
 
     def read(self, tiles: Iterable[Tile | Sequence[int]]) -> Iterator[tuple[Tile, ImageData]]:
         """Yield ``(tile, ImageData)`` once for every distinct tile."""

@@ -65,14 +65,18 @@ class SourceInfo:
     mask: str
 
 
-def tile_transform(x: int, y: int, z: int, size: int) -> Affine:
-    """Affine transform of the EPSG:3857 grid whose pixel (0, 0) is tile (x, y, z)'s corner.
+def tile_transform(x: int, y: int, z: int, size: int, margin: int = 0) -> Affine:
+    """Affine transform of the EPSG:3857 grid whose pixel (``margin``, ``margin``) is tile
+    (x, y, z)'s corner (pixel (0, 0) with no margin).
 
-    Computed from the grid origin (not from lon/lat) so adjacent windows share pixel edges.
+    Computed from the grid origin (not from lon/lat) so adjacent windows share pixel edges;
+    a margin shifts the window by whole pixels of the same grid.
     """
     span = 2 * ORIGIN / (1 << z)
     res = span / size
-    return Affine(res, 0.0, -ORIGIN + x * span, 0.0, -res, ORIGIN - y * span)
+    return Affine(
+        res, 0.0, -ORIGIN + x * span - margin * res, 0.0, -res, ORIGIN - y * span + margin * res
+    )
 
 
 def _is_tiled(dataset: DatasetReader) -> bool:
@@ -140,6 +144,14 @@ class TileReader(ClosesOnExit):
         Tiles are grouped by their parent ``k`` zooms up, ``k`` chosen so that a window is at
         most ``max_window`` x ``max_window`` output pixels, and each group is ONE warp.
 
+    Margin
+        With ``margin`` m, each tile comes back ``(bands, size + 2m, size + 2m)`` with
+        ``ImageData.margin == m``: the tile and m pixels of the source on each side, the
+        very pixels the neighbouring tiles read (the pack's window grows by m pixels on each
+        side, still one warp). Beyond the source, and beyond the edges of the web-mercator
+        world, data is 0 (or nodata) and the mask False. A tile whose own area misses the
+        source comes back empty, margin included: it never reaches a model.
+
     Validity mask, first kind present wins (rio-tiler's order):
         1. the dataset nodata value: a pixel is invalid where any selected band equals it
            (NaN for a NaN nodata),
@@ -167,11 +179,15 @@ class TileReader(ClosesOnExit):
         bands: Sequence[int] | None = None,
         resampling: Resampling | str = Resampling.nearest,
         max_window: int = MAX_WINDOW,
+        margin: int = 0,
     ) -> None:
         if size <= 0:
             raise ValueError(f"tile size must be positive, got {size}")
+        if margin < 0:
+            raise ValueError(f"tile margin must be >= 0, got {margin}")
         self.source = os.fspath(source)
         self.size = size
+        self.margin = int(margin)
         self.resampling = (
             Resampling[resampling] if isinstance(resampling, str) else Resampling(resampling)
         )
@@ -302,19 +318,51 @@ class TileReader(ClosesOnExit):
         return 0 if self.nodata is None or np.isnan(self.nodata) else self.nodata
 
     def _empty(self) -> ImageData:
-        data = np.full((len(self.bands), self.size, self.size), self._fill, dtype=self.dtype)
-        return ImageData(data=data, mask=np.zeros((self.size, self.size), dtype=bool))
+        side = self.size + 2 * self.margin
+        data = np.full((len(self.bands), side, side), self._fill, dtype=self.dtype)
+        return ImageData(data=data, mask=np.zeros((side, side), dtype=bool), margin=self.margin)
 
     def _warp(self, z: int, x0: int, y0: int, nx: int, ny: int) -> tuple[np.ndarray, np.ndarray]:
-        """Warp the window of ``nx`` x ``ny`` tiles from tile ``(x0, y0, z)``: data and mask."""
+        """Warp the window of ``nx`` x ``ny`` tiles from tile ``(x0, y0, z)`` plus the margin
+        on each side: data and mask."""
         dataset = self._dataset_for(z)
+        m = self.margin
+        transform = tile_transform(x0, y0, z, self.size, m)
+        width, height = nx * self.size + 2 * m, ny * self.size + 2 * m
         if self._on_mercator:
-            return self._read_direct(dataset, tile_transform(x0, y0, z, self.size), nx, ny)
+            data, mask = self._read_direct(dataset, transform, width, height)
+        else:
+            data, mask = self._warp_vrt(dataset, transform, width, height)
+        if m:
+            self._blank_off_world(data, mask, z, x0, y0)
+        return data, mask
+
+    def _blank_off_world(
+        self, data: np.ndarray, mask: np.ndarray, z: int, x0: int, y0: int
+    ) -> None:
+        """Invalidate the margin pixels beyond the edges of the web-mercator world (a global
+        source would otherwise wrap around or extrapolate there)."""
+        m, world = self.margin, (1 << z) * self.size
+        height, width = mask.shape
+        col0, row0 = x0 * self.size - m, y0 * self.size - m
+        for axis, start, length in ((1, col0, width), (0, row0, height)):
+            lo, hi = max(0, -start), max(0, min(length, world - start))
+            outside = [slice(0, lo), slice(hi, length)]
+            for part in outside:
+                if part.stop > part.start:
+                    index = (slice(None), part) if axis == 1 else (part, slice(None))
+                    mask[index] = False
+                    data[(slice(None), *index)] = self._fill
+
+    def _warp_vrt(
+        self, dataset: DatasetReader, transform: Affine, width: int, height: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Warp ``width`` x ``height`` output pixels at ``transform`` through a WarpedVRT."""
         params: dict[str, Any] = {
             "crs": WEB_MERCATOR,
-            "transform": tile_transform(x0, y0, z, self.size),
-            "width": nx * self.size,
-            "height": ny * self.size,
+            "transform": transform,
+            "width": width,
+            "height": height,
             "resampling": self.resampling,
             "dtype": self.dtype.name,
             "tolerance": TOLERANCE,
@@ -350,7 +398,7 @@ class TileReader(ClosesOnExit):
         return data, mask
 
     def _read_direct(
-        self, dataset: DatasetReader, transform: Affine, nx: int, ny: int
+        self, dataset: DatasetReader, transform: Affine, width: int, height: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """A source already in EPSG:3857 (north up) needs no warp: a windowed, resampled
         read of the part of the window inside the source, placed into an empty window.
@@ -358,7 +406,6 @@ class TileReader(ClosesOnExit):
         The same pixels as the warp with nearest resampling (on-grid sources are copied),
         at about twice the speed: GDAL's RasterIO skips the warper's per-chunk set-up.
         """
-        width, height = nx * self.size, ny * self.size
         left, top = transform.c, transform.f
         right, bottom = left + width * transform.a, top + height * transform.e
         win = rasterio.windows.from_bounds(left, bottom, right, top, dataset.transform)
@@ -405,15 +452,16 @@ class TileReader(ClosesOnExit):
             return
         x0, y0, x1, y1 = window
         data, mask = self._warp(z, x0, y0, x1 - x0 + 1, y1 - y0 + 1)
-        size = self.size
+        size, m = self.size, self.margin
+        side = size + 2 * m
         for tile in tiles:
             if not (x0 <= tile.x <= x1 and y0 <= tile.y <= y1):
                 yield tile, self._empty()
                 continue
             r, c = (tile.y - y0) * size, (tile.x - x0) * size
-            tile_data = np.ascontiguousarray(data[:, r : r + size, c : c + size])
-            tile_mask = np.ascontiguousarray(mask[r : r + size, c : c + size])
-            yield tile, ImageData(data=tile_data, mask=tile_mask)
+            tile_data = np.ascontiguousarray(data[:, r : r + side, c : c + side])
+            tile_mask = np.ascontiguousarray(mask[r : r + side, c : c + side])
+            yield tile, ImageData(data=tile_data, mask=tile_mask, margin=m)
 
     def _touches(self, tile: Tile) -> bool:
         bounds = self._tile_range(tile.z)

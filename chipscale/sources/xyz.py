@@ -162,6 +162,14 @@ class TileEndpointReader(ClosesOnExit):
         An empty tile's data is zeros of the band count and dtype of the tiles this reader has
         decoded (``len(bands)`` if given; 3 bands of uint8 before any tile was decoded).
 
+    Margin
+        With ``margin`` m, each tile comes back ``(bands, size + 2m, size + 2m)``: the
+        neighbouring tiles (``ceil(m / size)`` rings) are fetched too and the tile's context
+        is cropped from them, so the margin holds exactly what those tiles read. A neighbour
+        the endpoint has no imagery for (404), or beyond the edge of the world, gives data 0
+        and mask False there. Cost: the extra requests of the ring around each chunk (100
+        requests for an 8 x 8 block with m <= size, instead of 64).
+
     Order of results
         Each distinct tile once, in input order. Tiles are fetched ``concurrency`` at a time from
         a thread pool the reader owns (each is a round trip), over one keep-alive connection pool
@@ -171,7 +179,8 @@ class TileEndpointReader(ClosesOnExit):
     Parameters:
 
     - ``source``: the URL template;
-    - ``size``, ``bands``, ``resampling``: as :class:`chipscale.sources.cog.TileReader`;
+    - ``size``, ``bands``, ``resampling``, ``margin``: as
+      :class:`chipscale.sources.cog.TileReader`;
     - ``concurrency``: requests in flight, and connections kept alive;
     - ``connect_timeout``, ``read_timeout``: seconds, per attempt;
     - ``retries``, ``backoff``, ``backoff_max``: a failed attempt ``k`` (0-based) waits a
@@ -203,11 +212,15 @@ class TileEndpointReader(ClosesOnExit):
         headers: Mapping[str, str] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        margin: int = 0,
     ) -> None:
         self.source = os.fspath(source)
         self._check_template()
         if size <= 0:
             raise ValueError(f"tile size must be positive, got {size}")
+        if margin < 0:
+            raise ValueError(f"tile margin must be >= 0, got {margin}")
+        self.margin = int(margin)
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")
         self.policy = RetryPolicy.of_retries(retries, backoff, backoff_max, owner="tile reader")
@@ -266,17 +279,54 @@ class TileEndpointReader(ClosesOnExit):
         unique = list(dict.fromkeys(make_tile(*t) for t in tiles))
         for start in range(0, len(unique), CHUNK):
             chunk = unique[start : start + CHUNK]
-            decoded = self._fetch_all(chunk)
+            wanted = list(dict.fromkeys(n for t in chunk for n in self._neighbourhood(t)))
+            decoded = self._fetch_all(wanted)
             if self._kind is None:  # before the chunk's empty tiles take their shape from it
-                first = next((decoded[t] for t in chunk if decoded[t] is not None), None)
+                first = next((decoded[t] for t in wanted if decoded[t] is not None), None)
                 self._kind = None if first is None else (first.data.shape[0], first.data.dtype)
             for tile in chunk:
-                yield tile, self._image(tile, decoded[tile])
+                if self.margin:
+                    yield tile, self._with_margin(tile, decoded)
+                else:
+                    yield tile, self._image(tile, decoded[tile])
 
     def tile(self, tile: Tile | Sequence[int]) -> ImageData:
         """Read one tile."""
         tile = make_tile(*tile)
         return next(self.read([tile]))[1]
+
+    def _rings(self) -> int:
+        """How many rings of neighbouring tiles the margin reaches into."""
+        return -(-self.margin // self.size)
+
+    def _neighbourhood(self, tile: Tile) -> list[Tile]:
+        """``tile`` and the neighbours its margin reaches, inside the world."""
+        k, last = self._rings(), (1 << tile.z) - 1
+        return [
+            Tile(tile.x + dx, tile.y + dy, tile.z)
+            for dy in range(-k, k + 1)
+            for dx in range(-k, k + 1)
+            if 0 <= tile.x + dx <= last and 0 <= tile.y + dy <= last
+        ]
+
+    def _with_margin(self, tile: Tile, decoded: Mapping[Tile, _Decoded | None]) -> ImageData:
+        """The tile with its margin cropped from the decoded neighbourhood."""
+        core = self._image(tile, decoded[tile])
+        size, m = self.size, self.margin
+        side = size + 2 * m
+        data = np.zeros((core.data.shape[0], side, side), dtype=core.data.dtype)
+        mask = np.zeros((side, side), dtype=bool)
+        for other in self._neighbourhood(tile):
+            if decoded[other] is None:
+                continue
+            image = core if other == tile else self._image(other, decoded[other])
+            # The neighbour's pixels in the canvas: [m + dx * size, m + (dx + 1) * size).
+            top, left = m + (other.y - tile.y) * size, m + (other.x - tile.x) * size
+            r0, r1 = max(top, 0), min(top + size, side)
+            c0, c1 = max(left, 0), min(left + size, side)
+            data[:, r0:r1, c0:c1] = image.data[:, r0 - top : r1 - top, c0 - left : c1 - left]
+            mask[r0:r1, c0:c1] = image.mask[r0 - top : r1 - top, c0 - left : c1 - left]
+        return ImageData(data=data, mask=mask, margin=m)
 
     def _fetch_all(self, tiles: Sequence[Tile]) -> dict[Tile, _Decoded | None]:
         """Fetch and decode ``tiles`` concurrently; the first failure abandons the rest."""

@@ -152,3 +152,23 @@ def db_proxy_name(stack_name: str) -> str:
     folded = re.sub(r"[^a-z0-9]+", "-", stack_name.lower()).strip("-")[:49].rstrip("-")
     digest = hashlib.sha256(stack_name.encode()).hexdigest()[:6]
     return f"{folded or 'stack'}-{digest}-proxy"
+
+
+# ------------------------------------------------------------------------------ source kinds
+#: File name endings of a mosaic source: a COG list, then a STAC item collection.
+MOSAIC_LIST_SUFFIXES: Final = (".txt",)
+MOSAIC_COLLECTION_SUFFIXES: Final = (".json", ".geojson")
+
+
+def is_mosaic_name(source: str) -> bool:
+    """Whether ``source`` names a mosaic (a ``.txt`` COG list or a ``.json``/``.geojson``
+    STAC collection), by its name only. Only a local file is a mosaic (its assets may be
+    remote): a URL is always a raster, so a worker never fetches and trusts a list.
+
+    >>> is_mosaic_name("scenes.txt"), is_mosaic_name("s3://bucket/notes.txt")
+    (True, False)
+    """
+    name = source.lower().split("?", 1)[0]
+    if "://" in name or name.startswith("/vsi"):
+        return False
+    return name.endswith(MOSAIC_LIST_SUFFIXES + MOSAIC_COLLECTION_SUFFIXES)

@@ -22,7 +22,7 @@ from stacks.config import DeploymentConfig
 
 HANDLER = "operations.handler"
 #: What the function does today, for its description and the stack output's.
-PURPOSE = "verify, db-setup, status, export, record-job, done-tiles, scrape-metrics"
+PURPOSE = "verify, db-setup, status, export, record-job, done-tiles, job, scrape-metrics"
 #: Results-bucket prefixes the function writes (the keys of chipscale.ops.operations_actions).
 WRITE_PREFIXES = (EXPORT_PREFIX, DONE_TILES_PREFIX)
 #: Lambda's /tmp for an export before its upload: 10 GiB (the most Lambda allows) holds a
@@ -71,7 +71,7 @@ class Operations(Construct):
                 names.ENV_DB_NAME: db_name,
                 # verify scores a real tile through the internal load balancer from here.
                 names.ENV_MODEL_URL: model_url,
-                # export and done-tiles write their answers here.
+                # export, done-tiles (and job, for a large record) write their answers here.
                 names.ENV_RESULTS_BUCKET: results_bucket.bucket_name,
             },
         )

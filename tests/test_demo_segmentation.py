@@ -13,7 +13,7 @@ import pytest
 import torch
 from mercantile import Tile
 
-from chipscale.models import demo_segmentation
+from chipscale.models import demo_model, demo_segmentation
 from chipscale.models.predictors import InProcessPredictor
 from chipscale.sources import read_tiles
 from chipscale.sources.footprint import cover
@@ -106,7 +106,7 @@ def test_classes_are_meaningful_on_the_demo_image(aerial: Path) -> None:
     valid = torch.from_numpy(area.any(axis=0))
     share = {
         name: float((classes[valid] == i).float().mean())
-        for i, name in enumerate(demo_segmentation.CLASSES)
+        for i, name in enumerate(demo_model.CLASSES)
     }
     assert 0.5 < share["forest"] < 0.7, share
     assert 0.2 < share["snow"] < 0.4, share

@@ -28,6 +28,7 @@ from test_sqs_worker import (  # noqa: F401 (fixtures)
     run_batches,
     send_packs,
 )
+from test_stack_outputs import chipscale_template, deploy_stack
 
 from chipscale.cli import cli
 from chipscale.cloud.push_send import MAX_BATCH_BYTES, PushError, pack_entries
@@ -37,6 +38,7 @@ from chipscale.results import open_store
 from chipscale.sources.assets import Asset
 from chipscale.sources.footprint import cover, source_footprint_lonlat
 from chipscale.sources.mosaic_source import MosaicSource
+from chipscale.values import TileResult
 
 # -- messages within SQS's limit ----------------------------------------------------------
 
@@ -256,3 +258,84 @@ def test_push_a_collection_then_the_worker(
         ):
             assert row.assets == ("left",)
     module.worker().close()
+
+
+@pytest.mark.parametrize("where", ["--stack", "--db"])
+def test_push_reads_the_frozen_list_back_with_stack_as_with_db(
+    where: str,
+    mosaic_bucket: SimpleNamespace,
+    local_lambda: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """push freezes the collection's list with the job (with --stack, through record-job);
+    the collection is then edited, and push --resume reads the frozen list back (with
+    --stack, through the operations Lambda's `job` action, its answer through the results
+    bucket here): the same assets, no new read. A tampered frozen list is refused and
+    nothing is sent."""
+    from dataclasses import replace
+
+    from chipscale.ops import operations_actions
+    from chipscale.sources import mosaic_source
+
+    stack = deploy_stack(chipscale_template())
+    cfn = boto3.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0]
+    url = next(o["OutputValue"] for o in cfn["Outputs"] if o["OutputKey"] == "QueueUrl")
+    stack_queue = SimpleNamespace(sqs=boto3.client("sqs"), url=url)
+    runner = CliRunner()
+    collection = mosaic_bucket.collection
+    target = ["--stack", stack] if where == "--stack" else [url, "--db", mosaic_bucket.db]
+    base = ["push", *target, "--source", str(collection), "--zoom", str(ZOOM)]
+    first = runner.invoke(cli, [*base, "--job", "scenes", "--json"])
+    assert first.exit_code == 0, first.output
+    calls = ["job", "record-job", "record-job"] if where == "--stack" else []
+    assert [e["action"] for e in local_lambda] == calls
+    sent = json.loads(first.stdout)
+    bodies = [json.loads(m["Body"]) for m in receive_all(stack_queue)]
+    assert {a[0] for body in bodies for a in body["assets"]} == {"left", "aerial"}
+    tiles = sorted(Tile(x, y, z) for body in bodies for x, y, z in body["tiles"])
+    assert len(tiles) == sent["tiles_sent"]
+    with open_store(mosaic_bucket.db) as store:
+        info = store.get_job("scenes")
+        assert info is not None
+        frozen = info.extra["assets"]
+        assert [a["id"] for a in frozen["list"]] == ["left", "aerial"]
+        store.write([TileResult("scenes", t, "ok", {"a": 1.0}) for t in tiles[:3]])
+
+    # The catalogue changes: "left" is gone, a new scene comes first.
+    features = json.loads(collection.read_text())["features"]
+    newer = {**features[1], "id": "newer"}
+    newer["assets"] = {"visual": {"href": f"s3://{mosaic_bucket.bucket}/newer.tif"}}
+    collection.write_text(
+        json.dumps({"type": "FeatureCollection", "features": [newer, features[1]]})
+    )
+
+    def no_new_read(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the mosaic was resolved again")
+
+    monkeypatch.setattr(mosaic_source, "resolve_mosaic", no_new_read)
+    monkeypatch.setattr(operations_actions, "INLINE_ANSWER_BYTES", 0)  # through the bucket
+    again = runner.invoke(cli, [*base, "--job", "scenes", "--resume", "--json"])
+    assert again.exit_code == 0, again.output
+    assert "assets as frozen when it started" in again.stderr
+    resumed = json.loads(again.stdout)
+    assert resumed["skipped"] == 3 and resumed["tiles_sent"] == sent["tiles_sent"] - 3
+    carried = [json.loads(m["Body"]) for m in receive_all(stack_queue)]
+    assert {a[0] for body in carried for a in body["assets"]} == {"left", "aerial"}
+    assert sum(len(body["tiles"]) for body in carried) == resumed["tiles_sent"]
+    if where == "--stack":
+        assert [e["action"] for e in local_lambda[3:]] == [
+            "job", "done-tiles", "record-job", "record-job"
+        ]  # fmt: skip
+    with open_store(mosaic_bucket.db) as store:
+        info = store.get_job("scenes")
+        assert info is not None and info.extra["assets"] == frozen
+
+        # Someone edits the frozen list in the database: its digest no longer matches.
+        tampered = [{**a, "href": "s3://elsewhere/x.tif"} for a in frozen["list"]]
+        store.start_job(replace(info, extra={**info.extra, "assets": {**frozen, "list": tampered}}))
+    refused = runner.invoke(cli, [*base, "--job", "scenes", "--resume"])
+    assert refused.exit_code == 1
+    assert (
+        "frozen asset list of" in refused.output and "does not match its sha256" in refused.output
+    )
+    assert receive_all(stack_queue) == []

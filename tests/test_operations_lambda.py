@@ -124,3 +124,59 @@ def test_scrape_metrics_reads_private_hosts_only(operations_lambda: Any) -> None
         operations_lambda.handler(
             {"action": "scrape-metrics", "hosts": {"i-1": "8.8.8.8"}}, CONTEXT
         )
+
+
+def test_job_action_answers_the_record_inline_or_through_the_bucket(
+    operations_lambda: Any, results_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`job` answers the recorded job with its extra (a mosaic's frozen asset list), in the
+    payload while small, else as an object under resume/ of the results bucket; it writes
+    nothing to the database."""
+    import json
+
+    from chipscale.ops import operations_actions
+    from chipscale.results import open_store
+    from chipscale.sources.assets import Asset
+    from chipscale.sources.mosaic_source import MosaicSource
+    from chipscale.values import JobInfo
+
+    assets = tuple(
+        Asset(id=f"scene-{i}", href=f"s3://b/{i}.tif", footprint=(i, 0.0, i + 1.0, 1.0))
+        for i in range(50)
+    )
+    frozen = MosaicSource("scenes.json", assets).frozen()
+    info = JobInfo(job="scenes", source="scenes.json", zoom=12, tiles_total=7, extra=frozen)
+    with open_store(results_db) as store:
+        store.start_job(info)
+    inline = operations_lambda.handler({"action": "job", "job": "scenes"}, CONTEXT)
+    assert set(inline) == {"job"}
+    assert inline["job"]["extra"] == frozen and inline["job"]["source"] == "scenes.json"
+    assert inline["job"]["tiles_total"] == 7
+
+    monkeypatch.setattr(operations_actions, "INLINE_ANSWER_BYTES", 1000)
+    large = operations_lambda.handler({"action": "job", "job": "scenes"}, CONTEXT)
+    assert large["key"].startswith("resume/scenes/") and large["bytes"] > 1000
+    body = boto3.client("s3").get_object(Bucket=large["bucket"], Key=large["key"])["Body"]
+    assert json.loads(body.read()) == json.loads(json.dumps(inline))  # as Lambda answers
+
+    assert operations_lambda.handler({"action": "job", "job": "nope"}, CONTEXT) == {"job": None}
+    with pytest.raises(ValueError, match="job needs a job name"):
+        operations_lambda.handler({"action": "job"}, CONTEXT)
+    with open_store(results_db) as store:
+        assert [j.job for j in store.jobs()] == ["scenes"]
+
+
+def test_a_stack_without_the_job_action_is_one_line(
+    local_lambda: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stack deployed before the `job` action: push --stack of a mosaic says to deploy again
+    (it cannot read the frozen list), in one line."""
+    from chipscale.ops import operations_actions
+    from chipscale.ops.operations_client import OperationError, StackOperations
+
+    ops = StackOperations(boto3.session.Session(), "chipscale-operations")
+    assert ops.get_job("nope") is None
+    monkeypatch.delitem(operations_actions.ACTIONS, "job")
+    with pytest.raises(OperationError, match="predates the 'job' action") as exc:
+        ops.get_job("nope")
+    assert "\n" not in str(exc.value)

@@ -211,7 +211,7 @@ def test_healthy_stack_passes_every_check(
     assert "AWS default" in details[CHECK_LAMBDA_QUOTA]
     assert details[CHECK_EVENT_SOURCE].startswith("Disabled, MaximumConcurrency 2, batch 4")
     assert (
-        "schema public: tables jobs, results, rejects, schema_version present"
+        "schema public: tables jobs, results, rejects, features, schema_version present"
         in details[CHECK_SCHEMA]
     )
 

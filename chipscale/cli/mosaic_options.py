@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from chipscale.names import is_mosaic_name
+
 if TYPE_CHECKING:
     from shapely.geometry.base import BaseGeometry
 
@@ -125,12 +127,6 @@ class MosaicChoice:
                 "--asset and --order apply to a mosaic source: a .txt COG list, a STAC "
                 ".json/.geojson collection or a --stac search"
             )
-
-
-def is_mosaic_name(source: str) -> bool:
-    """chipscale.sources.assets.is_asset_list without importing it (numpy)."""
-    name = source.lower().split("?", 1)[0]
-    return name.endswith((".txt", ".json", ".geojson"))
 
 
 def source_or_stac(source: str | None, choice: MosaicChoice) -> None:

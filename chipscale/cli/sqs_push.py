@@ -172,13 +172,19 @@ def _push_mosaic(
     bbox: tuple[float, float, float, float] | None,
     zoom: int | None,
     db: str | None,
+    jobs: StoreJobs | StackOperations | None = None,
 ) -> tuple[str | None, MosaicSource | None]:
-    """A mosaic job's name and asset list: frozen with the job ``db`` records, else resolved
-    now (the search limited to the AOI and bbox); ``(job, None)`` without a mosaic."""
+    """A mosaic job's name and asset list: frozen with the job as ``jobs`` (else ``db``)
+    records it, else resolved now (the search limited to the AOI and bbox); ``(job, None)``
+    without a mosaic."""
     if choice.label(listed) is None:
         return job, None
     job = job or _push_job_name(listed or choice.collection, tiles_file, aoi, zoom)
-    existing = _recorded_job(db, job) if db else None
+    if jobs is None and db:
+        from chipscale.cloud.job_record import StoreJobs
+
+        jobs = StoreJobs(db)
+    existing = jobs.get_job(job) if jobs is not None else None
     return job, job_mosaic(choice, listed, existing=existing, area=area_of(aoi, bbox))
 
 
@@ -349,7 +355,15 @@ def push(
     queue_url, region = _push_queue(queue_url, stack, region, dry_run)
     jobs = _push_jobs(db, stack, region) if (resume or not dry_run) else None
     job, frozen = _push_mosaic(
-        choice, listed, job=job, tiles_file=tiles_file, aoi=aoi, bbox=bbox, zoom=zoom, db=db
+        choice,
+        listed,
+        job=job,
+        tiles_file=tiles_file,
+        aoi=aoi,
+        bbox=bbox,
+        zoom=zoom,
+        db=db,
+        jobs=jobs,
     )
     tiles = _push_tiles(tiles_file, zoom=zoom, source=source, aoi=aoi, bbox=bbox, mosaic=frozen)
     if max_tiles_per_message > DEFAULT_MAX_TILES:
@@ -438,14 +452,3 @@ def _push_job_name(
     if zoom is None:
         return default_job_name(name, 0).removesuffix("-z0")  # mixed zooms: no -zZOOM
     return default_job_name(name, zoom)
-
-
-def _recorded_job(db: str, job: str) -> Any:
-    """The job as ``--db`` records it (None when new): a mosaic's frozen asset list."""
-    from chipscale.results import open_store
-
-    try:
-        with open_store(db, create=False) as store:
-            return store.get_job(job)
-    except ChipscaleError:  # no store yet: the push creates it
-        return None

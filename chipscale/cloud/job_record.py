@@ -60,9 +60,10 @@ def record_job(
 
 
 class StoreJobs:
-    """Job records in a results store reached directly (``--db``): the same two calls that
+    """Job records in a results store reached directly (``--db``): the same calls that
     :class:`chipscale.ops.operations_client.StackOperations` makes through a stack's operations
-    Lambda (``--stack``), so a push records and resumes its job the same way in both."""
+    Lambda (``--stack``), so a push records, resumes and reads back its job the same way in
+    both."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -79,6 +80,18 @@ class StoreJobs:
         # A resume reads: a mistyped store is an error, not an empty one (all pushed again).
         with open_store(self.url, create=False) as store:
             return store.done_tiles(job)
+
+    def get_job(self, job: str) -> JobInfo | None:
+        """The job as recorded (None when it is not, or when there is no store yet: the push
+        creates it): a mosaic's frozen asset list is in its ``extra``."""
+        from chipscale.errors import ChipscaleError
+        from chipscale.results import open_store
+
+        try:
+            with open_store(self.url, create=False) as store:
+                return store.get_job(job)
+        except ChipscaleError:
+            return None
 
 
 def push_record(summary: PushSummary | None, **details: Any) -> dict[str, Any]:

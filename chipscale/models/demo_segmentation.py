@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chipscale.models.demo_model import CLASSES, TEMPERATURE, TILE_SIZE, WEIGHTS
+from chipscale.models import demo_model
+from chipscale.models.demo_model import TEMPERATURE, WEIGHTS
 
 NAME = "demo-landcover-segmentation"
 #: Bump when the weights or features change: a cached demo file of another version is rebuilt.
@@ -96,18 +97,12 @@ class DemoSegmentation(nn.Module):
 
 
 def metadata() -> dict[str, object]:
-    """The demo segmentation model's metadata document (model_server schema)."""
+    """The demo segmentation model's metadata document (model_server schema): the demo
+    classifier's, made per pixel with a margin."""
     return {
+        **demo_model.metadata(),
         "name": NAME,
         "version": VERSION,
-        "classes": list(CLASSES),
-        "bands": 3,
-        "band_counts": [3, 4],
-        "band_names": ["red", "green", "blue", "nir"],
-        "tile_size": TILE_SIZE,
-        "input_dtype": "float32",
-        "scaling": {"type": "divide", "value": 255},
-        "output": "scores",
         "task": "segmentation",
         "margin": MARGIN,
         "description": (

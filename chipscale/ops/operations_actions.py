@@ -2,12 +2,15 @@
 (database, model endpoint), run inside the VPC by ``lambdas/operations.py``.
 
 :func:`run_action` dispatches one ``{"action": ...}`` event. Large answers (an export, the
-done tiles of a job) go to the results bucket and the answer names the object; small ones come
-back in the payload. The CLI's side is :mod:`chipscale.ops.operations_client`.
+done tiles of a job, a job's record with a large frozen asset list) go to the results bucket
+and the answer names the object; small ones come back in the payload. The CLI's side is
+:mod:`chipscale.ops.operations_client`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import tempfile
 import time
@@ -26,6 +29,9 @@ CONVERTED_FORMATS = ("geoparquet", "flatgeobuf")
 #: Key prefixes in the results bucket (the stack may expire them with a lifecycle rule).
 EXPORT_PREFIX = "exports/"
 DONE_TILES_PREFIX = "resume/"
+#: An answer over this many bytes goes to the results bucket (a synchronous Lambda answer is
+#: at most 6 MB; a job's frozen asset list of 10,000 NAIP-like items is about 3 MB).
+INLINE_ANSWER_BYTES = 1 << 20
 
 
 @dataclass
@@ -151,6 +157,28 @@ def _done_tiles(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[st
     return {"bucket": bucket, "key": key, "tiles": len(tiles)}
 
 
+def _job(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, Any]:
+    """The job as recorded (``{"job": None}`` when it is not): its source and ``extra``,
+    which holds a mosaic's frozen asset list, so ``push --stack`` reads that list back as
+    ``push --db`` does. Reads the database only; a record over :data:`INLINE_ANSWER_BYTES`
+    is left under ``resume/`` of the results bucket and the answer names it."""
+    from chipscale.results import open_store
+
+    job = event.get("job")
+    if not isinstance(job, str) or not job:
+        raise ValueError("job needs a job name")
+    with open_store(env.db_url(), create=False) as store:
+        info = store.get_job(job)
+    answer = {"job": None if info is None else dataclasses.asdict(info)}
+    body = json.dumps(answer, separators=(",", ":")).encode()
+    if len(body) <= INLINE_ANSWER_BYTES:
+        return answer
+    bucket = env.bucket()
+    key = f"{DONE_TILES_PREFIX}{safe_key_part(job)}/{_stamp()}-job.json"
+    env.s3.put_object(Bucket=bucket, Key=key, Body=body)
+    return {"bucket": bucket, "key": key, "bytes": len(body)}
+
+
 def _scrape_metrics(event: Mapping[str, Any], env: OperationsEnvironment) -> dict[str, Any]:
     from chipscale.ops.prometheus import scrape_action
 
@@ -164,6 +192,7 @@ ACTIONS: dict[str, Callable[[Mapping[str, Any], OperationsEnvironment], Any]] = 
     "export": _export,
     "record-job": _record_job,
     "done-tiles": _done_tiles,
+    "job": _job,
     "scrape-metrics": _scrape_metrics,
 }
 

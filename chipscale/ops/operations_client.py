@@ -19,6 +19,8 @@ from chipscale.ops.aws import aws_reason
 if TYPE_CHECKING:
     from mercantile import Tile
 
+    from chipscale.values import JobInfo
+
 
 class OperationError(ChipscaleError):
     """The operations Lambda refused or failed an action (the reason is its own)."""
@@ -110,6 +112,28 @@ class StackOperations:
     def done_tiles(self, job: str) -> set[Tile]:
         answer = self.call("done-tiles", job=job)
         return read_tiles_object(self._s3, answer["bucket"], answer["key"])
+
+    def get_job(self, job: str) -> JobInfo | None:
+        """The job as recorded (None when it is not): a mosaic's frozen asset list is in its
+        ``extra``. A large record comes through the results bucket."""
+        from chipscale.values import JobInfo
+
+        try:
+            answer = self.call("job", job=job)
+        except OperationError as exc:
+            if "unknown action 'job'" not in str(exc):
+                raise
+            raise OperationError(
+                f"operations Lambda {self.function_name} cannot read a job's frozen asset list "
+                "(it predates the 'job' action): deploy the stack again"
+            ) from None
+        if "key" in answer:
+            body = self._s3.get_object(Bucket=answer["bucket"], Key=answer["key"])["Body"]
+            answer = json.loads(body.read())
+        record = answer["job"]
+        if record is None:
+            return None
+        return JobInfo(**{**record, "classes": tuple(record.get("classes") or ())})
 
     def download(
         self,

@@ -95,7 +95,7 @@ class ResultStore(Protocol):
         window: TileWindow | None = None,
     ) -> Iterator[FeatureRow]:
         """Stream a job's stored features ordered by ``(z, x, y, seq)`` (constant memory):
-        only those of ``classes`` when given, background regions only when ``background``,
+        only those of ``classes`` when given, background regions as well when ``background``,
         only tiles inside ``window`` when given (an indexed range scan)."""
         ...
 

@@ -25,6 +25,7 @@ from rasterio.vrt import WarpedVRT
 
 from chipscale.atomic import atomic_write
 from chipscale.errors import SourceError
+from chipscale.results.class_colors import CLASS_COLORS
 from chipscale.results.export_rows import scores_of, top_class
 from chipscale.sources.datasets import open_dataset
 from chipscale.sources.gdal_env import gdal_env
@@ -44,21 +45,6 @@ _EMPTY, _ERROR, _OUTLINE = -1, -2, -3
 #: Half the web-mercator world's width, in metres.
 _HALF_WORLD = 20037508.342789244
 EMPTY_EDGE = "#3a3a3a"
-
-
-#: Colours people expect for common cover classes; other classes take tab10/tab20 colours.
-CLASS_COLORS: dict[str, str] = {
-    "snow": "#9ecae1",
-    "ice": "#c6dbef",
-    "water": "#2171b5",
-    "forest": "#238b45",
-    "tree": "#238b45",
-    "vegetation": "#74c476",
-    "grass": "#a1d99b",
-    "bare_ground": "#d8a35d",
-    "road": "#e31a1c",
-    "building": "#6a3d9a",
-}
 
 
 def _read_image(source: str, max_size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:

@@ -23,6 +23,7 @@ from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from chipscale.errors import SourceError, cut, one_line, quoted
+from chipscale.names import MOSAIC_LIST_SUFFIXES, is_mosaic_name
 from chipscale.sources.footprint import source_footprint_lonlat
 
 #: How assets are ranked: as listed, by date (``datetime``, newest or oldest first), or by
@@ -30,10 +31,6 @@ from chipscale.sources.footprint import source_footprint_lonlat
 #: last.
 Order = Literal["listed", "newest", "oldest", "least-cloudy"]
 ORDERS: tuple[str, ...] = get_args(Order)
-
-#: File name endings of a COG list and of a STAC item collection.
-LIST_SUFFIXES = (".txt",)
-COLLECTION_SUFFIXES = (".json", ".geojson")
 
 #: Media type of a cloud-optimized GeoTIFF in STAC (``profile`` may be spelt either way).
 _COG_TYPES = ("profile=cloud-optimized", "profile=cloud_optimized")
@@ -192,10 +189,8 @@ def assets_from_json(values: Iterable[Mapping[str, Any]]) -> list[Asset]:
 
 
 def is_asset_list(source: str | os.PathLike[str]) -> bool:
-    """Whether ``source`` names a mosaic (a ``.txt`` COG list or a ``.json``/``.geojson``
-    STAC collection), by its name only."""
-    name = os.fspath(source).lower().split("?", 1)[0]
-    return name.endswith(LIST_SUFFIXES + COLLECTION_SUFFIXES)
+    """Whether ``source`` names a mosaic: :func:`chipscale.names.is_mosaic_name`."""
+    return is_mosaic_name(os.fspath(source))
 
 
 def load_assets(
@@ -208,7 +203,7 @@ def load_assets(
     by ``order``. Raises :class:`SourceError` (one line) for an unreadable or malformed file,
     an item without the asset, or an empty list."""
     text = os.fspath(source)
-    if text.lower().endswith(LIST_SUFFIXES):
+    if text.lower().endswith(MOSAIC_LIST_SUFFIXES):
         if asset_key is not None:
             raise SourceError(f"--asset applies to STAC collections, not to the COG list {text}")
         assets = assets_from_list(text)
@@ -242,8 +237,15 @@ def assets_from_list(path: str | os.PathLike[str], *, workers: int = LIST_WORKER
     if not names:
         raise SourceError(f"the COG list {text} names no file")
     hrefs = [_resolve(name, base) for name in names]
+
+    def bounds_of(href: str) -> BBox:
+        try:
+            return _bounds(href)
+        except SourceError as exc:  # name the list too: the line alone may not say which file
+            raise type(exc)(f"the COG list {text}: {exc}") from None
+
     with ThreadPoolExecutor(max(1, min(workers, len(hrefs)))) as pool:
-        bounds = list(pool.map(_bounds, hrefs))
+        bounds = list(pool.map(bounds_of, hrefs))
     return [
         Asset(id=name, href=href, footprint=bbox)
         for name, href, bbox in zip(names, hrefs, bounds, strict=True)

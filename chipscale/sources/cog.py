@@ -424,7 +424,9 @@ class TileReader(ClosesOnExit):
         try:
             with gdal_env(self.source):
                 out = values[:, oy0:oy1, ox0:ox1]
-                indexes = [*self.bands, self.alpha] if self.alpha else list(self.bands)
+                # The alpha band is the mask only without a nodata value (as in the warp).
+                with_alpha = self.alpha is not None and self.nodata is None
+                indexes = [*self.bands, self.alpha] if with_alpha else list(self.bands)
                 part = dataset.read(
                     indexes,
                     window=sub,

@@ -24,6 +24,7 @@ from typing import Any
 
 from chipscale.errors import StoreError
 from chipscale.results.base import ResultStore, TileWindow
+from chipscale.results.class_colors import CLASS_COLORS
 from chipscale.values import JobInfo, ResultRow
 from chipscale.view.aggregate import Queries
 
@@ -43,20 +44,7 @@ COUNT_REUSE = 4.0
 #: Seconds the first summary of a job waits for its counts (a small job's take milliseconds).
 FIRST_COUNT_WAIT = 0.3
 
-#: Colours people expect for common cover classes (as in the preview picture); other
-#: classes take matplotlib's tab10 colours in order.
-CLASS_COLORS: dict[str, str] = {
-    "snow": "#9ecae1",
-    "ice": "#c6dbef",
-    "water": "#2171b5",
-    "forest": "#238b45",
-    "tree": "#238b45",
-    "vegetation": "#74c476",
-    "grass": "#a1d99b",
-    "bare_ground": "#d8a35d",
-    "road": "#e31a1c",
-    "building": "#6a3d9a",
-}
+#: Colours of the other classes, in order (matplotlib's tab10, as the preview picture).
 TAB10 = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
